@@ -1,0 +1,102 @@
+"""The ``timm-ssb`` command line."""
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Sequence
+
+import timm
+
+from .complexity import model_complexity
+from .models import BASELINES, DEFAULT_SSB_SIZES
+from .paper import paper_figure
+
+__all__ = ['main']
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def models_table(input_size: Optional[int] = None) -> List[dict]:
+    """One row per registered SSB model: our counts, the paper's, and the timm baseline's."""
+    rows = []
+    for name in timm.list_models('ssb_*'):
+        cfg_size = timm.get_pretrained_cfg_value(name, 'input_size')
+        size = (3, input_size, input_size) if input_size else tuple(cfg_size)
+        ours = model_complexity(name, size)
+        baseline = BASELINES.get(name)
+        base = model_complexity(baseline, size) if baseline else None
+        paper = paper_figure(name, 'adaptive', DEFAULT_SSB_SIZES) if size[1:] == (224, 224) else None
+        base_paper = paper_figure(baseline) if baseline and size[1:] == (224, 224) else None
+        rows.append(
+            dict(
+                model=name,
+                input_size=list(size),
+                params_m=ours.params_m,
+                gmacs=ours.gmacs,
+                paper_params_m=paper.params_m if paper else None,
+                paper_gmacs=paper.gmacs if paper else None,
+                baseline=baseline,
+                baseline_params_m=base.params_m if base else None,
+                baseline_gmacs=base.gmacs if base else None,
+                baseline_paper_params_m=base_paper.params_m if base_paper else None,
+                baseline_paper_gmacs=base_paper.gmacs if base_paper else None,
+                gmacs_ratio=base.gmacs / ours.gmacs if base else None,
+            )
+        )
+    return rows
+
+
+def _print_models(rows: Sequence[dict]) -> None:
+    header = (
+        f'{"model":<17} {"input":>7} {"params M":>9} {"paper":>6} {"GMACs":>7} {"paper":>6}   '
+        f'{"baseline":<12} {"params M":>9} {"paper":>6} {"GMACs":>7} {"paper":>6} {"GMACs ratio":>12}'
+    )
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        print(
+            f'{r["model"]:<17} {r["input_size"][1]:>3}x{r["input_size"][2]:<3} {r["params_m"]:>9.2f} '
+            f'{_fmt(r["paper_params_m"], 1):>6} {r["gmacs"]:>7.3f} {_fmt(r["paper_gmacs"], 2):>6}   '
+            f'{r["baseline"] or "-":<12} {_fmt(r["baseline_params_m"], 2):>9} '
+            f'{_fmt(r["baseline_paper_params_m"], 1):>6} '
+            f'{_fmt(r["baseline_gmacs"], 3):>7} {_fmt(r["baseline_paper_gmacs"], 2):>6} '
+            f'{_fmt(r["gmacs_ratio"], 2) + "x":>12}'
+        )
+    print(
+        '\nSSB models at their defaults (ssb_sampler="adaptive", ssb_sizes=(16, 8, 4)). GMACs counted with '
+        'torch.utils.flop_counter (FLOPs / 2); "paper": the SSBNet supplementary, reported at 224x224 only.'
+    )
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    rows = models_table(args.img_size)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        _print_models(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='timm-ssb', description='SSBNet models for timm.')
+    commands = parser.add_subparsers(dest='command', required=True)
+
+    models = commands.add_parser(
+        'models', help="list the registered SSB models with their parameters and GMACs, the paper's and the baselines'"
+    )
+    models.add_argument('--img-size', type=int, default=None, help="square input side (default: each model's cfg)")
+    models.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    models.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

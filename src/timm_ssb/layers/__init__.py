@@ -1,0 +1,21 @@
+"""Reusable sampling layers: separable sampling matrices and the samplers built on them."""
+
+from .samplers import (
+    SAMPLERS,
+    AdaptiveSampler,
+    BilinearSampler,
+    DConvSampler,
+    GaussianSampler,
+    MatrixSampler,
+    SpatialSampler,
+    UniformSampler,
+    create_sampler,
+)
+from .sampling_matrices import (
+    adaptive_matrices,
+    bilinear_matrices,
+    gaussian_matrices,
+    resample,
+    saliency_positions,
+    uniform_matrices,
+)

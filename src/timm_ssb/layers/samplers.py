@@ -1,0 +1,232 @@
+"""Samplers: take a feature map down to a small map and bring a result of that map back.
+
+A sampler is the reusable part of an SSB block. ``z, state = sampler(x)`` samples ``x``;
+``sampler.inverse(y, state, x)`` maps ``y`` (computed from ``z``) back to ``x``'s spatial size.
+Any architecture can wrap a sub-network this way; :mod:`timm_ssb.models.ssb_resnet` wraps the
+residual branch of a ResNet bottleneck.
+
+Four samplers, the supplementary's ablation methods:
+
+* ``adaptive`` (the SSB method): separable Gaussian sampling at positions attracted by a learned
+  saliency map (``k x k`` conv ``C -> 1``, zero-initialised so a fresh model samples uniformly);
+* ``uniform``: the same matrices at the uniform grid, no parameters;
+* ``bilinear``: bilinear interpolation down and up, written as matrices, no parameters;
+* ``dconv``: a 5x5 stride-2 depthwise conv + norm down, bilinear interpolation up.
+"""
+
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+
+from .sampling_matrices import adaptive_matrices, bilinear_matrices, resample, uniform_matrices
+
+__all__ = [
+    'SAMPLERS',
+    'SpatialSampler',
+    'MatrixSampler',
+    'GaussianSampler',
+    'AdaptiveSampler',
+    'UniformSampler',
+    'BilinearSampler',
+    'DConvSampler',
+    'create_sampler',
+    'check_saliency_kernel',
+    'check_sampler',
+]
+
+DEFAULT_SIGMA_G = 0.18
+
+
+class SpatialSampler(nn.Module):
+    """Interface of a sampler: ``forward`` samples, ``inverse`` maps back."""
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Return the sampled map and the state :meth:`inverse` needs."""
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Map ``y`` back to the spatial size of ``like`` (the map that was sampled)."""
+        raise NotImplementedError
+
+
+class MatrixSampler(SpatialSampler):
+    """A sampler whose down and up mappings are separable matrices (see :mod:`.sampling_matrices`).
+
+    Args:
+        size: side ``s`` of the sampled map. An axis not longer than ``s`` is left as it is.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f'size must be a positive int, got {size!r}')
+        self.size = size
+
+    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``[down_y (B, s, H), down_x (B, s, W), up_y (B, H, s), up_x (B, W, s)]`` for ``x``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        mats = self.matrices(x)
+        return resample(x, mats[0], mats[1]), mats
+
+    def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return resample(y, state[2], state[3])
+
+    def extra_repr(self) -> str:
+        return f'size={self.size}'
+
+
+class GaussianSampler(MatrixSampler):
+    """Shared kernel widths of the Gaussian read-out (``sigma_down``) and scatter (``sigma_up``) kernels.
+
+    Both default to half the sample spacing, ``0.5 / size``, in normalised coordinates.
+    """
+
+    def __init__(self, size: int, sigma_down: Optional[float] = None, sigma_up: Optional[float] = None) -> None:
+        super().__init__(size)
+        self.sigma_down = float(sigma_down) if sigma_down is not None else 0.5 / size
+        self.sigma_up = float(sigma_up) if sigma_up is not None else 0.5 / size
+        _check_positive('sigma_down', self.sigma_down)
+        _check_positive('sigma_up', self.sigma_up)
+
+
+class UniformSampler(GaussianSampler):
+    """Gaussian sampling on the uniform ``size x size`` grid; no parameters."""
+
+    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return uniform_matrices(x, self.size, self.sigma_down, self.sigma_up)
+
+
+class AdaptiveSampler(GaussianSampler):
+    """The SSB sampler: Gaussian sampling where a learned saliency map puts its mass.
+
+    Args:
+        in_chs: channels of the sampled map.
+        size: side ``s`` of the sampled map.
+        saliency_kernel: kernel size ``k`` of the saliency conv (positive odd int).
+        sigma_g: width of the kernel that attracts samples to saliency (normalised coordinates).
+        sigma_down, sigma_up: see :class:`GaussianSampler`.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        size: int,
+        saliency_kernel: int = 1,
+        sigma_g: float = DEFAULT_SIGMA_G,
+        sigma_down: Optional[float] = None,
+        sigma_up: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(size, sigma_down=sigma_down, sigma_up=sigma_up)
+        check_saliency_kernel(saliency_kernel)
+        _check_positive('sigma_g', sigma_g)
+        self.sigma_g = float(sigma_g)
+        self.saliency = nn.Conv2d(
+            in_chs, 1, saliency_kernel, padding=saliency_kernel // 2, bias=True, device=device, dtype=dtype
+        )
+        self.reset_saliency()
+
+    def reset_saliency(self) -> None:
+        """Zero the saliency conv: constant saliency, so the sampler samples uniformly until it learns."""
+        nn.init.zeros_(self.saliency.weight)
+        nn.init.zeros_(self.saliency.bias)
+
+    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return adaptive_matrices(self.saliency(x), self.size, self.sigma_g, self.sigma_down, self.sigma_up)
+
+    def extra_repr(self) -> str:
+        return f'size={self.size}, sigma_g={self.sigma_g}'
+
+
+class BilinearSampler(MatrixSampler):
+    """Bilinear interpolation to ``size x size`` and back, as matrices; no parameters."""
+
+    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return bilinear_matrices(x, self.size)
+
+
+@register_notrace_function
+def upsample_bilinear_like(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of ``y`` to the spatial size of ``like``."""
+    return F.interpolate(y, size=(like.shape[-2], like.shape[-1]), mode='bilinear', align_corners=False)
+
+
+class DConvSampler(SpatialSampler):
+    """The supplementary's ``dconv`` ablation: 5x5 depthwise conv, stride 2, + norm down; bilinear up.
+
+    The sampled side is ``ceil(L / 2)`` of the input side ``L`` (14, 7, 4 for a 224 x 224 input).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_chs, in_chs, 5, stride=2, padding=2, groups=in_chs, bias=False, device=device, dtype=dtype
+        )
+        self.bn = norm_layer(in_chs, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        return self.bn(self.conv(x)), []
+
+    def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return upsample_bilinear_like(y, like)
+
+
+SAMPLERS = ('adaptive', 'uniform', 'bilinear', 'dconv')
+"""Names accepted by :func:`create_sampler` and by the models' ``ssb_sampler``."""
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f'{name} must be a positive number, got {value!r}')
+
+
+def check_sampler(name: Any) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of :data:`SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise ValueError(f'ssb_sampler must be one of {", ".join(repr(s) for s in SAMPLERS)}; got {name!r}')
+
+
+def check_saliency_kernel(kernel: Any) -> None:
+    """Raise ``ValueError`` unless ``kernel`` is a positive odd int (1, 3, 5, ...)."""
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel <= 0 or kernel % 2 == 0:
+        raise ValueError(f'ssb_saliency_kernel must be a positive odd int (1, 3, 5, ...); got {kernel!r}')
+
+
+def create_sampler(
+    name: str,
+    in_chs: int,
+    size: Optional[int],
+    saliency_kernel: int = 1,
+    norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    sampler_args: Optional[Dict[str, Any]] = None,
+    device=None,
+    dtype=None,
+) -> SpatialSampler:
+    """Build the sampler called ``name`` for a map of ``in_chs`` channels sampled to ``size x size``.
+
+    ``size`` is ignored by ``dconv`` (its stride sets the size); ``saliency_kernel`` is used by
+    ``adaptive`` only; ``sampler_args`` go to the sampler class (e.g. ``sigma_g`` for ``adaptive``).
+    """
+    check_sampler(name)
+    sampler_args = sampler_args or {}
+    if name == 'dconv':
+        return DConvSampler(in_chs, norm_layer=norm_layer, device=device, dtype=dtype, **sampler_args)
+    if size is None:
+        raise ValueError(f'size is required by sampler {name!r}')
+    if name == 'adaptive':
+        return AdaptiveSampler(in_chs, size, saliency_kernel, device=device, dtype=dtype, **sampler_args)
+    if name == 'uniform':
+        return UniformSampler(size, **sampler_args)
+    return BilinearSampler(size, **sampler_args)

@@ -1,0 +1,199 @@
+"""Separable sampling matrices and their application to feature maps.
+
+A sampler maps an ``H x W`` feature map to an ``s x s`` map with one matrix per axis
+(``down_y: (B, s, H)``, ``down_x: (B, s, W)``) and maps a result back with another pair
+(``up_y: (B, H, s)``, ``up_x: (B, W, s)``): ``z = down_y @ x @ down_x^T``. The matrices are
+tiny; the cost is in applying them to every channel, which :func:`resample` does as batched
+matrix products in the memory layout the input already has.
+
+Conventions shared by all matrices here:
+
+* coordinates are normalised to ``[0, 1]``; pixel ``j`` of an axis of length ``L`` has its
+  centre at ``(j + 1/2) / L`` and output sample ``i`` of ``s`` its uniform target at ``(i + 1/2) / s``;
+* an axis whose length is not larger than ``s`` is not resampled: its matrices are the identity,
+  so a sampled block runs at full resolution on it (exactly a plain bottleneck when both axes are);
+* matrices are built in float32, whatever the input's dtype, and cast to it only when applied.
+
+Every function is registered with timm as an FX leaf (``register_notrace_function``): they branch
+on shapes and layouts, which symbolic tracing cannot follow, and they hold no parameters.
+"""
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+
+__all__ = [
+    'pixel_centres',
+    'identity_matrices',
+    'gaussian_matrices',
+    'saliency_positions',
+    'uniform_matrices',
+    'adaptive_matrices',
+    'bilinear_matrix',
+    'bilinear_matrices',
+    'resample',
+]
+
+
+def pixel_centres(length: int, device: torch.device, start: int = 0, end: int = -1) -> torch.Tensor:
+    """Normalised centres ``(j + 1/2) / length`` for ``j`` in ``[start, end)`` (``end=-1``: ``length``)."""
+    end = length if end < 0 else end
+    return (torch.arange(start, end, device=device, dtype=torch.float32) + 0.5) / length
+
+
+def identity_matrices(length: int, batch_size: int, device: torch.device) -> List[torch.Tensor]:
+    """``[down, up]`` for an axis that is not resampled: both the ``length x length`` identity."""
+    eye = torch.eye(length, device=device, dtype=torch.float32).expand(batch_size, length, length)
+    return [eye, eye]
+
+
+def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
+    """Gaussian read-out and scatter-back matrices for samples at ``positions``.
+
+    Args:
+        positions: ``(B, s)`` normalised sample positions along one axis.
+        length: the axis length ``L`` of the full map.
+        sigma_down: width of the read-out kernel; ``down[i, j] = softmax_j(-(u_i - q_j)^2 / 2 sigma_down^2)``.
+        sigma_up: width of the scatter kernel; ``up[j, i] = softmax_i(-(q_j - u_i)^2 / 2 sigma_up^2)``.
+
+    Returns:
+        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution.
+    """
+    centres = pixel_centres(length, positions.device)
+    sq_dist = (positions.unsqueeze(-1) - centres).square()  # (B, s, L)
+    down = torch.softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1)
+    up = torch.softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2).transpose(-1, -2)
+    return [down, up]
+
+
+def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) -> torch.Tensor:
+    """Sample positions attracted by saliency along one axis (the Saliency Sampler, per axis).
+
+    ``u_i = p_i + sum_j (w_ij - w0_ij) q~_j`` with ``w_i = softmax_j(log m~_j - (p_i - q~_j)^2 / 2 sigma_g^2)``
+    the saliency-weighted Gaussian neighbourhood of the uniform target ``p_i`` and ``w0`` the same
+    neighbourhood under constant saliency. The marginal ``m`` and the coordinates ``q`` are extended
+    by ``L`` pixels on each side (``m`` by replicate padding, ``q`` linearly), so that constant saliency
+    keeps samples at their uniform targets instead of pulling them towards the centre. Subtracting
+    ``w0`` removes the kernel-truncation bias of that extension, so constant saliency gives
+    ``u = p`` *exactly*: a fresh (zero-initialised) adaptive sampler is the uniform sampler.
+    Positions are clamped to ``[0, 1]``. Works in log space, so any logits give finite results.
+
+    Args:
+        log_marginal: ``(B, L)`` log of the saliency marginal along the axis (sums to one in linear space).
+        size: number of samples ``s``.
+        sigma_g: width of the attraction kernel in normalised coordinates.
+
+    Returns:
+        ``(B, s)`` positions in ``[0, 1]``.
+    """
+    length = log_marginal.shape[-1]
+    device = log_marginal.device
+    targets = pixel_centres(size, device)  # (s,)
+    extended = pixel_centres(length, device, start=-length, end=2 * length)  # (3L,)
+    kernel = (targets.unsqueeze(-1) - extended).square() * (-0.5 / sigma_g**2)  # (s, 3L)
+    log_m = log_marginal - log_marginal.amax(dim=-1, keepdim=True)
+    log_m = F.pad(log_m.unsqueeze(1), (length, length), mode='replicate').squeeze(1)  # (B, 3L)
+    weights = torch.softmax(log_m.unsqueeze(1) + kernel, dim=-1)  # (B, s, 3L)
+    uniform_weights = torch.softmax(kernel, dim=-1)
+    shift = ((weights - uniform_weights) * extended).sum(-1)
+    return (targets + shift).clamp(0.0, 1.0)
+
+
+@register_notrace_function
+def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
+    """``[down_y, down_x, up_y, up_x]`` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels)."""
+    batch_size = x.shape[0]
+    per_axis: List[List[torch.Tensor]] = []
+    for length in (x.shape[-2], x.shape[-1]):
+        if size >= length:
+            per_axis.append(identity_matrices(length, batch_size, x.device))
+        else:
+            positions = pixel_centres(size, x.device).expand(batch_size, size)
+            per_axis.append(gaussian_matrices(positions, length, sigma_down, sigma_up))
+    return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
+
+
+@register_notrace_function
+def adaptive_matrices(
+    saliency_logits: torch.Tensor,
+    size: int,
+    sigma_g: float,
+    sigma_down: float,
+    sigma_up: float,
+) -> List[torch.Tensor]:
+    """``[down_y, down_x, up_y, up_x]`` sampling where the saliency map puts its mass.
+
+    Args:
+        saliency_logits: ``(B, 1, H, W)``; the saliency map is their softmax over all ``H * W``
+            positions, computed in float32 whatever their dtype.
+        size: output side ``s``.
+        sigma_g, sigma_down, sigma_up: kernel widths, see :func:`saliency_positions` and
+            :func:`gaussian_matrices`.
+    """
+    batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
+    logits = saliency_logits.float().reshape(batch_size, height * width)
+    log_saliency = torch.log_softmax(logits, dim=-1).reshape(batch_size, height, width)
+    per_axis: List[List[torch.Tensor]] = []
+    for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
+        length = log_marginal.shape[-1]
+        if size >= length:
+            per_axis.append(identity_matrices(length, batch_size, log_marginal.device))
+        else:
+            positions = saliency_positions(log_marginal, size, sigma_g)
+            per_axis.append(gaussian_matrices(positions, length, sigma_down, sigma_up))
+    return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
+
+
+def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> torch.Tensor:
+    """``(out_length, in_length)`` matrix of ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis.
+
+    Like that function it does not anti-alias when down-sampling: each output reads its two nearest inputs.
+    """
+    scale = in_length / out_length
+    src = ((torch.arange(out_length, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0.0)
+    lo = src.floor().long().clamp(max=in_length - 1)
+    hi = (lo + 1).clamp(max=in_length - 1)
+    frac = (src - lo).unsqueeze(-1)
+    return (1.0 - frac) * F.one_hot(lo, in_length) + frac * F.one_hot(hi, in_length)
+
+
+@register_notrace_function
+def bilinear_matrices(x: torch.Tensor, size: int) -> List[torch.Tensor]:
+    """``[down_y, down_x, up_y, up_x]``: bilinear interpolation to ``size x size`` and back, as matrices."""
+    batch_size, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+    out: List[torch.Tensor] = []
+    for length in (height, width):
+        if size >= length:
+            out.extend(identity_matrices(length, batch_size, x.device))
+        else:
+            down = bilinear_matrix(length, size, x.device).expand(batch_size, size, length)
+            up = bilinear_matrix(size, length, x.device).expand(batch_size, length, size)
+            out.extend([down, up])
+    return [out[0], out[2], out[1], out[3]]
+
+
+@register_notrace_function
+def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    """``matrix_y @ x @ matrix_x^T`` per sample and channel: ``(B, C, H, W) -> (B, C, n, m)``.
+
+    Args:
+        x: ``(B, C, H, W)`` map, NCHW- or channels-last-contiguous; the result keeps its layout.
+        matrix_y: ``(B, n, H)``.
+        matrix_x: ``(B, m, W)``.
+
+    The y-axis product runs first, then the x-axis one, so the multiply-accumulate count is
+    ``C * (n*H*W + n*m*W)``, the order the paper's complexity figures assume.
+    """
+    batch_size, channels, height, width = x.shape
+    matrix_y = matrix_y.to(x.dtype)
+    matrix_x = matrix_x.to(x.dtype)
+    n = matrix_y.shape[1]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels)
+        t = torch.bmm(matrix_y, rows).reshape(batch_size, n, width, channels)  # (B, n, W, C)
+        t = torch.matmul(matrix_x.unsqueeze(1), t)  # (B, n, m, C)
+        return t.permute(0, 3, 1, 2)
+    t = torch.matmul(matrix_y.unsqueeze(1), x)  # (B, C, n, W)
+    return torch.matmul(t, matrix_x.transpose(1, 2).unsqueeze(1))  # (B, C, n, m)

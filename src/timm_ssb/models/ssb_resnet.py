@@ -1,0 +1,291 @@
+"""SSB-ResNet: ResNet-D / ResNet-RS with adaptive sampling in every stride-1 bottleneck of stages 2-4.
+
+Paper: "SSBNet: Improving Visual Recognition Efficiency by Adaptive Sampling", Kwan & Song, ECCV 2022
+(arXiv:2207.11511). Each SSB block samples its input down to ``s x s`` where a learned saliency map
+says the content is, runs the whole residual branch (conv1, conv2, conv3 and SE) there, and maps
+the result back before the residual add. The shortcut keeps the full-resolution map.
+
+The model is timm's :class:`~timm.models.resnet.ResNet`; only the blocks differ. An SSB model has
+every tensor of its timm baseline under the same name and shape, plus ``sampler.*`` tensors in
+its SSB blocks (the saliency conv for ``adaptive``, the depthwise conv for ``dconv``).
+"""
+
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler
+
+__all__ = ['SSBResNet', 'SSBBottleneck', 'DEFAULT_SSB_SIZES', 'BASELINES']
+
+DEFAULT_SSB_SIZES = (16, 8, 4)
+"""Sampled sides of stages 2, 3 and 4 (for their 28, 14 and 7 pixel maps at a 224 x 224 input)."""
+
+BASELINES = {
+    'ssb_resnetd50': 'resnet50d',
+    'ssb_resnetd101': 'resnet101d',
+    'ssb_resnetd152': 'resnet152d',
+    'ssb_resnetrs152': 'resnetrs152',
+}
+"""The timm model each SSB model is built from (same tensors, bar the samplers')."""
+
+
+class SSBBottleneck(Bottleneck):
+    """A stride-1 ResNet bottleneck whose residual branch runs on a sampled ``s x s`` map.
+
+    ``out = act(x + drop_path(inverse(branch(sample(x)))))``. Takes :class:`Bottleneck`'s arguments
+    (``stride`` must be 1 and there is no ``downsample``) plus the sampler's.
+
+    Args:
+        inplanes: input (and output) channels.
+        planes: bottleneck width before expansion.
+        sampler: sampler name, one of :data:`timm_ssb.layers.SAMPLERS`.
+        sampler_size: side ``s`` of the sampled map (unused by ``dconv``).
+        saliency_kernel: kernel size of the ``adaptive`` sampler's saliency conv.
+        sampler_args: extra keyword arguments for the sampler class.
+        **kwargs: :class:`Bottleneck` keyword arguments.
+    """
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        sampler: str = 'adaptive',
+        sampler_size: Optional[int] = None,
+        saliency_kernel: int = 1,
+        sampler_args: Optional[Dict[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(inplanes, planes, **kwargs)
+        if self.stride != 1 or self.downsample is not None:
+            raise ValueError('SSBBottleneck requires stride=1 and no downsample (the shortcut must be the identity)')
+        self.sampler = create_sampler(
+            sampler,
+            inplanes,
+            sampler_size,
+            saliency_kernel=saliency_kernel,
+            norm_layer=kwargs.get('norm_layer', nn.BatchNorm2d),
+            sampler_args=sampler_args,
+            device=kwargs.get('device'),
+            dtype=kwargs.get('dtype'),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        z, state = self.sampler(x)
+
+        z = self.conv1(z)
+        z = self.bn1(z)
+        z = self.act1(z)
+
+        z = self.conv2(z)
+        z = self.bn2(z)
+        z = self.drop_block(z)
+        z = self.act2(z)
+        z = self.aa(z)
+
+        z = self.conv3(z)
+        z = self.bn3(z)
+
+        if self.se is not None:
+            z = self.se(z)
+
+        y = self.sampler.inverse(z, state, shortcut)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
+        y += shortcut
+        return self.act3(y)
+
+
+class SSBStageBlock:
+    """Block constructor for one stage, in the form timm's ``make_blocks`` calls ``block``.
+
+    Builds an :class:`SSBBottleneck` for every stride-1 block without downsample and a plain
+    :class:`Bottleneck` for the stage's first (shape-changing) block.
+    """
+
+    expansion = Bottleneck.expansion
+
+    def __init__(
+        self,
+        sampler: str,
+        size: Optional[int],
+        saliency_kernel: int,
+        sampler_args: Optional[Dict[str, Any]],
+    ) -> None:
+        self.sampler = sampler
+        self.size = size
+        self.saliency_kernel = saliency_kernel
+        self.sampler_args = sampler_args
+
+    def __call__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        if stride != 1 or downsample is not None:
+            return Bottleneck(inplanes, planes, stride, downsample, **kwargs)
+        return SSBBottleneck(
+            inplanes,
+            planes,
+            sampler=self.sampler,
+            sampler_size=self.size,
+            saliency_kernel=self.saliency_kernel,
+            sampler_args=self.sampler_args,
+            **kwargs,
+        )
+
+
+def _resolve_ssb_sizes(ssb_sizes: Any, ssb_sampler: str) -> Optional[Tuple[int, int, int]]:
+    if ssb_sampler == 'dconv':
+        if ssb_sizes is not None:
+            raise ValueError(
+                "ssb_sizes does not apply to ssb_sampler='dconv': its stride-2 conv sets the sampled side "
+                '(ceil(L / 2): 14, 7, 4 at 224 x 224); leave ssb_sizes unset'
+            )
+        return None
+    if ssb_sizes is None:
+        return DEFAULT_SSB_SIZES
+    if (
+        isinstance(ssb_sizes, (str, bytes))
+        or not isinstance(ssb_sizes, Sequence)
+        or len(ssb_sizes) != 3
+        or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in ssb_sizes)
+    ):
+        raise ValueError(
+            f'ssb_sizes must be three positive ints, the sampled sides of stages 2, 3 and 4 '
+            f'(e.g. {DEFAULT_SSB_SIZES}); got {ssb_sizes!r}'
+        )
+    return tuple(ssb_sizes)
+
+
+class SSBResNet(ResNet):
+    """timm's ResNet with SSB blocks in stages 2-4.
+
+    Args:
+        layers: number of blocks in each of the four stages.
+        ssb_sizes: sampled side of stages 2, 3 and 4, default ``(16, 8, 4)``. Absolute sizes: they do
+            not scale with the input. A stage whose map side is not larger than its size is not
+            sampled along that axis (its SSB blocks then compute exactly a plain bottleneck there).
+            Must stay unset for ``dconv``.
+        ssb_sampler: ``'adaptive'`` (default), ``'uniform'``, ``'bilinear'`` or ``'dconv'``.
+        ssb_saliency_kernel: kernel size of the saliency conv (``adaptive`` only): a positive odd int.
+        ssb_sampler_args: extra sampler keyword arguments, e.g. ``dict(sigma_g=0.18)`` for ``adaptive``.
+        **kwargs: :class:`~timm.models.resnet.ResNet` keyword arguments (``block`` is set here).
+    """
+
+    def __init__(
+        self,
+        layers: Tuple[int, ...],
+        ssb_sizes: Optional[Sequence[int]] = None,
+        ssb_sampler: str = 'adaptive',
+        ssb_saliency_kernel: int = 1,
+        ssb_sampler_args: Optional[Dict[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        check_sampler(ssb_sampler)
+        check_saliency_kernel(ssb_saliency_kernel)
+        sizes = _resolve_ssb_sizes(ssb_sizes, ssb_sampler)
+        if len(layers) != 4:
+            raise ValueError(f'layers must give the block count of 4 stages; got {layers!r}')
+        if ssb_sampler_args is not None and not isinstance(ssb_sampler_args, dict):
+            raise ValueError(f'ssb_sampler_args must be a dict of sampler keyword arguments; got {ssb_sampler_args!r}')
+        if ssb_sampler != 'adaptive' and ssb_saliency_kernel != 1:
+            raise ValueError(
+                f"ssb_saliency_kernel applies to ssb_sampler='adaptive' only; got {ssb_saliency_kernel!r} "
+                f'with ssb_sampler={ssb_sampler!r}'
+            )
+        stage_sizes = sizes or (None, None, None)
+        blocks = (Bottleneck,) + tuple(
+            SSBStageBlock(ssb_sampler, size, ssb_saliency_kernel, ssb_sampler_args) for size in stage_sizes
+        )
+        super().__init__(block=blocks, layers=layers, **kwargs)
+        self.ssb_sizes = sizes
+        self.ssb_sampler = ssb_sampler
+        self.ssb_saliency_kernel = ssb_saliency_kernel
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's ResNet init, then zero saliency convs so a fresh model samples uniformly."""
+        super().init_weights(zero_init_last=zero_init_last)
+        for module in self.modules():
+            if isinstance(module, AdaptiveSampler):
+                module.reset_saliency()
+
+
+def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    return build_model_with_cfg(SSBResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1.0',
+        'classifier': 'fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2207.11511',
+        'paper_name': 'SSBNet: Improving Visual Recognition Efficiency by Adaptive Sampling',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        'ssb_resnetd50': _cfg(),
+        'ssb_resnetd101': _cfg(),
+        'ssb_resnetd152': _cfg(),
+        'ssb_resnetrs152': _cfg(),
+    }
+)
+
+
+@register_model
+def ssb_resnetd50(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-D-50: timm's resnet50d with SSB blocks."""
+    model_args = dict(layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True)
+    return _create_ssb_resnet('ssb_resnetd50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ssb_resnetd101(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-D-101: timm's resnet101d with SSB blocks."""
+    model_args = dict(layers=(3, 4, 23, 3), stem_width=32, stem_type='deep', avg_down=True)
+    return _create_ssb_resnet('ssb_resnetd101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ssb_resnetd152(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-D-152: timm's resnet152d with SSB blocks."""
+    model_args = dict(layers=(3, 8, 36, 3), stem_width=32, stem_type='deep', avg_down=True)
+    return _create_ssb_resnet('ssb_resnetd152', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ssb_resnetrs152(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-152: timm's resnetrs152 (conv stem pool, SE in every block) with SSB blocks."""
+    attn_layer = partial(get_attn('se'), rd_ratio=0.25)
+    model_args = dict(
+        layers=(3, 8, 36, 3),
+        stem_width=32,
+        stem_type='deep',
+        replace_stem_pool=True,
+        avg_down=True,
+        block_args=dict(attn_layer=attn_layer),
+    )
+    return _create_ssb_resnet('ssb_resnetrs152', pretrained, **dict(model_args, **kwargs))
