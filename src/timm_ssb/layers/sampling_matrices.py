@@ -139,7 +139,10 @@ def adaptive_matrices(
     for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
         length = log_marginal.shape[-1]
         if size >= length:
-            per_axis.append(identity_matrices(length, batch_size, log_marginal.device))
+            # The output does not depend on the saliency here; tie it in with an exactly-zero gradient so
+            # every parameter takes part in every step (DDP without find_unused_parameters, timm's tests).
+            zero = log_marginal.sum() * 0.0
+            per_axis.append([m + zero for m in identity_matrices(length, batch_size, log_marginal.device)])
         else:
             positions = saliency_positions(log_marginal, size, sigma_g)
             per_axis.append(gaussian_matrices(positions, length, sigma_down, sigma_up))

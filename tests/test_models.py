@@ -1,0 +1,370 @@
+"""The timm contract for SSB models, beyond what timm's own test_models.py runs for outside modules."""
+
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models import create_feature_extractor
+
+import timm_ssb
+from timm_ssb.models.ssb_resnet import SSBBottleneck
+
+MODELS = ['ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152']
+SAMPLERS = ['adaptive', 'uniform', 'bilinear', 'dconv']
+
+
+# At 64x64 the maps of stages 2-4 are 8, 4 and 2 pixels: these sizes sample every SSB block, so the
+# contract tests below run the sampling they are meant to check (default sizes would leave them as is).
+SMALL = dict(ssb_sizes=(4, 2, 1))
+
+
+def _ssb_blocks(model):
+    return [m for m in model.modules() if isinstance(m, SSBBottleneck)]
+
+
+def _create(name='ssb_resnetd50', seed=0, **kwargs):
+    """A model with non-zero saliency convs (a fresh model would sample uniformly), same weights per seed."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **{**SMALL, **kwargs})
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1:
+            torch.nn.init.normal_(m.weight, std=0.05)
+    return model
+
+
+def test_models_are_registered_once():
+    assert timm.list_models('ssb_*') == MODELS
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        import importlib
+
+        importlib.import_module('timm_ssb.models.ssb_resnet')  # a second import registers nothing
+    assert timm.list_models('ssb_*') == MODELS
+    for name in MODELS:
+        assert timm.is_model(name)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_ssb_in_every_stride1_block_of_stages_2_to_4(name):
+    model = timm.create_model(name, device='meta')
+    baseline = timm.create_model(timm_ssb.BASELINES[name], device='meta')
+    assert not any(isinstance(b, SSBBottleneck) for b in model.layer1)
+    for stage, size in zip((model.layer2, model.layer3, model.layer4), (16, 8, 4), strict=True):
+        assert not isinstance(stage[0], SSBBottleneck) and stage[0].downsample is not None
+        assert all(isinstance(b, SSBBottleneck) and b.sampler.size == size for b in stage[1:])
+    ssb_keys = {k: v.shape for k, v in model.state_dict().items() if '.sampler.' not in k}
+    assert ssb_keys == {k: v.shape for k, v in baseline.state_dict().items()}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_backward(name):
+    # at 128x128 the maps of stages 2-4 are 16, 8 and 4 pixels: sizes (8, 4, 2) sample every SSB block
+    model = timm.create_model(name, num_classes=7, ssb_sizes=(8, 4, 2)).train()
+    x = torch.randn(2, 3, 128, 128)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_samplers_build_and_run(sampler):
+    model = timm.create_model('ssb_resnetd50', ssb_sampler=sampler, num_classes=10).eval()
+    assert model.ssb_sampler == sampler
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_issue_example_kwargs():
+    model = timm.create_model('ssb_resnetd152', ssb_sizes=(12, 6, 3), ssb_sampler='uniform', num_classes=10)
+    assert model.ssb_sizes == (12, 6, 3)
+    assert [b.sampler.size for b in _ssb_blocks(model)][:1] == [12]
+    assert model.fc.out_features == 10
+
+
+def test_fresh_adaptive_model_equals_uniform_model_exactly():
+    torch.manual_seed(1)
+    adaptive = timm.create_model('ssb_resnetd50', **SMALL).eval()
+    uniform = timm.create_model('ssb_resnetd50', ssb_sampler='uniform', **SMALL).eval()
+    missing, unexpected = uniform.load_state_dict(adaptive.state_dict(), strict=False)
+    assert not missing and all('.sampler.saliency.' in k for k in unexpected)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(adaptive(x), uniform(x))
+
+
+def test_kwargs_are_json_serialisable_and_round_trip():
+    import json
+
+    kwargs = dict(
+        ssb_sizes=[20, 10, 5], ssb_sampler='adaptive', ssb_saliency_kernel=3, ssb_sampler_args={'sigma_g': 0.1}
+    )
+    model = timm.create_model('ssb_resnetd50', **json.loads(json.dumps(kwargs)))
+    assert model.ssb_sizes == (20, 10, 5)
+    assert model.ssb_saliency_kernel == 3
+    blocks = _ssb_blocks(model)
+    assert blocks[0].sampler.saliency.kernel_size == (3, 3) and blocks[0].sampler.sigma_g == 0.1
+
+
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(ssb_sampler='nearest'), "ssb_sampler must be one of 'adaptive', 'uniform', 'bilinear', 'dconv'"),
+        (dict(ssb_sizes=(16, 8)), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_sizes=(16, 8, 4, 2)), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_sizes=(16, 0, 4)), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_sizes=(16, -8, 4)), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_sizes=(16.0, 8, 4)), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_sizes=16), 'ssb_sizes must be three positive ints'),
+        (dict(ssb_saliency_kernel=2), r'ssb_saliency_kernel must be a positive odd int \(1, 3, 5, ...\)'),
+        (dict(ssb_saliency_kernel=0), 'ssb_saliency_kernel must be a positive odd int'),
+        (dict(ssb_saliency_kernel=-3), 'ssb_saliency_kernel must be a positive odd int'),
+        (dict(ssb_saliency_kernel=3.0), 'ssb_saliency_kernel must be a positive odd int'),
+        (dict(ssb_sampler='uniform', ssb_saliency_kernel=3), "applies to ssb_sampler='adaptive' only"),
+        (dict(ssb_sampler='dconv', ssb_sizes=(14, 7, 4)), "ssb_sizes does not apply to ssb_sampler='dconv'"),
+        (dict(ssb_sampler_args=[0.1]), 'ssb_sampler_args must be a dict'),
+    ],
+)
+def test_bad_ssb_arguments_raise_value_error_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('ssb_resnetd50', device='meta', **kwargs)
+
+
+def test_unknown_kwarg_is_type_error():
+    with pytest.raises(TypeError):
+        timm.create_model('ssb_resnetd50', device='meta', ssb_size=(16, 8, 4))
+
+
+def test_pretrained_cfg():
+    for name in MODELS:
+        cfg = timm.get_pretrained_cfg(name).to_dict()
+        assert cfg['input_size'] == (3, 224, 224) and cfg['pool_size'] == (7, 7)
+        assert cfg['first_conv'] == 'conv1.0' and cfg['classifier'] == 'fc'
+        assert cfg['paper_ids'] == 'arXiv:2207.11511'
+        assert cfg['license'] == 'apache-2.0'
+        assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['crop_pct'] == 0.875
+        model = timm.create_model(name, device='meta')
+        assert dict(model.get_submodule(cfg['first_conv']).named_parameters())['weight'].shape[1] == 3
+        assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+
+
+@pytest.mark.parametrize('size', [(32, 32), (33, 47), (64, 64), (97, 130), (224, 224), (300, 200), (512, 512)])
+def test_any_input_size(size):
+    model = timm.create_model('ssb_resnetd50', num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_tiny_input_is_exactly_the_baseline():
+    """At 32x32 every map of stages 2-4 is 4x4 or smaller than its size: SSB blocks compute a plain bottleneck."""
+    torch.manual_seed(3)
+    ssb = timm.create_model('ssb_resnetd50').eval()
+    base = timm.create_model('resnet50d').eval()
+    base.load_state_dict({k: v for k, v in ssb.state_dict().items() if '.sampler.' not in k})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ssb(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_size_one_eval_matches_batched():
+    model = _create().eval()
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        batched = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-4)
+
+
+def test_features_only_list_and_dict():
+    x = torch.randn(2, 3, 96, 64)
+    model = _create(features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    with torch.no_grad():
+        feats = model(x)
+    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [256, 512, 1024, 2048]
+    assert [tuple(f.shape[-2:]) for f in feats] == [(96 // r, 64 // r) for r in model.feature_info.reduction()]
+    dict_model = _create(features_only=True, out_indices=(1, 2, 3, 4), feature_cls='dict').eval()
+    with torch.no_grad():
+        out = dict_model(x)
+    assert len(out) == 4
+    assert all(torch.equal(a, b) for a, b in zip(feats, out.values(), strict=True))
+
+
+@pytest.mark.parametrize('feature_cls', ['hook', 'getter', 'fx'])
+def test_features_only_forms_equal_the_default(feature_cls):
+    x = torch.randn(2, 3, 64, 64)
+    ref = _create('ssb_resnetrs152', features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    other = _create('ssb_resnetrs152', features_only=True, out_indices=(1, 2, 3, 4), feature_cls=feature_cls).eval()
+    with torch.no_grad():
+        a, b = ref(x), other(x)
+    b = list(b.values()) if isinstance(b, dict) else b
+    assert len(a) == len(b) == 4
+    for fa, fb in zip(a, b, strict=True):
+        assert torch.equal(fa, fb)
+
+
+def test_forward_intermediates_equal_forward_features():
+    model = _create().eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert len(inter) == 5
+        assert [f.shape[1] for f in inter] == [64, 256, 512, 1024, 2048]
+        only = model.forward_intermediates(x, indices=(2, 3), intermediates_only=True, stop_early=True)
+        assert all(torch.equal(a, b) for a, b in zip(only, inter[2:4], strict=True))
+        model.set_grad_checkpointing(True)
+        final_ckpt, _ = model.forward_intermediates(x)
+        torch.testing.assert_close(final_ckpt, final)
+
+
+def test_prune_intermediate_layers():
+    model = _create().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, full = model.forward_intermediates(x)
+        kept = model.prune_intermediate_layers(indices=(1, 2), prune_head=True)
+        assert kept == [1, 2]
+        pruned = model.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(pruned, full[1:3], strict=True))
+    assert len(model.layer3) == 0 and len(model.layer4) == 0
+
+
+def test_grad_checkpointing_identical_outputs_and_grads():
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for ckpt in (False, True):
+        model = _create(drop_path_rate=0.0).train()
+        model.set_grad_checkpointing(ckpt)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for g0, g1 in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(g1, g0)
+
+
+def test_features_only_grad_checkpointing_backward():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = _create(features_only=True).train()
+        model.set_grad_checkpointing(ckpt)
+        sum(f.pow(2).mean() for f in model(x)).backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g0)
+
+
+def test_reset_classifier():
+    model = timm.create_model('ssb_resnetd50').eval()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+    model.reset_classifier(4, 'max')
+    assert model.global_pool.pool_type == 'max'
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_torchscript(sampler):
+    model = _create(ssb_sampler=sampler, **({} if sampler != 'dconv' else {'ssb_sizes': None})).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 80, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_fx_feature_extraction_exactly_equals_eager(sampler):
+    model = _create(ssb_sampler=sampler, **({} if sampler != 'dconv' else {'ssb_sizes': None})).eval()
+    extractor = create_feature_extractor(model, return_nodes={'layer3': 'l3', 'layer4': 'l4', 'fc': 'logits'})
+    x = torch.randn(2, 3, 96, 72)
+    with torch.no_grad():
+        out = extractor(x)
+        assert torch.equal(out['logits'], model(x))
+        _, inter = model.forward_intermediates(x)
+    assert torch.equal(out['l3'], inter[3]) and torch.equal(out['l4'], inter[4])
+
+
+def test_meta_device_creation():
+    model = timm.create_model('ssb_resnetrs152', device='meta')
+    assert all(p.is_meta for p in model.parameters())
+    out = model(torch.empty(2, 3, 224, 224, device='meta'))
+    assert out.shape == (2, 1000)
+    model.to_empty(device='cpu')
+    model.init_weights()
+    saliency = [b.sampler.saliency for b in _ssb_blocks(model)]
+    assert all(torch.count_nonzero(s.weight) == 0 and torch.count_nonzero(s.bias) == 0 for s in saliency)
+
+
+def test_fresh_model_saliency_is_zero():
+    model = timm.create_model('ssb_resnetd50')
+    assert all(torch.count_nonzero(b.sampler.saliency.weight) == 0 for b in _ssb_blocks(model))
+
+
+def test_bfloat16_model_and_autocast():
+    model = _create().eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            amp = model(x)
+        model_bf16 = model.to(torch.bfloat16)
+        pure = model_bf16(x.to(torch.bfloat16))
+    assert pure.dtype == torch.bfloat16 and amp.dtype == torch.bfloat16
+    for out in (amp, pure):
+        assert torch.isfinite(out).all()
+        cos = torch.nn.functional.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0)
+        assert cos > 0.99
+
+
+def test_channels_last_matches_contiguous():
+    model = _create().eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_torch_compile_fullgraph_no_graph_breaks(sampler):
+    model = _create(ssb_sampler=sampler, **({} if sampler != 'dconv' else {'ssb_sizes': None})).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_train_step():
+    model = _create(num_classes=4).train()
+    ref = _create(num_classes=4).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    out = compiled(x)
+    out.sum().backward()
+    expected = ref(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize('output_stride', [8, 16])
+def test_output_stride(output_stride):
+    model = _create(output_stride=output_stride, features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in feats] == [
+        (math.ceil(64 / r), math.ceil(96 / r)) for r in model.feature_info.reduction()
+    ]

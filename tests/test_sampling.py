@@ -1,0 +1,197 @@
+"""Properties that pin the sampling maths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_ssb.layers import (
+    AdaptiveSampler,
+    BilinearSampler,
+    DConvSampler,
+    UniformSampler,
+    adaptive_matrices,
+    bilinear_matrices,
+    create_sampler,
+    resample,
+    saliency_positions,
+    uniform_matrices,
+)
+from timm_ssb.layers.sampling_matrices import pixel_centres
+
+SIZES = [(28, 28, 16), (14, 9, 8), (7, 7, 4), (13, 20, 5)]
+
+
+@pytest.mark.parametrize('height,width,size', SIZES)
+@pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear'])
+def test_matrices_are_row_stochastic(kind, height, width, size):
+    x = torch.randn(3, 8, height, width)
+    sampler = create_sampler(kind, 8, size)
+    if kind == 'adaptive':
+        torch.nn.init.normal_(sampler.saliency.weight, std=2.0)
+    dy, dx, uy, ux = sampler.matrices(x)
+    assert dy.shape == (3, size, height) and dx.shape == (3, size, width)
+    assert uy.shape == (3, height, size) and ux.shape == (3, width, size)
+    for m in (dy, dx, uy, ux):
+        assert (m >= 0).all()
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('height,width,size', SIZES)
+def test_adaptive_with_zero_saliency_is_uniform_exactly(height, width, size):
+    x = torch.randn(2, 16, height, width)
+    adaptive = AdaptiveSampler(16, size, saliency_kernel=3)
+    uniform = UniformSampler(size)
+    for a, u in zip(adaptive.matrices(x), uniform.matrices(x), strict=True):
+        assert torch.equal(a, u)
+    za, _ = adaptive(x)
+    zu, _ = uniform(x)
+    assert torch.equal(za, zu)
+
+
+def test_zero_saliency_positions_are_the_uniform_grid():
+    for length, size in [(28, 16), (7, 4), (31, 3)]:
+        log_m = torch.full((2, length), -3.7)
+        assert torch.equal(saliency_positions(log_m, size, 0.18), pixel_centres(size, log_m.device).expand(2, size))
+
+
+@pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear', 'dconv'])
+def test_constant_map_stays_constant(kind):
+    sampler = create_sampler(kind, 4, 6).eval()
+    if kind == 'adaptive':
+        torch.nn.init.normal_(sampler.saliency.weight, std=3.0)
+    value = torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+    x = value.expand(2, 4, 17, 13).contiguous()
+    z, state = sampler(x)
+    if kind != 'dconv':  # its conv (zero-padded) is not an average
+        torch.testing.assert_close(z, value.expand_as(z), rtol=1e-6, atol=1e-6)
+    y = sampler.inverse(torch.ones_like(z) * 2.5, state, x)
+    torch.testing.assert_close(y, torch.full_like(x, 2.5), rtol=1e-6, atol=1e-6)
+
+
+def test_saliency_attracts_samples():
+    """Mass on the left of the map pulls samples left: more of them read the salient region."""
+    length, size = 28, 8
+    logits = torch.zeros(1, 1, length, length)
+    logits[..., :, :7] = 4.0
+    _, dx, _, _ = adaptive_matrices(logits, size, 0.18, 0.5 / size, 0.5 / size)
+    positions = (dx * pixel_centres(length, dx.device)).sum(-1)  # where each sample reads on average
+    uniform = pixel_centres(size, dx.device)
+    assert (positions[0] <= uniform + 1e-6).all()
+    assert (positions[0] < 0.25).sum() > (uniform < 0.25).sum()
+
+
+def test_large_logits_finite_outputs_and_gradients():
+    sampler = AdaptiveSampler(8, 4, saliency_kernel=3)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    with torch.no_grad():
+        sampler.saliency.weight.mul_(1e4)
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    z, state = sampler(x)
+    y = sampler.inverse(z * 2, state, x)
+    assert torch.isfinite(z).all() and torch.isfinite(y).all()
+    (y.square().mean() + z.mean()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(sampler.saliency.weight.grad).all()
+    assert torch.isfinite(sampler.saliency.bias.grad).all()
+
+
+def test_gradient_reaches_saliency_conv():
+    sampler = AdaptiveSampler(8, 4, saliency_kernel=1)  # zero-initialised, as in a fresh model
+    x = torch.randn(2, 8, 14, 14)
+    z, state = sampler(x)
+    y = sampler.inverse(z.square(), state, x)
+    y.sum().backward()
+    assert sampler.saliency.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('length,size', [(28, 16), (14, 8), (7, 4), (9, 2), (4, 3)])
+def test_bilinear_matrices_match_interpolate(length, size):
+    x = torch.randn(2, 3, length, length + 3)
+    dy, dx, uy, ux = bilinear_matrices(x, size)
+    ref_down = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(resample(x, dy, dx), ref_down, rtol=1e-5, atol=1e-5)
+    z = torch.randn(2, 3, size, size)
+    ref_up = F.interpolate(z, size=(length, length + 3), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(resample(z, uy, ux), ref_up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear'])
+@pytest.mark.parametrize('height,width', [(4, 4), (3, 9), (1, 1)])
+def test_axis_not_longer_than_size_is_left_alone(kind, height, width):
+    sampler = create_sampler(kind, 5, 4)
+    x = torch.randn(2, 5, height, width)
+    z, state = sampler(x)
+    assert z.shape[-2:] == (min(height, 4), min(width, 4))
+    if height <= 4 and width <= 4:
+        assert torch.equal(z, x)
+        assert torch.equal(sampler.inverse(z, state, x), x)
+
+
+def test_resample_channels_last_matches_contiguous():
+    x = torch.randn(3, 16, 20, 12)
+    dy, dx, uy, ux = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    ref = resample(x, dy, dx)
+    out = resample(x.contiguous(memory_format=torch.channels_last), dy, dx)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resample_casts_matrices_to_input_dtype():
+    x = torch.randn(2, 4, 10, 10, dtype=torch.bfloat16)
+    dy, dx, _, _ = uniform_matrices(x, 5, 0.1, 0.1)
+    assert dy.dtype == torch.float32
+    out = resample(x, dy, dx)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), resample(x.float(), dy, dx), rtol=2e-2, atol=2e-2)
+
+
+def test_saliency_softmax_in_float32_under_autocast():
+    sampler = AdaptiveSampler(8, 4)
+    x = torch.randn(2, 8, 14, 14)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mats = sampler.matrices(x)
+        z, _ = sampler(x)
+    assert all(m.dtype == torch.float32 for m in mats)
+    assert z.dtype == torch.bfloat16
+
+
+def test_dconv_sampler_halves_and_restores():
+    sampler = DConvSampler(6)
+    x = torch.randn(2, 6, 27, 14)
+    z, state = sampler(x)
+    assert z.shape == (2, 6, 14, 7)
+    assert sampler.inverse(z, state, x).shape == x.shape
+    assert sum(p.numel() for p in sampler.parameters()) == 6 * 27
+
+
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(name='nearest', in_chs=4, size=4), 'ssb_sampler must be one of'),
+        (dict(name='uniform', in_chs=4, size=0), 'size must be a positive int'),
+        (dict(name='adaptive', in_chs=4, size=4, saliency_kernel=2), 'ssb_saliency_kernel must be a positive odd int'),
+        (dict(name='adaptive', in_chs=4, size=4, sampler_args=dict(sigma_g=-1.0)), 'sigma_g must be a positive'),
+        (dict(name='uniform', in_chs=4, size=None), 'size is required'),
+    ],
+)
+def test_sampler_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_sampler(**kwargs)
+
+
+def test_sampler_classes_are_what_create_sampler_builds():
+    assert isinstance(create_sampler('adaptive', 4, 4), AdaptiveSampler)
+    assert isinstance(create_sampler('uniform', 4, 4), UniformSampler)
+    assert isinstance(create_sampler('bilinear', 4, 4), BilinearSampler)
+    assert isinstance(create_sampler('dconv', 4, None), DConvSampler)
+
+
+def test_saliency_gets_an_exact_zero_gradient_where_no_axis_is_sampled():
+    """A 4x4 map with size 4 is left as it is: the loss does not depend on saliency, its gradient is zero (not None)."""
+    sampler = AdaptiveSampler(8, 4)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    z, state = sampler(x)
+    sampler.inverse(z.square(), state, x).sum().backward()
+    assert torch.count_nonzero(sampler.saliency.weight.grad) == 0
+    torch.testing.assert_close(x.grad, 2 * x.detach())
