@@ -6,6 +6,7 @@ import sys
 from typing import List, Optional, Sequence
 
 import timm
+import torch
 
 from .complexity import model_complexity
 from .models import BASELINES, DEFAULT_SSB_SIZES
@@ -80,6 +81,38 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchSettings, run_benchmark
+
+    unknown = [m for m in args.models if m not in BASELINES]
+    if unknown:
+        raise SystemExit(f'timm-ssb bench: --models must be among {", ".join(BASELINES)}; got {", ".join(unknown)}')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit('timm-ssb bench: --device cuda asked for, but torch sees no CUDA device')
+    settings = BenchSettings(
+        device=args.device,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        train=args.train,
+        compile=args.compile,
+        channels_last=not args.nchw,
+        amp_dtype=args.amp,
+        threads=args.threads,
+        rounds=args.rounds,
+        iters=args.iters,
+        warmup=args.warmup,
+    )
+    run_benchmark(args.models, settings, json_path=args.json)
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive int, got {value}')
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-ssb', description='SSBNet models for timm.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -90,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument('--img-size', type=int, default=None, help="square input side (default: each model's cfg)")
     models.add_argument('--json', action='store_true', help='print JSON instead of a table')
     models.set_defaults(func=_cmd_models)
+
+    bench = commands.add_parser(
+        'bench', help='throughput (and memory) of SSB models against their timm baselines, in one process'
+    )
+    bench.add_argument('--models', nargs='+', default=list(BASELINES), metavar='NAME', help='SSB models (default: all)')
+    bench.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
+    bench.add_argument('--batch-size', type=_positive_int, default=16)
+    bench.add_argument('--img-size', type=_positive_int, default=224)
+    bench.add_argument('--train', action='store_true', help='time a training step (forward, backward, SGD step)')
+    bench.add_argument('--compile', action='store_true', help='torch.compile both models')
+    bench.add_argument('--nchw', action='store_true', help='NCHW instead of channels_last')
+    bench.add_argument('--amp', choices=['bfloat16', 'float16'], default=None, help='autocast dtype (default: fp32)')
+    bench.add_argument('--threads', type=_positive_int, default=None, help='torch.set_num_threads')
+    bench.add_argument('--rounds', type=_positive_int, default=7, help='interleaved rounds (median is reported)')
+    bench.add_argument('--iters', type=_positive_int, default=2, help='steps per model per round')
+    bench.add_argument('--warmup', type=_positive_int, default=2, help='untimed steps per model first')
+    bench.add_argument('--json', default=None, metavar='PATH', help='also write the results and settings here')
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

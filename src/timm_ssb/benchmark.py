@@ -1,0 +1,285 @@
+"""Throughput of SSB models against their timm baselines, measured in the same process.
+
+Each SSB model and its baseline are built with the same settings, checked to run, then timed in
+interleaved rounds (SSB, baseline, SSB, baseline, ...) so that machine noise hits both alike. The
+reported ratio is the median over rounds of (SSB throughput / baseline throughput).
+
+Memory: on CUDA the peak allocated memory of one step; on the CPU, which has no allocator
+statistics, the bytes of tensors saved for backward in one training step (the activation memory
+that dominates training memory), and nothing for inference.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+from .complexity import count_gmacs, count_params
+from .models import BASELINES
+from .version import __version__
+
+__all__ = ['BenchSettings', 'BenchResult', 'benchmark_pair', 'run_benchmark', 'machine_info', 'format_table']
+
+
+@dataclass
+class BenchSettings:
+    """What is measured; all of it goes into the JSON next to the numbers."""
+
+    device: str = 'cpu'
+    batch_size: int = 16
+    img_size: int = 224
+    train: bool = False
+    compile: bool = False
+    channels_last: bool = True
+    amp_dtype: Optional[str] = None
+    threads: Optional[int] = None
+    rounds: int = 7
+    iters: int = 2
+    warmup: int = 2
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    """One SSB model against its baseline."""
+
+    model: str
+    baseline: str
+    params_m: float
+    baseline_params_m: float
+    gmacs: float
+    baseline_gmacs: float
+    throughput: float
+    baseline_throughput: float
+    ratio: float
+    ratio_rounds: List[float]
+    memory_mb: Optional[float]
+    baseline_memory_mb: Optional[float]
+    memory_kind: str
+
+    @property
+    def gmacs_ratio(self) -> float:
+        return self.baseline_gmacs / self.gmacs
+
+
+def machine_info(device: str) -> Dict[str, Any]:
+    """Machine, versions and thread settings, for reproducibility."""
+    info: Dict[str, Any] = {
+        'platform': platform.platform(),
+        'python': platform.python_version(),
+        'processor': _cpu_name(),
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'timm_ssb': __version__,
+        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
+    if device.startswith('cuda') and torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name(device)
+        info['cuda'] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _make_step(model: nn.Module, settings: BenchSettings, x: torch.Tensor) -> Callable[[], None]:
+    device = x.device
+    amp_dtype = getattr(torch, settings.amp_dtype) if settings.amp_dtype else None
+    run = torch.compile(model) if settings.compile else model
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    if not settings.train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                run(x)
+
+        return infer
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    target = torch.randint(0, 1000, (x.shape[0],), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn(run(x), target)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def _saved_tensor_mb(step: Callable[[], None]) -> float:
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values()) / 2**20
+
+
+def _memory_mb(step: Callable[[], None], settings: BenchSettings, device: torch.device) -> Optional[float]:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if settings.train:
+        return _saved_tensor_mb(step)
+    return None
+
+
+def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _build(name: str, settings: BenchSettings, device: torch.device, **kwargs: Any) -> nn.Module:
+    model = timm.create_model(name, **kwargs).to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] = None) -> BenchResult:
+    """Measure SSB model ``name`` against ``baseline`` (default: its timm baseline)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    baseline = baseline or BASELINES[name]
+    device = torch.device(settings.device)
+    x = torch.randn(settings.batch_size, 3, settings.img_size, settings.img_size, device=device)
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    models = {
+        name: _build(name, settings, device, **settings.model_kwargs),
+        baseline: _build(baseline, settings, device),
+    }
+    input_size = (3, settings.img_size, settings.img_size)
+    gmacs = {n: count_gmacs(m, input_size) for n, m in models.items()}
+    params = {n: count_params(m) / 1e6 for n, m in models.items()}
+    for n, m in models.items():
+        with torch.no_grad():
+            out = m.eval()(x[:2])
+        if out.shape != (2, m.num_classes) or not torch.isfinite(out).all():
+            raise RuntimeError(f'{n} gave {tuple(out.shape)} or non-finite values on a {tuple(x.shape[1:])} input')
+
+    steps = {n: _make_step(m, settings, x) for n, m in models.items()}
+    for step in steps.values():
+        for _ in range(settings.warmup):
+            step()
+    memory = {n: _memory_mb(step, settings, device) for n, step in steps.items()}
+
+    throughput: Dict[str, List[float]] = {n: [] for n in models}
+    for _ in range(settings.rounds):
+        for n, step in steps.items():
+            throughput[n].append(settings.iters * settings.batch_size / _time(step, settings.iters, device))
+    ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
+    return BenchResult(
+        model=name,
+        baseline=baseline,
+        params_m=params[name],
+        baseline_params_m=params[baseline],
+        gmacs=gmacs[name],
+        baseline_gmacs=gmacs[baseline],
+        throughput=statistics.median(throughput[name]),
+        baseline_throughput=statistics.median(throughput[baseline]),
+        ratio=statistics.median(ratios),
+        ratio_rounds=ratios,
+        memory_mb=memory[name],
+        baseline_memory_mb=memory[baseline],
+        memory_kind=_memory_kind(settings, device),
+    )
+
+
+def _memory_kind(settings: BenchSettings, device: torch.device) -> str:
+    if device.type == 'cuda':
+        return 'peak allocated (MB)'
+    return 'saved for backward (MB)' if settings.train else 'not measured on CPU'
+
+
+def format_table(results: Sequence[BenchResult], settings: BenchSettings, machine: Dict[str, Any]) -> str:
+    """The results as a plain-text table with the settings and machine above it."""
+    mode = 'training step' if settings.train else 'inference'
+    lines = [
+        f'{mode} on {settings.device} ({machine.get("gpu") or machine["processor"]}), batch {settings.batch_size}, '
+        f'{settings.img_size}x{settings.img_size}, {"channels_last" if settings.channels_last else "NCHW"}, '
+        f'{settings.amp_dtype or "fp32"}{" autocast" if settings.amp_dtype else ""}, '
+        f'{"torch.compile" if settings.compile else "eager"}, {machine["torch_threads"]} threads; '
+        f'torch {machine["torch"]}, timm {machine["timm"]}, timm-ssb {machine["timm_ssb"]}',
+        f'median of {settings.rounds} interleaved rounds of {settings.iters} steps'
+        + (f'; model kwargs {settings.model_kwargs}' if settings.model_kwargs else ''),
+    ]
+    header = (
+        f'{"model":<16} {"baseline":<12} {"params M":>9} {"GMACs":>7} {"base":>7} {"GMACs x":>8} '
+        f'{"img/s":>8} {"base":>8} {"speed x":>8} {"memory MB":>10} {"base":>8}'
+    )
+    lines += [header, '-' * len(header)]
+    for r in results:
+        mem = '-' if r.memory_mb is None else f'{r.memory_mb:.0f}'
+        base_mem = '-' if r.baseline_memory_mb is None else f'{r.baseline_memory_mb:.0f}'
+        lines.append(
+            f'{r.model:<16} {r.baseline:<12} {r.params_m:>9.2f} {r.gmacs:>7.3f} {r.baseline_gmacs:>7.3f} '
+            f'{r.gmacs_ratio:>7.2f}x {r.throughput:>8.2f} {r.baseline_throughput:>8.2f} {r.ratio:>7.2f}x '
+            f'{mem:>10} {base_mem:>8}'
+        )
+    lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
+    return '\n'.join(lines)
+
+
+def run_benchmark(models: Sequence[str], settings: BenchSettings, json_path: Optional[str] = None) -> List[BenchResult]:
+    """Benchmark each model against its baseline, print the table and optionally write JSON."""
+    results = []
+    for name in models:
+        results.append(benchmark_pair(name, settings))
+    machine = machine_info(settings.device)
+    print(format_table(results, settings, machine), flush=True)
+    if json_path:
+        payload = {
+            'settings': asdict(settings),
+            'machine': machine,
+            'results': [dict(asdict(r), gmacs_ratio=r.gmacs_ratio) for r in results],
+        }
+        directory = os.path.dirname(json_path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(json_path, 'w') as f:
+            json.dump(payload, f, indent=2)
+            f.write('\n')
+    return results
