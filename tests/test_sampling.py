@@ -13,6 +13,7 @@ from timm_ssb.layers import (
     bilinear_matrices,
     create_sampler,
     resample,
+    resample_reference,
     saliency_positions,
     uniform_matrices,
 )
@@ -195,3 +196,47 @@ def test_saliency_gets_an_exact_zero_gradient_where_no_axis_is_sampled():
     sampler.inverse(z.square(), state, x).sum().backward()
     assert torch.count_nonzero(sampler.saliency.weight.grad) == 0
     torch.testing.assert_close(x.grad, 2 * x.detach())
+
+
+@pytest.mark.parametrize('shape,n,m', [((2, 16, 20, 12), 6, 5), ((3, 8, 16, 16), 24, 24), ((1, 4, 7, 9), 7, 4)])
+def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n, m):
+    """The custom-autograd channels-last path against the reference (fp32, relative error <= 1e-5)."""
+    x = torch.randn(*shape, dtype=torch.float64).float()
+    my = torch.softmax(torch.randn(shape[0], n, shape[2]), -1)
+    mx = torch.softmax(torch.randn(shape[0], m, shape[3]), -1)
+    g = torch.randn(shape[0], shape[1], n, m)
+    results = []
+    for fast in (True, False):
+        xi = x.contiguous(memory_format=torch.channels_last) if fast else x.clone()
+        xi.requires_grad_()
+        myi, mxi = my.clone().requires_grad_(), mx.clone().requires_grad_()
+        out = resample(xi, myi, mxi) if fast else resample_reference(xi, myi, mxi)
+        (out * g).sum().backward()
+        results.append((out, xi.grad, myi.grad, mxi.grad))
+        if fast:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert xi.grad.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*results, strict=True):  # error relative to the tensor's scale (sums of many products)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_channels_last_fast_path_bfloat16_within_bf16_tolerance():
+    x = torch.randn(2, 8, 14, 14)
+    my = torch.softmax(torch.randn(2, 8, 14), -1)
+    mx = torch.softmax(torch.randn(2, 8, 14), -1)
+    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = resample(xb, my, mx)
+    out.float().sum().backward()
+    ref = resample_reference(x, my, mx)
+    assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_pointwise_saliency_logits_match_the_conv():
+    sampler = AdaptiveSampler(16, 4)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    torch.nn.init.normal_(sampler.saliency.bias)
+    x = torch.randn(2, 16, 9, 11)
+    ref = sampler.saliency(x)
+    out = sampler.saliency_logits(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

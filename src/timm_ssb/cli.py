@@ -106,6 +106,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import PublishError, publish
+
+    try:
+        model_args = json.loads(args.model_args) if args.model_args else None
+        if model_args is not None and not isinstance(model_args, dict):
+            raise PublishError(f'--model-args must be a JSON object; got {args.model_args!r}')
+        publish(args.checkpoint, args.model, args.repo_id, args.out, args.dry_run, model_args)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f'timm-ssb publish: --model-args is not valid JSON ({e})') from e
+    except PublishError as e:
+        raise SystemExit(f'timm-ssb publish: {e}') from e
+    return 0
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -141,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--warmup', type=_positive_int, default=2, help='untimed steps per model first')
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the results and settings here')
     bench.set_defaults(func=_cmd_bench)
+
+    pub = commands.add_parser(
+        'publish', help='turn a timm training checkpoint into a Hub folder (safetensors, config, card) and upload it'
+    )
+    pub.add_argument('checkpoint', help='timm checkpoint (EMA weights preferred), a state dict or .safetensors')
+    pub.add_argument('--model', required=True, help='SSB architecture, e.g. ssb_resnetd50')
+    pub.add_argument('--repo-id', required=True, help='Hub repository ORG/NAME')
+    pub.add_argument('--out', default=None, help='folder to write (default: a new temporary folder)')
+    pub.add_argument('--dry-run', action='store_true', help='write the folder, upload nothing')
+    pub.add_argument(
+        '--model-args', default=None, help='JSON of model kwargs used in training, e.g. {"ssb_sizes": [12, 6, 3]}'
+    )
+    pub.set_defaults(func=_cmd_publish)
     return parser
 
 

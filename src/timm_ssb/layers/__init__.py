@@ -16,6 +16,7 @@ from .sampling_matrices import (
     bilinear_matrices,
     gaussian_matrices,
     resample,
+    resample_reference,
     saliency_positions,
     uniform_matrices,
 )

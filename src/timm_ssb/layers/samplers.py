@@ -137,11 +137,26 @@ class AdaptiveSampler(GaussianSampler):
         nn.init.zeros_(self.saliency.weight)
         nn.init.zeros_(self.saliency.bias)
 
+    def saliency_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` saliency logits."""
+        if self.saliency.kernel_size == (1, 1):
+            return pointwise_logits(x, self.saliency.weight, self.saliency.bias)
+        return self.saliency(x)
+
     def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return adaptive_matrices(self.saliency(x), self.size, self.sigma_g, self.sigma_down, self.sigma_up)
+        return adaptive_matrices(self.saliency_logits(x), self.size, self.sigma_g, self.sigma_down, self.sigma_up)
 
     def extra_repr(self) -> str:
         return f'size={self.size}, sigma_g={self.sigma_g}'
+
+
+@register_notrace_function
+def pointwise_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 conv to one channel. On a channels-last map it runs as a linear layer over the ``(B, H, W, C)``
+    rows: the same result, and a backward without layout copies."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
 
 
 class BilinearSampler(MatrixSampler):

@@ -34,6 +34,7 @@ __all__ = [
     'bilinear_matrix',
     'bilinear_matrices',
     'resample',
+    'resample_reference',
 ]
 
 
@@ -177,6 +178,57 @@ def bilinear_matrices(x: torch.Tensor, size: int) -> List[torch.Tensor]:
     return [out[0], out[2], out[1], out[3]]
 
 
+class _ChannelsLastResample(torch.autograd.Function):
+    """``z = M_y @ x @ M_x^T`` on a channels-last map, forward and backward as batched matrix products
+    over contiguous ``(B, H, W, C)`` views: no layout copies of the map in either direction, and the
+    gradient comes out channels-last like the input.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+        batch_size, height, width, channels = rows.shape
+        n, m = matrix_y.shape[1], matrix_x.shape[1]
+        t = torch.bmm(matrix_y, rows.reshape(batch_size, height, width * channels))  # (B, n, W*C)
+        matrix_x_rows = matrix_x.unsqueeze(1).expand(batch_size, n, m, width).reshape(batch_size * n, m, width)
+        z = torch.bmm(matrix_x_rows, t.view(batch_size * n, width, channels))  # (B*n, m, C)
+        ctx.save_for_backward(rows, matrix_y, matrix_x_rows, t)
+        return z.view(batch_size, n, m, channels).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor):
+        rows, matrix_y, matrix_x_rows, t = ctx.saved_tensors
+        batch_size, height, width, channels = rows.shape
+        n, m = matrix_y.shape[1], matrix_x_rows.shape[1]
+        grad_z = grad_z.to(rows.dtype).permute(0, 2, 3, 1).contiguous().view(batch_size * n, m, channels)
+        t_rows = t.view(batch_size * n, width, channels)
+        grad_t = torch.bmm(matrix_x_rows.transpose(1, 2).contiguous(), grad_z).view(batch_size, n, width * channels)
+        grad_rows = grad_y = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.bmm(matrix_y.transpose(1, 2).contiguous(), grad_t).view(
+                batch_size, height, width, channels
+            )
+            grad_rows = grad_rows.permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_y = torch.bmm(grad_t, rows.reshape(batch_size, height, width * channels).transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            grad_x = torch.bmm(grad_z, t_rows.transpose(1, 2)).view(batch_size, n, m, width).sum(1)
+        return grad_rows, grad_y, grad_x
+
+
+@torch.jit.unused
+def _resample_channels_last(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    return _ChannelsLastResample.apply(x, matrix_y, matrix_x)
+
+
+def resample_reference(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    """The reference :func:`resample`: broadcast matrix products in any layout, autograd's own backward."""
+    matrix_y = matrix_y.to(x.dtype)
+    matrix_x = matrix_x.to(x.dtype)
+    t = torch.matmul(matrix_y.unsqueeze(1), x)  # (B, C, n, W)
+    return torch.matmul(t, matrix_x.transpose(1, 2).unsqueeze(1))  # (B, C, n, m)
+
+
 @register_notrace_function
 def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
     """``matrix_y @ x @ matrix_x^T`` per sample and channel: ``(B, C, H, W) -> (B, C, n, m)``.
@@ -187,16 +239,10 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
         matrix_x: ``(B, m, W)``.
 
     The y-axis product runs first, then the x-axis one, so the multiply-accumulate count is
-    ``C * (n*H*W + n*m*W)``, the order the paper's complexity figures assume.
+    ``C * (n*H*W + n*m*W)``, the order the paper's complexity figures assume. Channels-last maps (the
+    fast path) use a custom autograd function whose backward is written as batched matrix products
+    over contiguous views; other layouts, and TorchScript, use :func:`resample_reference`.
     """
-    batch_size, channels, height, width = x.shape
-    matrix_y = matrix_y.to(x.dtype)
-    matrix_x = matrix_x.to(x.dtype)
-    n = matrix_y.shape[1]
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        rows = x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels)
-        t = torch.bmm(matrix_y, rows).reshape(batch_size, n, width, channels)  # (B, n, W, C)
-        t = torch.matmul(matrix_x.unsqueeze(1), t)  # (B, n, m, C)
-        return t.permute(0, 3, 1, 2)
-    t = torch.matmul(matrix_y.unsqueeze(1), x)  # (B, C, n, W)
-    return torch.matmul(t, matrix_x.transpose(1, 2).unsqueeze(1))  # (B, C, n, m)
+    if not torch.jit.is_scripting() and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype))
+    return resample_reference(x, matrix_y, matrix_x)

@@ -10,19 +10,31 @@ every tensor of its timm baseline under the same name and shape, plus ``sampler.
 its SSB blocks (the saliency conv for ``adaptive``, the depthwise conv for ``dconv``).
 """
 
+import os
 from functools import partial
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler
 
-__all__ = ['SSBResNet', 'SSBBottleneck', 'DEFAULT_SSB_SIZES', 'BASELINES']
+__all__ = [
+    'SSBResNet',
+    'SSBBottleneck',
+    'DEFAULT_SSB_SIZES',
+    'BASELINES',
+    'HUB_ORG',
+    'WARM_START_SOURCES',
+    'add_missing_sampler_tensors',
+    'warm_start_tag',
+]
 
 DEFAULT_SSB_SIZES = (16, 8, 4)
 """Sampled sides of stages 2, 3 and 4 (for their 28, 14 and 7 pixel maps at a 224 x 224 input)."""
@@ -99,8 +111,7 @@ class SSBBottleneck(Bottleneck):
         y = self.sampler.inverse(z, state, shortcut)
         if self.drop_path is not None:
             y = self.drop_path(y)
-        y += shortcut
-        return self.act3(y)
+        return self.act3(y + shortcut)  # not in place: y may be the output of a custom autograd function
 
 
 class SSBStageBlock:
@@ -222,8 +233,56 @@ class SSBResNet(ResNet):
                 module.reset_saliency()
 
 
+HUB_ORG = os.environ.get('TIMM_SSB_HUB_ORG', 'timm-ssb')
+"""Hugging Face Hub organisation of this project's published weights (``TIMM_SSB_HUB_ORG``, read at import)."""
+
+WARM_START_SOURCES = {
+    'ssb_resnetd50': 'resnet50d.ra2_in1k',
+    'ssb_resnetd101': 'resnet101d.ra2_in1k',
+    'ssb_resnetd152': 'resnet152d.ra2_in1k',
+    'ssb_resnetrs152': 'resnetrs152.tf_in1k',
+}
+"""timm ImageNet weights of each baseline, loadable into the SSB model through its ``warmstart_*`` tag."""
+
+
+def warm_start_tag(name: str) -> str:
+    """The tag that loads the baseline's timm ImageNet weights into SSB model ``name``."""
+    return f'warmstart_{WARM_START_SOURCES[name].split(".", 1)[1]}'
+
+
+def add_missing_sampler_tensors(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Complete a state dict that has no sampler tensors (a timm baseline's) with the model's own.
+
+    An SSB model has every tensor of its baseline under the same name; only ``*.sampler.*`` tensors are
+    its own. Taken from the freshly built model, the saliency convs are zero: the warm-started model
+    samples uniformly and learns where to look while fine-tuning. A state dict that already has sampler
+    tensors is returned unchanged, so SSB checkpoints load exactly as saved.
+    """
+    if any('.sampler.' in k for k in state_dict):
+        return state_dict
+    own = {k: v for k, v in model.state_dict().items() if '.sampler.' in k}
+    return {**state_dict, **own}
+
+
 def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSBResNet:
-    return build_model_with_cfg(SSBResNet, variant, pretrained, **kwargs)
+    try:
+        return build_model_with_cfg(
+            SSBResNet, variant, pretrained, pretrained_filter_fn=add_missing_sampler_tensors, **kwargs
+        )
+    except (OSError, HfHubHTTPError, EntryNotFoundError, SafetensorError) as e:
+        if not pretrained:
+            raise
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
+        cfg_hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
+        source = overlay.get('file') or overlay.get('hf_hub_id') or cfg_hub_id
+        raise RuntimeError(
+            f'{variant}: pretrained weights could not be loaded from {source!r} ({type(e).__name__}: {e}). '
+            'This project has published no ImageNet weights yet (README, "Pretrained weights"). '
+            f"Use pretrained=False; start from timm's ImageNet weights of the baseline with "
+            f"'{variant}.{warm_start_tag(variant)}'; load your own with pretrained_cfg_overlay=dict(file=PATH), "
+            "'local-dir:PATH' or 'hf-hub:ORG/NAME'; or set TIMM_SSB_HUB_ORG to the organisation that hosts them."
+        ) from e
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
@@ -245,14 +304,15 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        'ssb_resnetd50': _cfg(),
-        'ssb_resnetd101': _cfg(),
-        'ssb_resnetd152': _cfg(),
-        'ssb_resnetrs152': _cfg(),
+def _model_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
+    """The project's ImageNet weights (the default tag), then the warm start from the baseline's timm weights."""
+    return {
+        f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_ORG}/{name}.in1k'),
+        f'{name}.{warm_start_tag(name)}': _cfg(hf_hub_id=f'timm/{WARM_START_SOURCES[name]}'),
     }
-)
+
+
+default_cfgs = generate_default_cfgs({k: v for name in BASELINES for k, v in _model_cfgs(name).items()})
 
 
 @register_model

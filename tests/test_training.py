@@ -1,0 +1,217 @@
+"""Training with timm's scripts: the script runner, DDP on CPU, and (when a timm checkout is given) train.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+TIMM_SOURCE = os.environ.get('TIMM_SOURCE_DIR')
+
+
+def test_runner_registers_models_and_passes_arguments(tmp_path):
+    script = tmp_path / 'script.py'
+    script.write_text(
+        'import sys, timm\n'
+        'print("registered", timm.is_model("ssb_resnetd50"))\n'
+        'print("argv", sys.argv[1:])\n'
+        'print("main", __name__)\n'
+    )
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_ssb.run', str(script), '--model', 'ssb_resnetd50', '-b', '2'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert 'registered True' in result.stdout
+    assert "argv ['--model', 'ssb_resnetd50', '-b', '2']" in result.stdout
+    assert 'main __main__' in result.stdout
+
+
+def test_runner_errors():
+    result = subprocess.run([sys.executable, '-m', 'timm_ssb.run', 'no/such/script.py'], capture_output=True, text=True)
+    assert result.returncode != 0 and "script 'no/such/script.py' not found" in result.stderr
+    result = subprocess.run([sys.executable, '-m', 'timm_ssb.run'], capture_output=True, text=True)
+    assert result.returncode != 0 and 'usage: python -m timm_ssb.run SCRIPT.py' in result.stderr
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import timm
+
+    import timm_ssb  # noqa: F401
+
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    torch.manual_seed(0)  # same initial weights on every rank
+    model = timm.create_model('ssb_resnetd50', num_classes=4, ssb_sizes=(4, 2, 1))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1:
+            torch.nn.init.normal_(m.weight, std=0.05)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    for _ in range(3):
+        x = torch.randn(2, 3, 64, 64, generator=generator)
+        y = torch.randint(0, 4, (2,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    state = {k: v.detach() for k, v in model.named_parameters()}  # buffers (BN statistics) stay per replica in DDP
+    torch.save({'start': start, 'params': params, 'state': state}, os.path.join(out_dir, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_ddp_replicas_stay_bit_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in range(2))
+    assert torch.equal(r0['params'], r1['params'])
+    for k in r0['state']:
+        assert torch.equal(r0['state'][k], r1['state'][k]), k
+    saliency = [k for k in r0['state'] if k.endswith('sampler.saliency.weight')]
+    assert saliency
+    assert all(not torch.equal(r0['state'][k], r0['start'][k]) for k in saliency)  # they learned, in sync
+
+
+def _tiny_image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ('train', 'validation'):
+        for cls in ('a', 'b'):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f'{i}.png')
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not TIMM_SOURCE, reason="set TIMM_SOURCE_DIR to a timm source checkout (with train.py) to run timm's train.py"
+)
+def test_timm_train_py_with_device_modules(tmp_path):
+    import yaml
+
+    data = _tiny_image_folder(tmp_path / 'data')
+    out = tmp_path / 'output'
+    config = yaml.safe_load((REPO / 'configs' / 'ssb_resnetd50.yaml').read_text())
+    assert config['device_modules'] == ['timm_ssb']
+    config.update(amp=False, channels_last=False)  # switches the CPU run must turn off (no --no-amp flag)
+    (tmp_path / 'tiny.yaml').write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        str(Path(TIMM_SOURCE) / 'train.py'),
+        str(data),
+        '--config',
+        str(tmp_path / 'tiny.yaml'),
+        '--model',
+        'ssb_resnetd50',
+        '--model-kwargs',
+        'ssb_sizes=(4,2,1)',
+        '--num-classes',
+        '2',
+        '--img-size',
+        '64',
+        '-b',
+        '4',
+        '--epochs',
+        '1',
+        '--warmup-epochs',
+        '0',
+        '-j',
+        '0',
+        '--device',
+        'cpu',
+        '--output',
+        str(out),
+        '--experiment',
+        'tiny',
+        '--no-prefetcher',
+        '--log-interval',
+        '1',
+        '--model-ema',
+        '--aa',
+        '',
+        '--reprob',
+        '0',
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = out / 'tiny' / 'last.pth.tar'
+    assert checkpoint.is_file()
+    from timm_ssb.publish import publish
+
+    folder = publish(str(checkpoint), 'ssb_resnetd50', 'me/tiny', str(tmp_path / 'pub'), dry_run=True)
+    assert (folder / 'model.safetensors').is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not TIMM_SOURCE, reason="set TIMM_SOURCE_DIR to a timm source checkout (with train.py) to run timm's scripts"
+)
+def test_timm_scripts_through_the_runner_and_torchrun(tmp_path):
+    """train.py under torchrun via ``-m timm_ssb.run`` (no --device-modules), then validate.py on its checkpoint."""
+    data = _tiny_image_folder(tmp_path / 'data')
+    common = [
+        '--model',
+        'ssb_resnetd50',
+        '--model-kwargs',
+        'ssb_sizes=(4,2,1)',
+        '--num-classes',
+        '2',
+        '--img-size',
+        '64',
+        '-b',
+        '2',
+        '-j',
+        '0',
+        '--device',
+        'cpu',
+        '--no-prefetcher',
+    ]
+    train = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        '1',
+        '-m',
+        'timm_ssb.run',
+        str(Path(TIMM_SOURCE) / 'train.py'),
+        str(data),
+        *common,
+        '--epochs',
+        '1',
+        '--warmup-epochs',
+        '0',
+        '--output',
+        str(tmp_path / 'out'),
+        '--experiment',
+        'run',
+    ]
+    result = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = tmp_path / 'out' / 'run' / 'last.pth.tar'
+    validate = [
+        sys.executable,
+        '-m',
+        'timm_ssb.run',
+        str(Path(TIMM_SOURCE) / 'validate.py'),
+        str(data / 'validation'),
+        *common,
+        '--checkpoint',
+        str(checkpoint),
+        '--results-file',
+        str(tmp_path / 'results.json'),
+    ]
+    result = subprocess.run(validate, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / 'results.json').read_text().splitlines()[1].startswith('ssb_resnetd50,')
