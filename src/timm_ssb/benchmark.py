@@ -26,7 +26,15 @@ from .complexity import count_gmacs, count_params
 from .models import BASELINES
 from .version import __version__
 
-__all__ = ['BenchSettings', 'BenchResult', 'benchmark_pair', 'run_benchmark', 'machine_info', 'format_table']
+__all__ = [
+    'BenchSettings',
+    'BenchResult',
+    'benchmark_pair',
+    'run_benchmark',
+    'machine_info',
+    'format_table',
+    'stage_times',
+]
 
 
 @dataclass
@@ -44,6 +52,7 @@ class BenchSettings:
     rounds: int = 7
     iters: int = 2
     warmup: int = 2
+    stages: bool = False
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +73,8 @@ class BenchResult:
     memory_mb: Optional[float]
     baseline_memory_mb: Optional[float]
     memory_kind: str
+    stages_ms: Optional[Dict[str, float]] = None
+    baseline_stages_ms: Optional[Dict[str, float]] = None
 
     @property
     def gmacs_ratio(self) -> float:
@@ -171,6 +182,37 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
+
+
+def stage_times(model: nn.Module, x: torch.Tensor, rounds: int = 5) -> Dict[str, float]:
+    """Median inference milliseconds of each part of a timm ResNet: stem, layer1-4, head.
+
+    Shows where time goes: the stem and layer1 are identical in an SSB model and its baseline, so
+    they bound how much faster the SSB model can be, whatever its GMACs.
+    """
+    parts = {
+        'stem': lambda t: model.maxpool(model.act1(model.bn1(model.conv1(t)))),
+        'layer1': model.layer1,
+        'layer2': model.layer2,
+        'layer3': model.layer3,
+        'layer4': model.layer4,
+        'head': model.forward_head,
+    }
+    times: Dict[str, List[float]] = {p: [] for p in STAGES}
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            t = x
+            for part in STAGES:
+                _synchronize(x.device)
+                start = time.perf_counter()
+                t = parts[part](t)
+                _synchronize(x.device)
+                times[part].append(time.perf_counter() - start)
+    return {p: statistics.median(v[1:]) * 1e3 for p, v in times.items()}
+
+
 def _build(name: str, settings: BenchSettings, device: torch.device, **kwargs: Any) -> nn.Module:
     model = timm.create_model(name, **kwargs).to(device)
     if settings.channels_last:
@@ -197,7 +239,7 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
     for n, m in models.items():
         with torch.no_grad():
             out = m.eval()(x[:2])
-        if out.shape != (2, m.num_classes) or not torch.isfinite(out).all():
+        if out.shape != (min(2, len(x)), m.num_classes) or not torch.isfinite(out).all():
             raise RuntimeError(f'{n} gave {tuple(out.shape)} or non-finite values on a {tuple(x.shape[1:])} input')
 
     steps = {n: _make_step(m, settings, x) for n, m in models.items()}
@@ -211,6 +253,7 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
         for n, step in steps.items():
             throughput[n].append(settings.iters * settings.batch_size / _time(step, settings.iters, device))
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
+    stages = {n: stage_times(m, x, settings.rounds) for n, m in models.items()} if settings.stages else {}
     return BenchResult(
         model=name,
         baseline=baseline,
@@ -225,6 +268,8 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
         memory_mb=memory[name],
         baseline_memory_mb=memory[baseline],
         memory_kind=_memory_kind(settings, device),
+        stages_ms=stages.get(name),
+        baseline_stages_ms=stages.get(baseline),
     )
 
 
@@ -260,6 +305,12 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
             f'{mem:>10} {base_mem:>8}'
         )
     lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
+    if settings.stages:
+        lines.append('inference ms per part (SSB / baseline):')
+        lines.append(f'{"model":<16} ' + ' '.join(f'{p:>15}' for p in STAGES))
+        for r in results:
+            cells = [f'{r.stages_ms[p]:.1f} / {r.baseline_stages_ms[p]:.1f}' for p in STAGES]
+            lines.append(f'{r.model:<16} ' + ' '.join(f'{c:>15}' for c in cells))
     return '\n'.join(lines)
 
 

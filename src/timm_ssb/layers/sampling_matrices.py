@@ -182,6 +182,10 @@ class _ChannelsLastResample(torch.autograd.Function):
     """``z = M_y @ x @ M_x^T`` on a channels-last map, forward and backward as batched matrix products
     over contiguous ``(B, H, W, C)`` views: no layout copies of the map in either direction, and the
     gradient comes out channels-last like the input.
+
+    The intermediate ``M_y @ x`` is needed only for the gradient of ``M_x`` (learned matrices). It is
+    kept when sampling down, where it is smaller than the input, and recomputed in backward when
+    mapping back up, where it would be the largest tensor of the block kept for backward.
     """
 
     @staticmethod
@@ -192,7 +196,8 @@ class _ChannelsLastResample(torch.autograd.Function):
         t = torch.bmm(matrix_y, rows.reshape(batch_size, height, width * channels))  # (B, n, W*C)
         matrix_x_rows = matrix_x.unsqueeze(1).expand(batch_size, n, m, width).reshape(batch_size * n, m, width)
         z = torch.bmm(matrix_x_rows, t.view(batch_size * n, width, channels))  # (B*n, m, C)
-        ctx.save_for_backward(rows, matrix_y, matrix_x_rows, t)
+        ctx.keep_t = n <= height and matrix_x.requires_grad
+        ctx.save_for_backward(rows, matrix_y, matrix_x_rows, t if ctx.keep_t else None)
         return z.view(batch_size, n, m, channels).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -201,7 +206,6 @@ class _ChannelsLastResample(torch.autograd.Function):
         batch_size, height, width, channels = rows.shape
         n, m = matrix_y.shape[1], matrix_x_rows.shape[1]
         grad_z = grad_z.to(rows.dtype).permute(0, 2, 3, 1).contiguous().view(batch_size * n, m, channels)
-        t_rows = t.view(batch_size * n, width, channels)
         grad_t = torch.bmm(matrix_x_rows.transpose(1, 2).contiguous(), grad_z).view(batch_size, n, width * channels)
         grad_rows = grad_y = grad_x = None
         if ctx.needs_input_grad[0]:
@@ -212,6 +216,9 @@ class _ChannelsLastResample(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_y = torch.bmm(grad_t, rows.reshape(batch_size, height, width * channels).transpose(1, 2))
         if ctx.needs_input_grad[2]:
+            if t is None:
+                t = torch.bmm(matrix_y, rows.reshape(batch_size, height, width * channels))
+            t_rows = t.view(batch_size * n, width, channels)
             grad_x = torch.bmm(grad_z, t_rows.transpose(1, 2)).view(batch_size, n, m, width).sum(1)
         return grad_rows, grad_y, grad_x
 

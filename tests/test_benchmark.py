@@ -1,0 +1,42 @@
+import json
+
+import pytest
+import torch
+
+from timm_ssb.benchmark import BenchSettings, run_benchmark
+from timm_ssb.cli import main
+
+
+def test_benchmark_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / 'results' / 'bench.json'
+    settings = BenchSettings(batch_size=2, img_size=64, rounds=2, iters=1, warmup=1, train=True, threads=2)
+    results = run_benchmark(['ssb_resnetd50'], settings, json_path=str(path))
+    out = capsys.readouterr().out
+    assert 'training step on cpu' in out and 'ssb_resnetd50    resnet50d' in out
+    payload = json.loads(path.read_text())
+    assert payload['settings']['batch_size'] == 2 and payload['settings']['train'] is True
+    assert payload['machine']['torch'] == torch.__version__ and 'processor' in payload['machine']
+    (row,) = payload['results']
+    assert row['model'] == 'ssb_resnetd50' and row['baseline'] == 'resnet50d'
+    assert row['ratio'] == pytest.approx(results[0].ratio) and len(row['ratio_rounds']) == 2
+    assert row['throughput'] > 0 and row['baseline_throughput'] > 0
+    assert row['memory_mb'] > 0 and row['memory_kind'] == 'saved for backward (MB)'
+    assert row['gmacs_ratio'] == pytest.approx(row['baseline_gmacs'] / row['gmacs'])
+
+
+def test_benchmark_stage_times(capsys):
+    settings = BenchSettings(batch_size=1, img_size=64, rounds=1, iters=1, warmup=1, stages=True)
+    (result,) = run_benchmark(['ssb_resnetd50'], settings)
+    assert set(result.stages_ms) == {'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'}
+    assert all(v > 0 for v in result.baseline_stages_ms.values())
+    assert 'inference ms per part' in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match='--models must be among'):
+        main(['bench', '--models', 'resnet50d'])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='no CUDA device'):
+            main(['bench', '--device', 'cuda'])
+    with pytest.raises(SystemExit):
+        main(['bench', '--batch-size', '0'])
