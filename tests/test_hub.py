@@ -91,6 +91,7 @@ def test_publish_writes_safetensors_config_and_card(published):
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'ssb_resnetd50'
     assert config['num_classes'] == 1000
+    assert len(config['label_names']) == 1000 and config['label_names'][0] == 'n01440764'
     assert config['model_args']['ssb_sizes'] == [4, 2, 1]
     assert config['pretrained_cfg']['paper_ids'] == 'arXiv:2207.11511'
     card = (out / 'README.md').read_text()

@@ -368,3 +368,20 @@ def test_output_stride(output_stride):
     assert [tuple(f.shape[-2:]) for f in feats] == [
         (math.ceil(64 / r), math.ceil(96 / r)) for r in model.feature_info.reduction()
     ]
+
+
+def test_torch_compile_fullgraph_channels_last_training_step():
+    """The channels-last fast path (a custom autograd function) compiles without graph breaks, forward and backward."""
+    model = _create(num_classes=4).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    out = compiled(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4)

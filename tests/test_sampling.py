@@ -198,13 +198,21 @@ def test_saliency_gets_an_exact_zero_gradient_where_no_axis_is_sampled():
     torch.testing.assert_close(x.grad, 2 * x.detach())
 
 
+DEVICES = [
+    'cpu',
+    pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device here')),
+]
+
+
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('shape,n,m', [((2, 16, 20, 12), 6, 5), ((3, 8, 16, 16), 24, 24), ((1, 4, 7, 9), 7, 4)])
-def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n, m):
+def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n, m, device, monkeypatch):
     """The custom-autograd channels-last path against the reference (fp32, relative error <= 1e-5)."""
-    x = torch.randn(*shape, dtype=torch.float64).float()
-    my = torch.softmax(torch.randn(shape[0], n, shape[2]), -1)
-    mx = torch.softmax(torch.randn(shape[0], m, shape[3]), -1)
-    g = torch.randn(shape[0], shape[1], n, m)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    x = torch.randn(*shape, device=device)
+    my = torch.softmax(torch.randn(shape[0], n, shape[2], device=device), -1)
+    mx = torch.softmax(torch.randn(shape[0], m, shape[3], device=device), -1)
+    g = torch.randn(shape[0], shape[1], n, m, device=device)
     results = []
     for fast in (True, False):
         xi = x.contiguous(memory_format=torch.channels_last) if fast else x.clone()

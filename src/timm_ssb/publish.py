@@ -190,6 +190,15 @@ with RandAugment 78.22 / 79.50 / 80.12 (adaptive) vs 78.07 / 79.27 / 79.71 (unif
 """
 
 
+def _label_config(num_classes: int) -> Dict[str, Any]:
+    """ImageNet-1k synsets as label names for a 1000-class model; other class sets are not known here."""
+    if num_classes != 1000:
+        return {}
+    from timm.data import ImageNetInfo
+
+    return {'label_names': ImageNetInfo().label_names()}
+
+
 def write_model_folder(
     model: torch.nn.Module, model_name: str, repo_id: str, out: Path, source: str, train_args: Dict[str, Any]
 ) -> Path:
@@ -198,7 +207,7 @@ def write_model_folder(
     if clashes:
         raise PublishError(f'--out {str(out)!r} already has {", ".join(clashes)}; choose an empty or new folder')
     with tempfile.TemporaryDirectory() as tmp:
-        save_for_hf(model, tmp, safe_serialization=True)
+        save_for_hf(model, tmp, model_config=_label_config(model.num_classes), safe_serialization=True)
         (Path(tmp) / 'README.md').write_text(model_card(model, model_name, repo_id, source, train_args))
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_FILES:
