@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
-timm-ssb bench --device cpu --threads 2 --batch-size 16 --stages --json "$out/cpu_inference.json" "$@" | tee "$out/cpu_inference.txt"
-timm-ssb bench --device cpu --threads 2 --batch-size 8 --train --json "$out/cpu_train.json" "$@" | tee "$out/cpu_train.txt"
+timm-ssb bench --models ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152 --device cpu --threads 2 --batch-size 16 --stages --json "$out/cpu_inference.json" "$@" | tee "$out/cpu_inference.txt"
+timm-ssb bench --models ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152 --device cpu --threads 2 --batch-size 8 --train --json "$out/cpu_train.json" "$@" | tee "$out/cpu_train.txt"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
-common=(--device cuda --amp bfloat16 --batch-size 256 --rounds 7 --iters 5 --warmup 3)
+common=(--models ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152 --device cuda --amp bfloat16 --batch-size 256 --rounds 7 --iters 5 --warmup 3)
 for mode in eager compile; do
   flag=(); [ "$mode" = compile ] && flag=(--compile)
   timm-ssb bench "${common[@]}" "${flag[@]}" --json "$out/gpu_inference_$mode.json" "$@" | tee "$out/gpu_inference_$mode.txt"

@@ -11,7 +11,13 @@ from timm_ssb.complexity import model_complexity
 def test_models_json(capsys):
     assert main(['models', '--json']) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r['model'] for r in rows] == ['ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152']
+    assert [r['model'] for r in rows] == [
+        'ssb_resnetd26',
+        'ssb_resnetd50',
+        'ssb_resnetd101',
+        'ssb_resnetd152',
+        'ssb_resnetrs152',
+    ]
     by_name = {r['model']: r for r in rows}
     r50 = by_name['ssb_resnetd50']
     assert r50['baseline'] == 'resnet50d'

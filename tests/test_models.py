@@ -11,7 +11,7 @@ from timm.models import create_feature_extractor
 import timm_ssb
 from timm_ssb.models.ssb_resnet import SSBBottleneck
 
-MODELS = ['ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152']
+MODELS = ['ssb_resnetd26', 'ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152']
 SAMPLERS = ['adaptive', 'uniform', 'bilinear', 'dconv']
 
 

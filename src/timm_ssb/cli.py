@@ -122,6 +122,34 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from .publish import PublishError, read_checkpoint
+    from .visualize import layer_views, parse_layers, plot_layer_views
+
+    try:
+        layers = parse_layers(args.layers)
+        model = timm.create_model(args.model, **(json.loads(args.model_args) if args.model_args else {}))
+        if args.checkpoint:
+            state_dict, source, _ = read_checkpoint(args.checkpoint)
+            model.load_state_dict(state_dict)
+            print(f'using weights from {source!r} of {args.checkpoint}')
+        config = resolve_data_config(
+            {'input_size': (3, args.img_size, args.img_size)} if args.img_size else {}, model=model
+        )
+        image = Image.open(args.image).convert('RGB')
+        x = create_transform(**config)(image).unsqueeze(0)
+        display = create_transform(**{**config, 'mean': (0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0)})(image)
+        views = layer_views(model, x, display, layers)
+    except (ValueError, PublishError, OSError) as e:
+        raise SystemExit(f'timm-ssb visualize: {e}') from e
+    plot_layer_views(display, views, args.out, title=f'{args.model} on {args.image}')
+    print(f'wrote {args.out}')
+    return 0
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -171,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
         '--model-args', default=None, help='JSON of model kwargs used in training, e.g. {"ssb_sizes": [12, 6, 3]}'
     )
     pub.set_defaults(func=_cmd_publish)
+
+    viz = commands.add_parser('visualize', help='where each SSB layer samples an image (needs matplotlib)')
+    viz.add_argument('image', help='an image file')
+    viz.add_argument('--model', required=True, help='SSB model, e.g. ssb_resnetrs152')
+    viz.add_argument('--checkpoint', default=None, help='weights: a timm checkpoint, state dict or .safetensors')
+    viz.add_argument('--model-args', default=None, help='JSON of model kwargs, e.g. {"ssb_sizes": [12, 6, 3]}')
+    viz.add_argument(
+        '--layers', default='2-2,3-2,4-2', help='SSB layers as STAGE-BLOCK, blocks from 1 (default 2-2,3-2,4-2)'
+    )
+    viz.add_argument('--img-size', type=_positive_int, default=None, help='input side (default: the model cfg)')
+    viz.add_argument('--out', required=True, help='PNG file to write')
+    viz.set_defaults(func=_cmd_visualize)
     return parser
 
 

@@ -31,6 +31,8 @@ __all__ = [
     'saliency_positions',
     'uniform_matrices',
     'adaptive_matrices',
+    'adaptive_positions',
+    'log_saliency_map',
     'bilinear_matrix',
     'bilinear_matrices',
     'resample',
@@ -116,6 +118,31 @@ def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: fl
     return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
 
 
+def log_saliency_map(saliency_logits: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` log of the saliency map: log-softmax of ``(B, 1, H, W)`` logits over all positions, in float32."""
+    batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
+    logits = saliency_logits.float().reshape(batch_size, height * width)
+    return torch.log_softmax(logits, dim=-1).reshape(batch_size, height, width)
+
+
+@register_notrace_function
+def adaptive_positions(saliency_logits: torch.Tensor, size: int, sigma_g: float) -> List[torch.Tensor]:
+    """``[positions_y (B, n), positions_x (B, m)]``: where the adaptive sampler centres its samples.
+
+    The positions of :func:`adaptive_matrices`, in normalised coordinates. An axis not longer than
+    ``size`` is not resampled: its positions are its own pixel centres.
+    """
+    log_saliency = log_saliency_map(saliency_logits)
+    out: List[torch.Tensor] = []
+    for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
+        length = log_marginal.shape[-1]
+        if size >= length:
+            out.append(pixel_centres(length, log_marginal.device).expand(log_marginal.shape[0], length))
+        else:
+            out.append(saliency_positions(log_marginal, size, sigma_g))
+    return out
+
+
 @register_notrace_function
 def adaptive_matrices(
     saliency_logits: torch.Tensor,
@@ -133,9 +160,8 @@ def adaptive_matrices(
         sigma_g, sigma_down, sigma_up: kernel widths, see :func:`saliency_positions` and
             :func:`gaussian_matrices`.
     """
-    batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
-    logits = saliency_logits.float().reshape(batch_size, height * width)
-    log_saliency = torch.log_softmax(logits, dim=-1).reshape(batch_size, height, width)
+    batch_size = saliency_logits.shape[0]
+    log_saliency = log_saliency_map(saliency_logits)
     per_axis: List[List[torch.Tensor]] = []
     for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
         length = log_marginal.shape[-1]

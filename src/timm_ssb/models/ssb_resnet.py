@@ -40,6 +40,7 @@ DEFAULT_SSB_SIZES = (16, 8, 4)
 """Sampled sides of stages 2, 3 and 4 (for their 28, 14 and 7 pixel maps at a 224 x 224 input)."""
 
 BASELINES = {
+    'ssb_resnetd26': 'resnet26d',
     'ssb_resnetd50': 'resnet50d',
     'ssb_resnetd101': 'resnet101d',
     'ssb_resnetd152': 'resnet152d',
@@ -237,6 +238,7 @@ HUB_ORG = os.environ.get('TIMM_SSB_HUB_ORG', 'timm-ssb')
 """Hugging Face Hub organisation of this project's published weights (``TIMM_SSB_HUB_ORG``, read at import)."""
 
 WARM_START_SOURCES = {
+    'ssb_resnetd26': 'resnet26d.bt_in1k',
     'ssb_resnetd50': 'resnet50d.ra2_in1k',
     'ssb_resnetd101': 'resnet101d.ra2_in1k',
     'ssb_resnetd152': 'resnet152d.ra2_in1k',
@@ -313,6 +315,14 @@ def _model_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
 
 
 default_cfgs = generate_default_cfgs({k: v for name in BASELINES for k, v in _model_cfgs(name).items()})
+
+
+@register_model
+def ssb_resnetd26(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-D-26: timm's resnet26d (two blocks per stage, so one SSB block in each of stages 2-4)
+    with SSB blocks. Not in the paper; small enough for experiments on a laptop."""
+    model_args = dict(layers=(2, 2, 2, 2), stem_width=32, stem_type='deep', avg_down=True)
+    return _create_ssb_resnet('ssb_resnetd26', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
