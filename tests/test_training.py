@@ -93,58 +93,38 @@ def _tiny_image_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not TIMM_SOURCE, reason="set TIMM_SOURCE_DIR to a timm source checkout (with train.py) to run timm's train.py"
+TINY_RUN = (
+    '--model ssb_resnetd50 --model-kwargs ssb_sizes=(4,2,1) --num-classes 2 --img-size 64 -j 0 --device cpu '
+    '--no-prefetcher'
+).split()
+NEEDS_TIMM_SOURCE = pytest.mark.skipif(
+    not TIMM_SOURCE, reason="set TIMM_SOURCE_DIR to a timm source checkout (with train.py) to run timm's scripts"
 )
-def test_timm_train_py_with_device_modules(tmp_path):
+
+
+def _run_ok(cmd, cwd) -> None:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@NEEDS_TIMM_SOURCE
+def test_timm_train_py_with_a_config_of_ours(tmp_path):
+    """timm's train.py with configs/ssb_resnetd50.yaml (which carries device_modules: [timm_ssb]), then publish."""
     import yaml
 
     data = _tiny_image_folder(tmp_path / 'data')
-    out = tmp_path / 'output'
     config = yaml.safe_load((REPO / 'configs' / 'ssb_resnetd50.yaml').read_text())
     assert config['device_modules'] == ['timm_ssb']
     config.update(amp=False, channels_last=False)  # switches the CPU run must turn off (no --no-amp flag)
     (tmp_path / 'tiny.yaml').write_text(yaml.safe_dump(config))
-    cmd = [
-        sys.executable,
-        str(Path(TIMM_SOURCE) / 'train.py'),
-        str(data),
-        '--config',
-        str(tmp_path / 'tiny.yaml'),
-        '--model',
-        'ssb_resnetd50',
-        '--model-kwargs',
-        'ssb_sizes=(4,2,1)',
-        '--num-classes',
-        '2',
-        '--img-size',
-        '64',
-        '-b',
-        '4',
-        '--epochs',
-        '1',
-        '--warmup-epochs',
-        '0',
-        '-j',
-        '0',
-        '--device',
-        'cpu',
-        '--output',
-        str(out),
-        '--experiment',
-        'tiny',
-        '--no-prefetcher',
-        '--log-interval',
-        '1',
-        '--model-ema',
-        '--aa',
-        '',
-        '--reprob',
-        '0',
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / 'output'
+    _run_ok(
+        [sys.executable, Path(TIMM_SOURCE) / 'train.py', data, '--config', tmp_path / 'tiny.yaml', *TINY_RUN,
+         '-b', '4', '--epochs', '1', '--warmup-epochs', '0', '--output', out, '--experiment', 'tiny',
+         '--log-interval', '1', '--model-ema', '--aa', '', '--reprob', '0'],
+        tmp_path,
+    )  # fmt: skip
     checkpoint = out / 'tiny' / 'last.pth.tar'
     assert checkpoint.is_file()
     from timm_ssb.publish import publish
@@ -154,64 +134,20 @@ def test_timm_train_py_with_device_modules(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not TIMM_SOURCE, reason="set TIMM_SOURCE_DIR to a timm source checkout (with train.py) to run timm's scripts"
-)
+@NEEDS_TIMM_SOURCE
 def test_timm_scripts_through_the_runner_and_torchrun(tmp_path):
     """train.py under torchrun via ``-m timm_ssb.run`` (no --device-modules), then validate.py on its checkpoint."""
     data = _tiny_image_folder(tmp_path / 'data')
-    common = [
-        '--model',
-        'ssb_resnetd50',
-        '--model-kwargs',
-        'ssb_sizes=(4,2,1)',
-        '--num-classes',
-        '2',
-        '--img-size',
-        '64',
-        '-b',
-        '2',
-        '-j',
-        '0',
-        '--device',
-        'cpu',
-        '--no-prefetcher',
-    ]
-    train = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--nproc_per_node',
-        '1',
-        '-m',
-        'timm_ssb.run',
-        str(Path(TIMM_SOURCE) / 'train.py'),
-        str(data),
-        *common,
-        '--epochs',
-        '1',
-        '--warmup-epochs',
-        '0',
-        '--output',
-        str(tmp_path / 'out'),
-        '--experiment',
-        'run',
-    ]
-    result = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_ok(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '-m', 'timm_ssb.run',
+         Path(TIMM_SOURCE) / 'train.py', data, *TINY_RUN, '-b', '2', '--epochs', '1', '--warmup-epochs', '0',
+         '--output', tmp_path / 'out', '--experiment', 'run'],
+        tmp_path,
+    )  # fmt: skip
     checkpoint = tmp_path / 'out' / 'run' / 'last.pth.tar'
-    validate = [
-        sys.executable,
-        '-m',
-        'timm_ssb.run',
-        str(Path(TIMM_SOURCE) / 'validate.py'),
-        str(data / 'validation'),
-        *common,
-        '--checkpoint',
-        str(checkpoint),
-        '--results-file',
-        str(tmp_path / 'results.json'),
-    ]
-    result = subprocess.run(validate, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_ok(
+        [sys.executable, '-m', 'timm_ssb.run', Path(TIMM_SOURCE) / 'validate.py', data / 'validation', *TINY_RUN,
+         '-b', '2', '--checkpoint', checkpoint, '--results-file', tmp_path / 'results.json'],
+        tmp_path,
+    )  # fmt: skip
     assert (tmp_path / 'results.json').read_text().splitlines()[1].startswith('ssb_resnetd50,')
