@@ -71,9 +71,9 @@ def split(labels: torch.Tensor, test_fraction: float = 0.25) -> Tuple[torch.Tens
     return order[n_test:], order[:n_test]
 
 
-def sampler_kwargs(sampler: str, sigma_g: Optional[float], sizes: Optional[List[int]] = None) -> Dict:
-    """Model kwargs for ``sampler``; ``sigma_g`` (attraction width) applies to ``adaptive`` only."""
-    kwargs = dict(MODEL_KWARGS, ssb_sampler=sampler)
+def sampler_kwargs(model: str, sampler: str, sigma_g: Optional[float], sizes: Optional[List[int]] = None) -> Dict:
+    """``model`` and its kwargs for ``sampler``; ``sigma_g`` (attraction width) applies to ``adaptive`` only."""
+    kwargs = dict(MODEL_KWARGS, model=model, ssb_sampler=sampler)
     if sizes:
         kwargs['ssb_sizes'] = tuple(sizes)
     if sampler == 'adaptive' and sigma_g is not None:
@@ -85,7 +85,7 @@ def train_one(
     kwargs: Dict, seed: int, data: Dict[str, torch.Tensor], epochs: int, batch_size: int, lr: float
 ) -> Tuple[float, torch.nn.Module]:
     torch.manual_seed(seed)
-    model = timm.create_model('ssb_resnetd26', **kwargs)
+    model = timm.create_model(kwargs.pop('model'), **kwargs)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(len(data['train_y']) / batch_size)
@@ -115,6 +115,7 @@ def train_one(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--samplers', nargs='+', default=['adaptive', 'uniform', 'bilinear'])
+    parser.add_argument('--model', default='ssb_resnetd26', help='SSB architecture, narrowed (default ssb_resnetd26)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--batch-size', type=int, default=64)
@@ -140,11 +141,13 @@ def main() -> None:
     runs: List[Dict] = []
     best: Dict[str, Tuple[float, torch.nn.Module]] = {}
     for sampler in args.samplers:
-        kwargs = sampler_kwargs(sampler, args.sigma_g, args.sizes)
-        gmacs = model_complexity('ssb_resnetd26', (1, CANVAS, CANVAS), **kwargs).gmacs
+        kwargs = sampler_kwargs(args.model, sampler, args.sigma_g, args.sizes)
+        gmacs = model_complexity(
+            args.model, (1, CANVAS, CANVAS), **{k: v for k, v in kwargs.items() if k != 'model'}
+        ).gmacs
         for seed in args.seeds:
             start = time.perf_counter()
-            accuracy, model = train_one(kwargs, seed, data, args.epochs, args.batch_size, args.lr)
+            accuracy, model = train_one(dict(kwargs), seed, data, args.epochs, args.batch_size, args.lr)
             runs.append(
                 dict(
                     sampler=sampler,
@@ -172,7 +175,7 @@ def main() -> None:
         )
     lines = [
         f'cluttered digits {CANVAS}x{CANVAS} (sklearn digits, {len(data["train_y"])} train / {len(data["test_y"])} '
-        f'test), ssb_resnetd26 narrow {MODEL_KWARGS}, {args.epochs} epochs, seeds {args.seeds}'
+        f'test), {args.model} narrow {MODEL_KWARGS}, {args.epochs} epochs, seeds {args.seeds}'
         + (f', adaptive sigma_g {args.sigma_g}' if args.sigma_g is not None else '')
         + (f', ssb_sizes {tuple(args.sizes)}' if args.sizes else ''),
         f'{"sampler":<10} {"accuracy":>18} {"runs":>5} {"GMACs":>8}',
@@ -191,7 +194,6 @@ def main() -> None:
             digit=DIGIT,
             fragments=FRAGMENTS,
             fragment=FRAGMENT,
-            model='ssb_resnetd26',
             model_kwargs=MODEL_KWARGS,
         ),
         machine=machine_info('cpu'),
@@ -207,7 +209,7 @@ def main() -> None:
             x[0].expand(3, -1, -1),
             views,
             str(out_dir / f'{args.name}.png'),
-            title=f'adaptive ssb_resnetd26 (best seed, accuracy {best["adaptive"][0]:.3f}), a test canvas',
+            title=f'adaptive {args.model} (best seed, accuracy {best["adaptive"][0]:.3f}), a test canvas',
         )
 
 
