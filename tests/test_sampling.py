@@ -248,3 +248,13 @@ def test_pointwise_saliency_logits_match_the_conv():
     ref = sampler.saliency(x)
     out = sampler.saliency_logits(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_map_not_larger_than_size_skips_the_identity_products():
+    sampler = AdaptiveSampler(8, 4)
+    x = torch.randn(2, 8, 4, 3)
+    with torch.no_grad():
+        z, state = sampler(x)
+        assert z is x and sampler.inverse(z, state, x) is z  # nothing computed on the map itself
+    z, _ = sampler(x)
+    assert torch.equal(z, x) and z.grad_fn is not None  # tied to the saliency for its (zero) gradient

@@ -32,6 +32,7 @@ __all__ = [
     'UniformSampler',
     'BilinearSampler',
     'DConvSampler',
+    'apply_sampling',
     'create_sampler',
     'check_saliency_kernel',
     'check_sampler',
@@ -52,8 +53,27 @@ class SpatialSampler(nn.Module):
         raise NotImplementedError
 
 
+@register_notrace_function
+def apply_sampling(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    """:func:`resample`, except where the map is left as it is.
+
+    A :class:`MatrixSampler` gives a square matrix for an axis only when it does not resample it (the
+    identity). With both axes so, ``x`` is returned without the two identity products; when gradients
+    are recorded it is tied to the matrices by an exact zero, so that their parameters (saliency) still
+    get their (zero) gradient.
+    """
+    if matrix_y.shape[-1] == matrix_y.shape[-2] and matrix_x.shape[-1] == matrix_x.shape[-2]:
+        if torch.is_grad_enabled() and (matrix_y.requires_grad or matrix_x.requires_grad):
+            return x + (matrix_y.sum() + matrix_x.sum()).to(x.dtype) * 0.0
+        return x
+    return resample(x, matrix_y, matrix_x)
+
+
 class MatrixSampler(SpatialSampler):
     """A sampler whose down and up mappings are separable matrices (see :mod:`.sampling_matrices`).
+
+    :meth:`matrices` returns a square matrix for an axis only when that axis is not resampled (the
+    identity); :func:`apply_sampling` relies on it.
 
     Args:
         size: side ``s`` of the sampled map. An axis not longer than ``s`` is left as it is.
@@ -71,10 +91,10 @@ class MatrixSampler(SpatialSampler):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         mats = self.matrices(x)
-        return resample(x, mats[0], mats[1]), mats
+        return apply_sampling(x, mats[0], mats[1]), mats
 
     def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        return resample(y, state[2], state[3])
+        return apply_sampling(y, state[2], state[3])
 
     def extra_repr(self) -> str:
         return f'size={self.size}'
