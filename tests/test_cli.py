@@ -48,3 +48,9 @@ def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit) as exc:
         main(['nope'])
     assert exc.value.code == 2
+
+
+def test_models_rejects_non_positive_size():
+    with pytest.raises(SystemExit) as exc:
+        main(['models', '--img-size', '0'])
+    assert exc.value.code == 2

@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser(
         'models', help="list the registered SSB models with their parameters and GMACs, the paper's and the baselines'"
     )
-    models.add_argument('--img-size', type=int, default=None, help="square input side (default: each model's cfg)")
+    models.add_argument(
+        '--img-size', type=_positive_int, default=None, help="square input side (default: each model's cfg)"
+    )
     models.add_argument('--json', action='store_true', help='print JSON instead of a table')
     models.set_defaults(func=_cmd_models)
 

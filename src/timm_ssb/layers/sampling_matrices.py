@@ -161,18 +161,16 @@ def adaptive_matrices(
             :func:`gaussian_matrices`.
     """
     batch_size = saliency_logits.shape[0]
-    log_saliency = log_saliency_map(saliency_logits)
+    positions = adaptive_positions(saliency_logits, size, sigma_g)
     per_axis: List[List[torch.Tensor]] = []
-    for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
-        length = log_marginal.shape[-1]
+    for axis, length in enumerate((saliency_logits.shape[-2], saliency_logits.shape[-1])):
         if size >= length:
             # The output does not depend on the saliency here; tie it in with an exactly-zero gradient so
             # every parameter takes part in every step (DDP without find_unused_parameters, timm's tests).
-            zero = log_marginal.sum() * 0.0
-            per_axis.append([m + zero for m in identity_matrices(length, batch_size, log_marginal.device)])
+            zero = saliency_logits.float().sum() * 0.0
+            per_axis.append([m + zero for m in identity_matrices(length, batch_size, saliency_logits.device)])
         else:
-            positions = saliency_positions(log_marginal, size, sigma_g)
-            per_axis.append(gaussian_matrices(positions, length, sigma_down, sigma_up))
+            per_axis.append(gaussian_matrices(positions[axis], length, sigma_down, sigma_up))
     return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
 
 
