@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # CPU benchmark of issue #4's settings: fp32, channels_last, 2 threads; inference at batch 16, training at batch 8.
-# Writes benchmarks/results/cpu_{inference,train}.{json,txt}. Takes about 15 minutes on 2 cores.
+# Runs twice: with glibc's default allocator settings, then with freed memory kept in the process
+# (no mmap for large blocks, no trimming), which removes the page faults every new large tensor
+# otherwise costs both models. Writes benchmarks/results/cpu_{inference,train}[_malloc_kept].{json,txt}.
+# Takes about 30 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
-timm-ssb bench --models ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152 --device cpu --threads 2 --batch-size 16 --stages --json "$out/cpu_inference.json" "$@" | tee "$out/cpu_inference.txt"
-timm-ssb bench --models ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152 --device cpu --threads 2 --batch-size 8 --train --json "$out/cpu_train.json" "$@" | tee "$out/cpu_train.txt"
+models=(ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152)
+run() {
+    local suffix=$1
+    shift
+    timm-ssb bench --models "${models[@]}" --device cpu --threads 2 --batch-size 16 --stages \
+        --json "$out/cpu_inference$suffix.json" "$@" | tee "$out/cpu_inference$suffix.txt"
+    timm-ssb bench --models "${models[@]}" --device cpu --threads 2 --batch-size 8 --train \
+        --json "$out/cpu_train$suffix.json" "$@" | tee "$out/cpu_train$suffix.txt"
+}
+run '' "$@"
+MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=100000000000 run _malloc_kept "$@"

@@ -7,7 +7,8 @@ from timm_ssb.benchmark import BenchSettings, run_benchmark
 from timm_ssb.cli import main
 
 
-def test_benchmark_writes_table_and_json(tmp_path, capsys):
+def test_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '123456789')
     path = tmp_path / 'results' / 'bench.json'
     settings = BenchSettings(batch_size=2, img_size=64, rounds=2, iters=1, warmup=1, train=True, threads=2)
     results = run_benchmark(['ssb_resnetd50'], settings, json_path=str(path))
@@ -16,6 +17,8 @@ def test_benchmark_writes_table_and_json(tmp_path, capsys):
     payload = json.loads(path.read_text())
     assert payload['settings']['batch_size'] == 2 and payload['settings']['train'] is True
     assert payload['machine']['torch'] == torch.__version__ and 'processor' in payload['machine']
+    assert payload['machine']['allocator_env']['MALLOC_TRIM_THRESHOLD_'] == '123456789'
+    assert 'allocator: ' in out and 'MALLOC_TRIM_THRESHOLD_=123456789' in out
     (row,) = payload['results']
     assert row['model'] == 'ssb_resnetd50' and row['baseline'] == 'resnet50d'
     assert row['ratio'] == pytest.approx(results[0].ratio) and len(row['ratio_rounds']) == 2

@@ -385,3 +385,44 @@ def test_torch_compile_fullgraph_channels_last_training_step():
     torch.testing.assert_close(out, expected)
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_block_fused_end_equals_act_of_shortcut_plus_inverse(channels_last):
+    """An SSB block ends with the sampler's fused ``relu(shortcut + inverse(branch))``; values and gradients
+    equal the unfused expression."""
+    block = _ssb_blocks(_create().train())[0]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    block = block.to(memory_format=layout)
+    x = torch.randn(2, block.conv1.in_channels, 16, 16).contiguous(memory_format=layout).requires_grad_()
+
+    def unfused(x):
+        z, state = block.sampler(x)
+        z = block.act2(block.bn2(block.conv2(block.act1(block.bn1(block.conv1(z))))))
+        z = block.bn3(block.conv3(z))
+        return torch.relu(x + block.sampler.inverse(z, state, x))
+
+    assert block.fuse_relu
+    outs, grads = [], []
+    for fn in (block, unfused):
+        out = fn(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+        x.grad = None
+        block.zero_grad()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_relu_activation_and_drop_path_take_the_unfused_end():
+    x = torch.randn(2, 3, 64, 64)
+    silu = _create(act_layer='silu').eval()
+    assert not any(b.fuse_relu for b in _ssb_blocks(silu))
+    relu, relu_drop_path = _create().eval(), _create(drop_path_rate=0.2).eval()
+    with torch.no_grad():
+        assert torch.isfinite(silu(x)).all()
+        # eval: drop path is the identity, so the unfused end must give the fused end's result
+        torch.testing.assert_close(relu_drop_path(x), relu(x), rtol=1e-5, atol=1e-5)
+    relu_drop_path.train()(x).sum().backward()

@@ -14,6 +14,7 @@ from timm_ssb.layers import (
     create_sampler,
     resample,
     resample_reference,
+    resample_residual,
     saliency_positions,
     uniform_matrices,
 )
@@ -228,6 +229,60 @@ def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('relu', [True, False])
+@pytest.mark.parametrize('shape,n,m', [((2, 16, 6, 5), 20, 12), ((3, 8, 8, 8), 14, 14), ((2, 4, 7, 9), 7, 4)])
+def test_channels_last_residual_path_matches_reference_values_and_gradients(shape, n, m, relu, device, monkeypatch):
+    """``relu(residual + resample(x))`` fused on channels-last maps against the reference, all four gradients."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    x = torch.randn(*shape, device=device)
+    my = torch.softmax(torch.randn(shape[0], n, shape[2], device=device), -1)
+    mx = torch.softmax(torch.randn(shape[0], m, shape[3], device=device), -1)
+    residual = torch.randn(shape[0], shape[1], n, m, device=device)
+    g = torch.randn(shape[0], shape[1], n, m, device=device)
+    results = []
+    for fast in (True, False):
+        layout = torch.channels_last if fast else torch.contiguous_format
+        xi = x.contiguous(memory_format=layout).requires_grad_()
+        ri = residual.contiguous(memory_format=layout).requires_grad_()
+        myi, mxi = my.clone().requires_grad_(), mx.clone().requires_grad_()
+        out = resample_residual(xi, myi, mxi, ri, relu)
+        (out * g).sum().backward()
+        results.append((out, xi.grad, myi.grad, mxi.grad, ri.grad))
+        if fast:
+            assert out.is_contiguous(memory_format=torch.channels_last) and out._base is None
+            assert xi.grad.is_contiguous(memory_format=torch.channels_last)
+    assert (results[0][0] == 0).any() == relu  # the ReLU did clip where it was asked to
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_channels_last_residual_path_bfloat16_within_bf16_tolerance():
+    x = torch.randn(2, 8, 7, 7)
+    my = torch.softmax(torch.randn(2, 14, 7), -1)
+    mx = torch.softmax(torch.randn(2, 14, 7), -1)
+    residual = torch.randn(2, 8, 14, 14)
+    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rb = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = resample_residual(xb, my, mx, rb, True)
+    out.float().sum().backward()
+    ref = torch.relu(residual + resample_reference(x, my, mx))
+    assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and rb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_residual_path_output_can_be_modified_in_place_under_autograd():
+    """The fused output is a fresh tensor, not a view made inside the autograd function (with ``relu`` the
+    output is saved for backward, so there, as after ``torch.relu``, autograd's version check forbids it)."""
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    my = torch.softmax(torch.randn(2, 6, 3), -1)
+    residual = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = resample_residual(x, my, my, residual, False)
+    out.mul_(2.0).square().sum().backward()
+    expected = torch.autograd.grad((2.0 * (residual + resample_reference(x, my, my))).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_channels_last_fast_path_bfloat16_within_bf16_tolerance():
     x = torch.randn(2, 8, 14, 14)
     my = torch.softmax(torch.randn(2, 8, 14), -1)
@@ -238,16 +293,6 @@ def test_channels_last_fast_path_bfloat16_within_bf16_tolerance():
     ref = resample_reference(x, my, mx)
     assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-
-
-def test_pointwise_saliency_logits_match_the_conv():
-    sampler = AdaptiveSampler(16, 4)
-    torch.nn.init.normal_(sampler.saliency.weight)
-    torch.nn.init.normal_(sampler.saliency.bias)
-    x = torch.randn(2, 16, 9, 11)
-    ref = sampler.saliency(x)
-    out = sampler.saliency_logits(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_map_not_larger_than_size_skips_the_identity_products():

@@ -93,11 +93,24 @@ def machine_info(device: str) -> Dict[str, Any]:
         'timm': timm.__version__,
         'timm_ssb': __version__,
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'allocator_env': allocator_env(),
     }
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(device)
         info['cuda'] = torch.version.cuda
     return info
+
+
+def allocator_env() -> Dict[str, str]:
+    """Environment that changes host memory allocation (glibc ``MALLOC_*`` tunables, a preloaded allocator).
+
+    On CPU it matters: with glibc's defaults, large freed tensors go back to the OS and the next ones
+    page-fault on first touch, which costs both models of a pair time in proportion to the memory they
+    allocate, not to their arithmetic.
+    """
+    return {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith('MALLOC_') or k in ('LD_PRELOAD', 'GLIBC_TUNABLES')
+    }
 
 
 def _cpu_name() -> str:
@@ -291,6 +304,9 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
         f'median of {settings.rounds} interleaved rounds of {settings.iters} steps'
         + (f'; model kwargs {settings.model_kwargs}' if settings.model_kwargs else ''),
     ]
+    if settings.device == 'cpu':
+        env = machine.get('allocator_env') or {}
+        lines.append('allocator: ' + (' '.join(f'{k}={v}' for k, v in env.items()) or 'glibc malloc defaults'))
     header = (
         f'{"model":<16} {"baseline":<12} {"params M":>9} {"GMACs":>7} {"base":>7} {"GMACs x":>8} '
         f'{"img/s":>8} {"base":>8} {"speed x":>8} {"memory MB":>10} {"base":>8}'

@@ -17,6 +17,7 @@ from .sampling_matrices import (
     gaussian_matrices,
     resample,
     resample_reference,
+    resample_residual,
     saliency_positions,
     uniform_matrices,
 )

@@ -21,7 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .sampling_matrices import adaptive_matrices, bilinear_matrices, resample, uniform_matrices
+from .sampling_matrices import (
+    adaptive_matrices,
+    bilinear_matrices,
+    resample,
+    resample_residual,
+    uniform_matrices,
+)
 
 __all__ = [
     'SAMPLERS',
@@ -33,6 +39,7 @@ __all__ = [
     'BilinearSampler',
     'DConvSampler',
     'apply_sampling',
+    'apply_sampling_residual',
     'create_sampler',
     'check_saliency_kernel',
     'check_sampler',
@@ -52,6 +59,16 @@ class SpatialSampler(nn.Module):
         """Map ``y`` back to the spatial size of ``like`` (the map that was sampled)."""
         raise NotImplementedError
 
+    def inverse_residual(
+        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool
+    ) -> torch.Tensor:
+        """``residual + inverse(y)``, then a ReLU if ``relu``: where a residual block ends.
+
+        ``residual`` is the map that was sampled. Samplers with a fused form override this.
+        """
+        out = residual + self.inverse(y, state, residual)
+        return torch.relu(out) if relu else out
+
 
 @register_notrace_function
 def apply_sampling(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +79,31 @@ def apply_sampling(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tens
     are recorded it is tied to the matrices by an exact zero, so that their parameters (saliency) still
     get their (zero) gradient.
     """
-    if matrix_y.shape[-1] == matrix_y.shape[-2] and matrix_x.shape[-1] == matrix_x.shape[-2]:
-        if torch.is_grad_enabled() and (matrix_y.requires_grad or matrix_x.requires_grad):
-            return x + (matrix_y.sum() + matrix_x.sum()).to(x.dtype) * 0.0
-        return x
+    if _is_identity(matrix_y, matrix_x):
+        return _tie_to_matrices(x, matrix_y, matrix_x)
     return resample(x, matrix_y, matrix_x)
+
+
+@register_notrace_function
+def apply_sampling_residual(
+    x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor, residual: torch.Tensor, relu: bool
+) -> torch.Tensor:
+    """:func:`resample_residual`, except where the map is left as it is (see :func:`apply_sampling`)."""
+    if _is_identity(matrix_y, matrix_x):
+        out = residual + _tie_to_matrices(x, matrix_y, matrix_x)
+        return torch.relu(out) if relu else out
+    return resample_residual(x, matrix_y, matrix_x, residual, relu)
+
+
+def _is_identity(matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> bool:
+    return matrix_y.shape[-1] == matrix_y.shape[-2] and matrix_x.shape[-1] == matrix_x.shape[-2]
+
+
+def _tie_to_matrices(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    """``x``, tied by an exact zero to matrices that carry gradients (else ``x`` itself)."""
+    if torch.is_grad_enabled() and (matrix_y.requires_grad or matrix_x.requires_grad):
+        return x + (matrix_y.sum() + matrix_x.sum()).to(x.dtype) * 0.0
+    return x
 
 
 class MatrixSampler(SpatialSampler):
@@ -95,6 +132,11 @@ class MatrixSampler(SpatialSampler):
 
     def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         return apply_sampling(y, state[2], state[3])
+
+    def inverse_residual(
+        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool
+    ) -> torch.Tensor:
+        return apply_sampling_residual(y, state[2], state[3], residual, relu)
 
     def extra_repr(self) -> str:
         return f'size={self.size}'
@@ -159,8 +201,6 @@ class AdaptiveSampler(GaussianSampler):
 
     def saliency_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` saliency logits."""
-        if self.saliency.kernel_size == (1, 1):
-            return pointwise_logits(x, self.saliency.weight, self.saliency.bias)
         return self.saliency(x)
 
     def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -168,15 +208,6 @@ class AdaptiveSampler(GaussianSampler):
 
     def extra_repr(self) -> str:
         return f'size={self.size}, sigma_g={self.sigma_g}'
-
-
-@register_notrace_function
-def pointwise_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 1x1 conv to one channel. On a channels-last map it runs as a linear layer over the ``(B, H, W, C)``
-    rows: the same result, and a backward without layout copies."""
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return F.conv2d(x, weight, bias)
 
 
 class BilinearSampler(MatrixSampler):

@@ -18,7 +18,7 @@ Every function is registered with timm as an FX leaf (``register_notrace_functio
 on shapes and layouts, which symbolic tracing cannot follow, and they hold no parameters.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ __all__ = [
     'bilinear_matrices',
     'resample',
     'resample_reference',
+    'resample_residual',
 ]
 
 
@@ -202,54 +203,123 @@ def bilinear_matrices(x: torch.Tensor, size: int) -> List[torch.Tensor]:
     return [out[0], out[2], out[1], out[3]]
 
 
-class _ChannelsLastResample(torch.autograd.Function):
-    """``z = M_y @ x @ M_x^T`` on a channels-last map, forward and backward as batched matrix products
-    over contiguous ``(B, H, W, C)`` views: no layout copies of the map in either direction, and the
-    gradient comes out channels-last like the input.
+def _y_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, n, h) @ (B, h, k, C) -> (B, n, k, C)``: one matrix product per sample, over whole rows."""
+    batch_size, height, k, channels = rows.shape
+    n = matrix.shape[1]
+    result = torch.bmm(matrix, rows.reshape(batch_size, height, k * channels), out=out)
+    return result.view(batch_size, n, k, channels)
 
-    The intermediate ``M_y @ x`` is needed only for the gradient of ``M_x`` (learned matrices). It is
-    kept when sampling down, where it is smaller than the input, and recomputed in backward when
-    mapping back up, where it would be the largest tensor of the block kept for backward.
+
+def _x_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, m, w)`` applied along the ``w`` axis of ``(B, r, w, C)`` -> ``(B, r, m, C)``: one product per row."""
+    batch_size, r, width, channels = rows.shape
+    m = matrix.shape[1]
+    per_row = matrix.unsqueeze(1).expand(batch_size, r, m, width).reshape(batch_size * r, m, width)
+    result = torch.bmm(per_row, rows.reshape(batch_size * r, width, channels), out=out)
+    return result.view(batch_size, r, m, channels)
+
+
+class _ChannelsLastResample(torch.autograd.Function):
+    """``z = M_y @ x @ M_x^T``, optionally ``relu(residual + z)``, on a channels-last map, forward and
+    backward as batched matrix products over contiguous ``(B, H, W, C)`` views: no layout copies of
+    the map in either direction, and the gradient comes out channels-last like the input.
+
+    The y-axis product is one large matrix product per sample; the x-axis one is many small ones, one per
+    row. The large product is put on the full-resolution side: first when sampling down (``M_y`` reads the
+    input), last when mapping back up (``M_y`` writes the output). Both orders cost the same
+    multiply-accumulates on square maps; on this layout the large products run several times faster.
+
+    With a residual (mapping a block's result back up), the last product is written straight into the
+    output, the residual is added in place and so is the ReLU: one new full-resolution tensor instead of
+    three, and it is a fresh tensor, not a view.
+
+    The intermediate (after the first product) is needed only for the gradient of the matrix applied
+    second (learned matrices). It is kept when it is not larger than the input (sampling down) and
+    recomputed in backward otherwise (mapping back up, where it would be the largest tensor kept).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        matrix_y: torch.Tensor,
+        matrix_x: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        relu: bool,
+    ) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
         batch_size, height, width, channels = rows.shape
         n, m = matrix_y.shape[1], matrix_x.shape[1]
-        t = torch.bmm(matrix_y, rows.reshape(batch_size, height, width * channels))  # (B, n, W*C)
-        matrix_x_rows = matrix_x.unsqueeze(1).expand(batch_size, n, m, width).reshape(batch_size * n, m, width)
-        z = torch.bmm(matrix_x_rows, t.view(batch_size * n, width, channels))  # (B*n, m, C)
-        ctx.keep_t = n <= height and matrix_x.requires_grad
-        ctx.save_for_backward(rows, matrix_y, matrix_x_rows, t if ctx.keep_t else None)
-        return z.view(batch_size, n, m, channels).permute(0, 3, 1, 2)
+        x_first = n > height
+        t = _x_product(matrix_x, rows) if x_first else _y_product(matrix_y, rows)
+        out = torch.empty(
+            (batch_size, channels, n, m), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+        out_rows = out.permute(0, 2, 3, 1).view(batch_size * (1 if x_first else n), -1, channels)
+        if x_first:
+            _y_product(matrix_y, t, out=out_rows.view(batch_size, n, m * channels))
+        else:
+            _x_product(matrix_x, t, out=out_rows)
+        if residual is not None:
+            out_rows.add_(residual.permute(0, 2, 3, 1).reshape(out_rows.shape))
+        if relu:
+            out.relu_()
+        second = matrix_y if x_first else matrix_x
+        ctx.x_first = x_first
+        ctx.relu = relu
+        ctx.keep_t = t.numel() <= rows.numel() and second.requires_grad
+        ctx.save_for_backward(rows, matrix_y, matrix_x, t if ctx.keep_t else None, out if relu else None)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_z: torch.Tensor):
-        rows, matrix_y, matrix_x_rows, t = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, matrix_y, matrix_x, t, out = ctx.saved_tensors
         batch_size, height, width, channels = rows.shape
-        n, m = matrix_y.shape[1], matrix_x_rows.shape[1]
-        grad_z = grad_z.to(rows.dtype).permute(0, 2, 3, 1).contiguous().view(batch_size * n, m, channels)
-        grad_t = torch.bmm(matrix_x_rows.transpose(1, 2).contiguous(), grad_z).view(batch_size, n, width * channels)
+        n, m = matrix_y.shape[1], matrix_x.shape[1]
+        if ctx.relu:
+            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        grad_residual = grad_out if ctx.needs_input_grad[3] else None
+        grad_z = grad_out.to(rows.dtype).permute(0, 2, 3, 1).contiguous()  # (B, n, m, C)
+        matrix_y_t, matrix_x_t = matrix_y.transpose(1, 2), matrix_x.transpose(1, 2)
+        if ctx.x_first:
+            grad_t = _y_product(matrix_y_t, grad_z)  # (B, H, m, C)
+        else:
+            grad_t = _x_product(matrix_x_t, grad_z)  # (B, n, W, C)
         grad_rows = grad_y = grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_rows = torch.bmm(matrix_y.transpose(1, 2).contiguous(), grad_t).view(
-                batch_size, height, width, channels
-            )
+            grad_rows = _x_product(matrix_x_t, grad_t) if ctx.x_first else _y_product(matrix_y_t, grad_t)
             grad_rows = grad_rows.permute(0, 3, 1, 2)
+        if t is None and ctx.needs_input_grad[1 if ctx.x_first else 2]:
+            t = _x_product(matrix_x, rows) if ctx.x_first else _y_product(matrix_y, rows)
         if ctx.needs_input_grad[1]:
-            grad_y = torch.bmm(grad_t, rows.reshape(batch_size, height, width * channels).transpose(1, 2))
+            left, right = (grad_z, t) if ctx.x_first else (grad_t, rows)
+            grad_y = torch.bmm(left.reshape(batch_size, n, -1), right.reshape(batch_size, height, -1).transpose(1, 2))
         if ctx.needs_input_grad[2]:
-            if t is None:
-                t = torch.bmm(matrix_y, rows.reshape(batch_size, height, width * channels))
-            t_rows = t.view(batch_size * n, width, channels)
-            grad_x = torch.bmm(grad_z, t_rows.transpose(1, 2)).view(batch_size, n, m, width).sum(1)
-        return grad_rows, grad_y, grad_x
+            left, right = (grad_t, rows) if ctx.x_first else (grad_z, t)
+            r = height if ctx.x_first else n
+            grad_x = torch.bmm(
+                left.reshape(batch_size * r, m, channels),
+                right.reshape(batch_size * r, width, channels).transpose(1, 2),
+            )
+            grad_x = grad_x.view(batch_size, r, m, width).sum(1)
+        return grad_rows, grad_y, grad_x, grad_residual, None
 
 
 @torch.jit.unused
-def _resample_channels_last(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
-    return _ChannelsLastResample.apply(x, matrix_y, matrix_x)
+def _resample_channels_last(
+    x: torch.Tensor,
+    matrix_y: torch.Tensor,
+    matrix_x: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    return _ChannelsLastResample.apply(x, matrix_y, matrix_x, residual, relu)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Channels-last and not also NCHW-contiguous (the layouts agree when ``C == 1`` or ``H * W == 1``)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def resample_reference(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
@@ -269,11 +339,37 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
         matrix_y: ``(B, n, H)``.
         matrix_x: ``(B, m, W)``.
 
-    The y-axis product runs first, then the x-axis one, so the multiply-accumulate count is
-    ``C * (n*H*W + n*m*W)``, the order the paper's complexity figures assume. Channels-last maps (the
-    fast path) use a custom autograd function whose backward is written as batched matrix products
-    over contiguous views; other layouts, and TorchScript, use :func:`resample_reference`.
+    :func:`resample_reference` runs the y-axis product first, then the x-axis one: ``C * (n*H*W + n*m*W)``
+    multiply-accumulates, the order the paper's complexity figures assume. Channels-last maps (the fast
+    path) use a custom autograd function whose products, forward and backward, are batched matrix
+    products over contiguous views; it runs the x-axis product first when mapping up (``n > H``), which
+    on a square map costs the same multiply-accumulates. Other layouts, and TorchScript, use the reference.
     """
-    if not torch.jit.is_scripting() and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if not torch.jit.is_scripting() and _is_channels_last(x):
         return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype))
     return resample_reference(x, matrix_y, matrix_x)
+
+
+@register_notrace_function
+def resample_residual(
+    x: torch.Tensor,
+    matrix_y: torch.Tensor,
+    matrix_x: torch.Tensor,
+    residual: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    """``residual + resample(x, matrix_y, matrix_x)``, then a ReLU if ``relu``: a residual block's output.
+
+    On channels-last maps (``x`` and ``residual``, same dtype) the last product writes the output, and the
+    residual add and the ReLU run in place on it: one new full-resolution tensor instead of three; the
+    result is channels-last. Other layouts, and TorchScript, compute it from :func:`resample_reference`.
+    """
+    if (
+        not torch.jit.is_scripting()
+        and residual.dtype == x.dtype
+        and _is_channels_last(x)
+        and _is_channels_last(residual)
+    ):
+        return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
+    out = residual + resample_reference(x, matrix_y, matrix_x)
+    return torch.relu(out) if relu else out

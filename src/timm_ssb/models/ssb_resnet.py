@@ -88,6 +88,8 @@ class SSBBottleneck(Bottleneck):
             device=kwargs.get('device'),
             dtype=kwargs.get('dtype'),
         )
+        self.fuse_relu = type(self.act3) is nn.ReLU
+        """Whether ``act3`` is a plain ReLU, which the sampler can apply as it maps the branch back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -109,9 +111,10 @@ class SSBBottleneck(Bottleneck):
         if self.se is not None:
             z = self.se(z)
 
-        y = self.sampler.inverse(z, state, shortcut)
-        if self.drop_path is not None:
-            y = self.drop_path(y)
+        if self.drop_path is None:
+            out = self.sampler.inverse_residual(z, state, shortcut, relu=self.fuse_relu)
+            return out if self.fuse_relu else self.act3(out)
+        y = self.drop_path(self.sampler.inverse(z, state, shortcut))
         return self.act3(y + shortcut)  # not in place: y may be the output of a custom autograd function
 
 
