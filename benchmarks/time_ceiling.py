@@ -1,0 +1,178 @@
+"""How much faster can an SSB model be than its baseline on this machine? Time every part of both.
+
+An SSB model shares most of its network with its timm baseline: the stem, all of layer1, the first
+(stride-2) block of layers 2-4 and the head are the same modules doing the same work. Only the
+stride-1 blocks of layers 2-4 change. This script times every part of both models, interleaved, and
+reports, per model:
+
+* the measured speed ratio (sum of the parts);
+* how long the shared parts take (they cost both models the same);
+* the time and GMACs of the SSB blocks against the blocks they replace;
+* ``ceiling @ GMACs``: the ratio the model would reach if its SSB blocks ran exactly their GMACs ratio
+  faster than the baseline's blocks (as efficient per multiply-accumulate as the baseline's);
+* ``ceiling @ free``: the ratio if the SSB blocks cost nothing at all.
+
+Usage (inference, fp32, channels_last, as issue #4's CPU targets):
+
+    python benchmarks/time_ceiling.py --json benchmarks/results/cpu_time_ceiling.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+
+from timm_ssb import BASELINES, SSBBottleneck
+from timm_ssb.benchmark import machine_info
+from timm_ssb.complexity import count_gmacs
+
+CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.35, 'ssb_resnetd101': 1.6, 'ssb_resnetd152': 1.8, 'ssb_resnetrs152': 1.8}
+"""Issue #4's CPU inference targets (SSB throughput / baseline throughput)."""
+
+
+def parts(model: nn.Module) -> List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """``(name, module)`` for the stem, every block of layer1-4 and the head, in forward order."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+    out: List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [('stem', stem)]
+    for layer in ('layer1', 'layer2', 'layer3', 'layer4'):
+        out += [(f'{layer}.{i}', block) for i, block in enumerate(getattr(model, layer))]
+    return out + [('head', model.forward_head)]
+
+
+def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Dict[str, float]]:
+    """Median milliseconds of every part of every model; the models take turns within each round."""
+    times: List[Dict[str, List[float]]] = [{} for _ in models]
+    with torch.inference_mode():
+        for r in range(rounds + 1):  # round 0 warms up
+            for model, acc in zip(models, times, strict=True):
+                t = x
+                for name, part in parts(model):
+                    start = time.perf_counter()
+                    t = part(t)
+                    if r:
+                        acc.setdefault(name, []).append(time.perf_counter() - start)
+    return [{k: statistics.median(v) * 1e3 for k, v in acc.items()} for acc in times]
+
+
+def part_gmacs(model: nn.Module, img_size: int) -> Dict[str, float]:
+    """GMACs per image of every part (the head's are counted with the stem's input shapes skipped)."""
+    out: Dict[str, float] = {}
+    t = torch.zeros(1, 3, img_size, img_size)
+    with torch.no_grad():
+        for name, part in parts(model):
+            if isinstance(part, nn.Module):
+                out[name] = count_gmacs(part, tuple(t.shape[1:]))
+            else:
+                out[name] = 0.0  # pooling + classifier: negligible and identical in both models
+            t = part(t)
+    return out
+
+
+def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str, object]:
+    baseline = BASELINES[name]
+    ssb = timm.create_model(name).eval().to(memory_format=torch.channels_last)
+    base = timm.create_model(baseline).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    ssb_ms, base_ms = time_parts([ssb, base], x, rounds)
+    ssb_gmacs, base_gmacs = part_gmacs(ssb, img_size), part_gmacs(base, img_size)
+    sampled = [n for n, p in parts(ssb) if isinstance(p, SSBBottleneck)]
+    shared = [n for n in base_ms if n not in sampled]
+    total_base, total_ssb = sum(base_ms.values()), sum(ssb_ms.values())
+    shared_ms = sum(base_ms[n] for n in shared)
+    blocks_base_ms = sum(base_ms[n] for n in sampled)
+    blocks_ssb_ms = sum(ssb_ms[n] for n in sampled)
+    blocks_gmacs_ratio = sum(base_gmacs[n] for n in sampled) / sum(ssb_gmacs[n] for n in sampled)
+    per_stage = {}
+    for layer in ('layer2', 'layer3', 'layer4'):
+        names = [n for n in sampled if n.startswith(layer + '.')]
+        if names:
+            per_stage[layer] = {
+                'blocks': len(names),
+                'base_ms': sum(base_ms[n] for n in names),
+                'ssb_ms': sum(ssb_ms[n] for n in names),
+                'gmacs_ratio': sum(base_gmacs[n] for n in names) / sum(ssb_gmacs[n] for n in names),
+            }
+    return {
+        'model': name,
+        'baseline': baseline,
+        'ratio': total_base / total_ssb,
+        'base_ms': total_base,
+        'ssb_ms': total_ssb,
+        'shared_ms': shared_ms,
+        'shared_share': shared_ms / total_base,
+        'blocks_base_ms': blocks_base_ms,
+        'blocks_ssb_ms': blocks_ssb_ms,
+        'blocks_time_ratio': blocks_base_ms / blocks_ssb_ms,
+        'blocks_gmacs_ratio': blocks_gmacs_ratio,
+        'ceiling_at_gmacs': total_base / (shared_ms + blocks_base_ms / blocks_gmacs_ratio),
+        'ceiling_if_free': total_base / shared_ms,
+        'target': CPU_INFERENCE_TARGETS.get(name),
+        'per_stage': per_stage,
+        'parts_ms': {'ssb': ssb_ms, 'base': base_ms},
+    }
+
+
+def format_rows(rows: List[Dict[str, object]]) -> str:
+    header = (
+        f'{"model":<16} {"ratio":>6} {"target":>6} {"shared ms":>10} {"share":>6} {"blocks ms":>15} '
+        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@free":>12}'
+    )
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        target = '-' if r['target'] is None else f'{r["target"]:.2f}'
+        lines.append(
+            f'{r["model"]:<16} {r["ratio"]:>6.2f} {target:>6} {r["shared_ms"]:>10.1f} {r["shared_share"]:>6.0%} '
+            f'{r["blocks_ssb_ms"]:>6.1f} / {r["blocks_base_ms"]:>6.1f} {r["blocks_time_ratio"]:>6.2f} '
+            f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_if_free"]:>12.2f}'
+        )
+    lines.append('SSB blocks per stage, ms SSB / baseline (time x, GMACs x):')
+    for r in rows:
+        stages = '   '.join(
+            f'{k} x{v["blocks"]}: {v["ssb_ms"]:.1f} / {v["base_ms"]:.1f} '
+            f'({v["base_ms"] / v["ssb_ms"]:.2f}x, {v["gmacs_ratio"]:.2f}x)'
+            for k, v in r['per_stage'].items()
+        )
+        lines.append(f'  {r["model"]:<16} {stages}')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(CPU_INFERENCE_TARGETS))
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
+    args = parser.parse_args()
+    for flag in ('batch_size', 'img_size', 'threads', 'rounds'):
+        if getattr(args, flag) <= 0:
+            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    unknown = [m for m in args.models if m not in BASELINES]
+    if unknown:
+        parser.error(f'--models: unknown {unknown}; choose from {sorted(BASELINES)}')
+    torch.set_num_threads(args.threads)
+    rows = [analyse(m, args.batch_size, args.img_size, args.rounds) for m in args.models]
+    machine = machine_info('cpu')
+    env = machine['allocator_env']
+    print(
+        f'inference on cpu ({machine["processor"]}), batch {args.batch_size}, {args.img_size}x{args.img_size}, '
+        f'channels_last, fp32, eager, {args.threads} threads, median of {args.rounds} rounds per part; '
+        f'allocator: {" ".join(f"{k}={v}" for k, v in env.items()) or "glibc malloc defaults"}'
+    )
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {'settings': vars(args), 'machine': machine, 'results': rows}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+
+
+if __name__ == '__main__':
+    main()
