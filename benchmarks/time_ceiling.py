@@ -10,6 +10,8 @@ reports, per model:
 * the time and GMACs of the SSB blocks against the blocks they replace;
 * ``ceiling @ GMACs``: the ratio the model would reach if its SSB blocks ran exactly their GMACs ratio
   faster than the baseline's blocks (as efficient per multiply-accumulate as the baseline's);
+* ``ceiling @ branch``: the ratio if sampling cost nothing, i.e. the SSB blocks took only the time of
+  their residual branch (the three convs and norms on the sampled ``s x s`` map, timed on its own);
 * ``ceiling @ free``: the ratio if the SSB blocks cost nothing at all.
 
 Usage (inference, fp32, channels_last, as issue #4's CPU targets):
@@ -22,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -46,18 +49,34 @@ def parts(model: nn.Module) -> List[Tuple[str, Callable[[torch.Tensor], torch.Te
     return out + [('head', model.forward_head)]
 
 
+def residual_branch(block: SSBBottleneck, z: torch.Tensor) -> torch.Tensor:
+    """The block's residual branch on an already sampled map: what an SSB block costs without sampling."""
+    z = block.act1(block.bn1(block.conv1(z)))
+    z = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(z)))))
+    z = block.bn3(block.conv3(z))
+    return block.se(z) if block.se is not None else z
+
+
 def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Dict[str, float]]:
-    """Median milliseconds of every part of every model; the models take turns within each round."""
+    """Median milliseconds of every part of every model; the models take turns within each round.
+
+    For an SSB block, ``<name>.branch`` is its residual branch alone, timed on the map its sampler made.
+    """
     times: List[Dict[str, List[float]]] = [{} for _ in models]
     with torch.inference_mode():
         for r in range(rounds + 1):  # round 0 warms up
             for model, acc in zip(models, times, strict=True):
                 t = x
                 for name, part in parts(model):
-                    start = time.perf_counter()
-                    t = part(t)
-                    if r:
-                        acc.setdefault(name, []).append(time.perf_counter() - start)
+                    timed = [(name, part, t)]
+                    if isinstance(part, SSBBottleneck):
+                        timed.append((f'{name}.branch', partial(residual_branch, part), part.sampler(t)[0]))
+                    for key, fn, inp in reversed(timed):
+                        start = time.perf_counter()
+                        out = fn(inp)
+                        if r:
+                            acc.setdefault(key, []).append(time.perf_counter() - start)
+                    t = out
     return [{k: statistics.median(v) * 1e3 for k, v in acc.items()} for acc in times]
 
 
@@ -84,6 +103,7 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
     ssb_gmacs, base_gmacs = part_gmacs(ssb, img_size), part_gmacs(base, img_size)
     sampled = [n for n, p in parts(ssb) if isinstance(p, SSBBottleneck)]
     shared = [n for n in base_ms if n not in sampled]
+    branch_ms = {n: ssb_ms.pop(f'{n}.branch') for n in sampled}
     total_base, total_ssb = sum(base_ms.values()), sum(ssb_ms.values())
     shared_ms = sum(base_ms[n] for n in shared)
     blocks_base_ms = sum(base_ms[n] for n in sampled)
@@ -97,6 +117,7 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
                 'blocks': len(names),
                 'base_ms': sum(base_ms[n] for n in names),
                 'ssb_ms': sum(ssb_ms[n] for n in names),
+                'branch_ms': sum(branch_ms[n] for n in names),
                 'gmacs_ratio': sum(base_gmacs[n] for n in names) / sum(ssb_gmacs[n] for n in names),
             }
     return {
@@ -111,18 +132,20 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
         'blocks_ssb_ms': blocks_ssb_ms,
         'blocks_time_ratio': blocks_base_ms / blocks_ssb_ms,
         'blocks_gmacs_ratio': blocks_gmacs_ratio,
+        'blocks_branch_ms': sum(branch_ms.values()),
         'ceiling_at_gmacs': total_base / (shared_ms + blocks_base_ms / blocks_gmacs_ratio),
+        'ceiling_at_branch': total_base / (shared_ms + sum(branch_ms.values())),
         'ceiling_if_free': total_base / shared_ms,
         'target': CPU_INFERENCE_TARGETS.get(name),
         'per_stage': per_stage,
-        'parts_ms': {'ssb': ssb_ms, 'base': base_ms},
+        'parts_ms': {'ssb': ssb_ms, 'base': base_ms, 'ssb_branch': branch_ms},
     }
 
 
 def format_rows(rows: List[Dict[str, object]]) -> str:
     header = (
         f'{"model":<16} {"ratio":>6} {"target":>6} {"shared ms":>10} {"share":>6} {"blocks ms":>15} '
-        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@free":>12}'
+        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@branch":>14} {"ceiling@free":>12}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
@@ -130,13 +153,14 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
         lines.append(
             f'{r["model"]:<16} {r["ratio"]:>6.2f} {target:>6} {r["shared_ms"]:>10.1f} {r["shared_share"]:>6.0%} '
             f'{r["blocks_ssb_ms"]:>6.1f} / {r["blocks_base_ms"]:>6.1f} {r["blocks_time_ratio"]:>6.2f} '
-            f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_if_free"]:>12.2f}'
+            f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_at_branch"]:>14.2f} '
+            f'{r["ceiling_if_free"]:>12.2f}'
         )
-    lines.append('SSB blocks per stage, ms SSB / baseline (time x, GMACs x):')
+    lines.append('SSB blocks per stage, ms SSB / baseline (time x, GMACs x; ms of the residual branch alone):')
     for r in rows:
         stages = '   '.join(
             f'{k} x{v["blocks"]}: {v["ssb_ms"]:.1f} / {v["base_ms"]:.1f} '
-            f'({v["base_ms"] / v["ssb_ms"]:.2f}x, {v["gmacs_ratio"]:.2f}x)'
+            f'({v["base_ms"] / v["ssb_ms"]:.2f}x, {v["gmacs_ratio"]:.2f}x; {v["branch_ms"]:.1f})'
             for k, v in r['per_stage'].items()
         )
         lines.append(f'  {r["model"]:<16} {stages}')

@@ -308,9 +308,11 @@ def test_fresh_model_saliency_is_zero():
     assert all(torch.count_nonzero(b.sampler.saliency.weight) == 0 for b in _ssb_blocks(model))
 
 
-def test_bfloat16_model_and_autocast():
-    model = _create().eval()
-    x = torch.randn(2, 3, 96, 96)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_bfloat16_model_and_autocast(channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = _create().eval().to(memory_format=layout)
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=layout)
     with torch.no_grad():
         ref = model(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -322,6 +324,17 @@ def test_bfloat16_model_and_autocast():
         assert torch.isfinite(out).all()
         cos = torch.nn.functional.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0)
         assert cos > 0.99
+
+
+def test_autocast_channels_last_training_step():
+    """bf16 autocast on the channels-last fast paths (products written into preallocated outputs)."""
+    model = _create(num_classes=4).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_channels_last_matches_contiguous():
