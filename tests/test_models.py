@@ -433,9 +433,13 @@ def test_non_relu_activation_and_drop_path_take_the_unfused_end():
     x = torch.randn(2, 3, 64, 64)
     silu = _create(act_layer='silu').eval()
     assert not any(b.fuse_relu for b in _ssb_blocks(silu))
-    relu, relu_drop_path = _create().eval(), _create(drop_path_rate=0.2).eval()
     with torch.no_grad():
         assert torch.isfinite(silu(x)).all()
-        # eval: drop path is the identity, so the unfused end must give the fused end's result
-        torch.testing.assert_close(relu_drop_path(x), relu(x), rtol=1e-5, atol=1e-5)
-    relu_drop_path.train()(x).sum().backward()
+    # training with drop path takes the unfused end; at drop probability 0 it must equal the fused one
+    fused, unfused = _create().train(), _create(drop_path_rate=0.2).train()
+    blocks = [b for b in _ssb_blocks(unfused) if b.drop_path is not None]
+    assert blocks
+    for b in blocks:
+        b.drop_path.drop_prob = 0.0
+    torch.testing.assert_close(unfused(x), fused(x), rtol=1e-5, atol=1e-5)
+    unfused(x).sum().backward()

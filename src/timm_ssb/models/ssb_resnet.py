@@ -111,7 +111,7 @@ class SSBBottleneck(Bottleneck):
         if self.se is not None:
             z = self.se(z)
 
-        if self.drop_path is None:
+        if self.drop_path is None or not self.training:  # drop path is the identity in eval
             out = self.sampler.inverse_residual(z, state, shortcut, relu=self.fuse_relu)
             return out if self.fuse_relu else self.act3(out)
         y = self.drop_path(self.sampler.inverse(z, state, shortcut))
