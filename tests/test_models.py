@@ -443,3 +443,43 @@ def test_non_relu_activation_and_drop_path_take_the_unfused_end():
         b.drop_path.drop_prob = 0.0
     torch.testing.assert_close(unfused(x), fused(x), rtol=1e-5, atol=1e-5)
     unfused(x).sum().backward()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device here')
+
+
+@needs_cuda
+def test_cuda_forward_backward_without_host_syncs():
+    """CUDA-graph friendliness, first half: no op of a training step waits for the device."""
+    model = _create(num_classes=4).cuda().train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 96, 96, device='cuda').contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()  # warm up (lazy initialisation may synchronise)
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@needs_cuda
+def test_cuda_graph_capture_replays_eval_forward():
+    """CUDA-graph friendliness, second half: the eval forward captures and replays to the eager result."""
+    model = _create().cuda().eval().to(memory_format=torch.channels_last)
+    static_x = torch.randn(2, 3, 96, 96, device='cuda').contiguous(memory_format=torch.channels_last)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_x)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    with torch.no_grad():
+        expected = model(new_x)
+    torch.testing.assert_close(static_out, expected, rtol=1e-4, atol=1e-4)
