@@ -25,6 +25,8 @@ def test_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     assert row['throughput'] > 0 and row['baseline_throughput'] > 0
     assert row['memory_mb'] > 0 and row['memory_kind'] == 'saved for backward (MB)'
     assert row['gmacs_ratio'] == pytest.approx(row['baseline_gmacs'] / row['gmacs'])
+    assert row['page_faults'] >= 0 and row['baseline_page_faults'] >= 0
+    assert 'minor page faults per step, SSB / baseline: ssb_resnetd50' in out
 
 
 def test_benchmark_stage_times(capsys):

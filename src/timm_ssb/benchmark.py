@@ -13,6 +13,11 @@ import datetime
 import json
 import os
 import platform
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +80,9 @@ class BenchResult:
     memory_kind: str
     stages_ms: Optional[Dict[str, float]] = None
     baseline_stages_ms: Optional[Dict[str, float]] = None
+    page_faults: Optional[float] = None
+    """Minor page faults per step (host memory touched for the first time), median over rounds."""
+    baseline_page_faults: Optional[float] = None
 
     @property
     def gmacs_ratio(self) -> float:
@@ -262,9 +270,14 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
     memory = {n: _memory_mb(step, settings, device) for n, step in steps.items()}
 
     throughput: Dict[str, List[float]] = {n: [] for n in models}
+    faults: Dict[str, List[float]] = {n: [] for n in models}
     for _ in range(settings.rounds):
         for n, step in steps.items():
+            before = _minor_page_faults()
             throughput[n].append(settings.iters * settings.batch_size / _time(step, settings.iters, device))
+            after = _minor_page_faults()
+            if before is not None and after is not None:
+                faults[n].append((after - before) / settings.iters)
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
     stages = {n: stage_times(m, x, settings.rounds) for n, m in models.items()} if settings.stages else {}
     return BenchResult(
@@ -283,7 +296,14 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
         memory_kind=_memory_kind(settings, device),
         stages_ms=stages.get(name),
         baseline_stages_ms=stages.get(baseline),
+        page_faults=statistics.median(faults[name]) if faults[name] else None,
+        baseline_page_faults=statistics.median(faults[baseline]) if faults[baseline] else None,
     )
+
+
+def _minor_page_faults() -> Optional[int]:
+    """This process's minor page faults so far (``None`` where ``resource`` is missing, e.g. Windows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
 
 
 def _memory_kind(settings: BenchSettings, device: torch.device) -> str:
@@ -321,6 +341,11 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
             f'{mem:>10} {base_mem:>8}'
         )
     lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
+    if settings.device == 'cpu' and any(r.page_faults is not None for r in results):
+        lines.append(
+            'minor page faults per step, SSB / baseline: '
+            + ', '.join(f'{r.model} {r.page_faults:.0f} / {r.baseline_page_faults:.0f}' for r in results)
+        )
     if settings.stages:
         lines.append('inference ms per part (SSB / baseline):')
         lines.append(f'{"model":<16} ' + ' '.join(f'{p:>15}' for p in STAGES))
