@@ -415,7 +415,7 @@ def test_block_fused_end_equals_act_of_shortcut_plus_inverse(channels_last):
         z = block.bn3(block.conv3(z))
         return torch.relu(x + block.sampler.inverse(z, state, x))
 
-    assert block.fuse_relu
+    assert isinstance(block.act3, torch.nn.ReLU)
     outs, grads = [], []
     for fn in (block, unfused):
         out = fn(x)
@@ -432,9 +432,18 @@ def test_block_fused_end_equals_act_of_shortcut_plus_inverse(channels_last):
 def test_non_relu_activation_and_drop_path_take_the_unfused_end():
     x = torch.randn(2, 3, 64, 64)
     silu = _create(act_layer='silu').eval()
-    assert not any(b.fuse_relu for b in _ssb_blocks(silu))
+    assert all(isinstance(b.act3, torch.nn.SiLU) for b in _ssb_blocks(silu))
     with torch.no_grad():
         assert torch.isfinite(silu(x)).all()
+    # an activation swapped in after construction is honoured, not silently replaced by the fused ReLU
+    block = _ssb_blocks(_create().eval())[0]
+    block.act3 = torch.nn.GELU()
+    xb = torch.randn(2, block.conv1.in_channels, 16, 16)
+    with torch.no_grad():
+        z, state = block.sampler(xb)
+        z = block.bn3(block.conv3(block.act2(block.bn2(block.conv2(block.act1(block.bn1(block.conv1(z))))))))
+        expected = torch.nn.functional.gelu(xb + block.sampler.inverse(z, state, xb))
+        torch.testing.assert_close(block(xb), expected, rtol=1e-5, atol=1e-5)
     # training with drop path takes the unfused end; at drop probability 0 it must equal the fused one
     fused, unfused = _create().train(), _create(drop_path_rate=0.2).train()
     blocks = [b for b in _ssb_blocks(unfused) if b.drop_path is not None]

@@ -55,6 +55,11 @@ class SSBBottleneck(Bottleneck):
     ``out = act(x + drop_path(inverse(branch(sample(x)))))``. Takes :class:`Bottleneck`'s arguments
     (``stride`` must be 1 and there is no ``downsample``) plus the sampler's.
 
+    When ``act3`` is a ReLU and drop path is off (or in eval), the block ends with the sampler's fused
+    :meth:`~timm_ssb.layers.SpatialSampler.inverse_residual`, which applies the ReLU itself: ``act3`` is
+    then not called, so hooks on it do not fire. Any other ``act3`` (also one swapped in after
+    construction) is called as usual.
+
     Args:
         inplanes: input (and output) channels.
         planes: bottleneck width before expansion.
@@ -88,8 +93,6 @@ class SSBBottleneck(Bottleneck):
             device=kwargs.get('device'),
             dtype=kwargs.get('dtype'),
         )
-        self.fuse_relu = type(self.act3) is nn.ReLU
-        """Whether ``act3`` is a plain ReLU, which the sampler can apply as it maps the branch back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -112,8 +115,9 @@ class SSBBottleneck(Bottleneck):
             z = self.se(z)
 
         if self.drop_path is None or not self.training:  # drop path is the identity in eval
-            out = self.sampler.inverse_residual(z, state, shortcut, relu=self.fuse_relu)
-            return out if self.fuse_relu else self.act3(out)
+            fuse_relu = isinstance(self.act3, nn.ReLU)
+            out = self.sampler.inverse_residual(z, state, shortcut, relu=fuse_relu)
+            return out if fuse_relu else self.act3(out)
         y = self.drop_path(self.sampler.inverse(z, state, shortcut))
         return self.act3(y + shortcut)  # not in place: y may be the output of a custom autograd function
 
