@@ -24,37 +24,19 @@ import json
 import os
 import statistics
 import time
-from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List
 
 import timm
 import torch
 import torch.nn as nn
 
 from timm_ssb import BASELINES, SSBBottleneck
-from timm_ssb.benchmark import machine_info
+from timm_ssb.benchmark import machine_info, model_parts
 from timm_ssb.complexity import count_gmacs
 
 CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.35, 'ssb_resnetd101': 1.6, 'ssb_resnetd152': 1.8, 'ssb_resnetrs152': 1.8}
 """Issue #4's CPU inference targets (SSB throughput / baseline throughput)."""
-
-
-def parts(model: nn.Module) -> List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
-    """``(name, module)`` for the stem, every block of layer1-4 and the head, in forward order."""
-    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
-    out: List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [('stem', stem)]
-    for layer in ('layer1', 'layer2', 'layer3', 'layer4'):
-        out += [(f'{layer}.{i}', block) for i, block in enumerate(getattr(model, layer))]
-    return out + [('head', model.forward_head)]
-
-
-def residual_branch(block: SSBBottleneck, z: torch.Tensor) -> torch.Tensor:
-    """The block's residual branch on an already sampled map: what an SSB block costs without sampling."""
-    z = block.act1(block.bn1(block.conv1(z)))
-    z = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(z)))))
-    z = block.bn3(block.conv3(z))
-    return block.se(z) if block.se is not None else z
 
 
 def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Dict[str, float]]:
@@ -67,10 +49,10 @@ def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Di
         for r in range(rounds + 1):  # round 0 warms up
             for model, acc in zip(models, times, strict=True):
                 t = x
-                for name, part in parts(model):
+                for name, part in model_parts(model, blocks=True):
                     timed = [(name, part, t)]
                     if isinstance(part, SSBBottleneck):
-                        timed.append((f'{name}.branch', partial(residual_branch, part), part.sampler(t)[0]))
+                        timed.append((f'{name}.branch', part.residual_branch, part.sampler(t)[0]))
                     for key, fn, inp in reversed(timed):
                         start = time.perf_counter()
                         out = fn(inp)
@@ -81,15 +63,12 @@ def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Di
 
 
 def part_gmacs(model: nn.Module, img_size: int) -> Dict[str, float]:
-    """GMACs per image of every part (the head's are counted with the stem's input shapes skipped)."""
+    """GMACs per image of every part; the head (pooling and classifier, the same in both models) counts 0."""
     out: Dict[str, float] = {}
     t = torch.zeros(1, 3, img_size, img_size)
     with torch.no_grad():
-        for name, part in parts(model):
-            if isinstance(part, nn.Module):
-                out[name] = count_gmacs(part, tuple(t.shape[1:]))
-            else:
-                out[name] = 0.0  # pooling + classifier: negligible and identical in both models
+        for name, part in model_parts(model, blocks=True):
+            out[name] = count_gmacs(part, tuple(t.shape[1:])) if isinstance(part, nn.Module) else 0.0
             t = part(t)
     return out
 
@@ -101,7 +80,7 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
     x = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
     ssb_ms, base_ms = time_parts([ssb, base], x, rounds)
     ssb_gmacs, base_gmacs = part_gmacs(ssb, img_size), part_gmacs(base, img_size)
-    sampled = [n for n, p in parts(ssb) if isinstance(p, SSBBottleneck)]
+    sampled = [n for n, p in model_parts(ssb, blocks=True) if isinstance(p, SSBBottleneck)]
     shared = [n for n in base_ms if n not in sampled]
     branch_ms = {n: ssb_ms.pop(f'{n}.branch') for n in sampled}
     total_base, total_ssb = sum(base_ms.values()), sum(ssb_ms.values())

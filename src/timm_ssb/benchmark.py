@@ -13,15 +13,10 @@ import datetime
 import json
 import os
 import platform
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -31,6 +26,11 @@ from .complexity import count_gmacs, count_params
 from .models import BASELINES
 from .version import __version__
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 __all__ = [
     'BenchSettings',
     'BenchResult',
@@ -39,6 +39,7 @@ __all__ = [
     'machine_info',
     'format_table',
     'stage_times',
+    'model_parts',
 ]
 
 
@@ -206,31 +207,35 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
 
 
+def model_parts(model: nn.Module, blocks: bool = False) -> List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """``(name, callable)`` in forward order for a timm ResNet: ``stem``, ``layer1``-``layer4`` (or, with
+    ``blocks``, each of their blocks as ``layerN.i``) and ``head``."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+    parts: List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [('stem', stem)]
+    for layer in STAGES[1:-1]:
+        stage = getattr(model, layer)
+        parts += [(f'{layer}.{i}', block) for i, block in enumerate(stage)] if blocks else [(layer, stage)]
+    return parts + [('head', model.forward_head)]
+
+
 def stage_times(model: nn.Module, x: torch.Tensor, rounds: int = 5) -> Dict[str, float]:
     """Median inference milliseconds of each part of a timm ResNet: stem, layer1-4, head.
 
     Shows where time goes: the stem and layer1 are identical in an SSB model and its baseline, so
     they bound how much faster the SSB model can be, whatever its GMACs.
     """
-    parts = {
-        'stem': lambda t: model.maxpool(model.act1(model.bn1(model.conv1(t)))),
-        'layer1': model.layer1,
-        'layer2': model.layer2,
-        'layer3': model.layer3,
-        'layer4': model.layer4,
-        'head': model.forward_head,
-    }
-    times: Dict[str, List[float]] = {p: [] for p in STAGES}
+    parts = model_parts(model)
+    times: Dict[str, List[float]] = {p: [] for p, _ in parts}
     model.eval()
     with torch.inference_mode():
         for _ in range(rounds + 1):
             t = x
-            for part in STAGES:
+            for name, part in parts:
                 _synchronize(x.device)
                 start = time.perf_counter()
-                t = parts[part](t)
+                t = part(t)
                 _synchronize(x.device)
-                times[part].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
     return {p: statistics.median(v[1:]) * 1e3 for p, v in times.items()}
 
 

@@ -94,10 +94,8 @@ class SSBBottleneck(Bottleneck):
             dtype=kwargs.get('dtype'),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        z, state = self.sampler(x)
-
+    def residual_branch(self, z: torch.Tensor) -> torch.Tensor:
+        """The bottleneck's residual branch (convs, norms, SE) on the sampled map ``z``."""
         z = self.conv1(z)
         z = self.bn1(z)
         z = self.act1(z)
@@ -113,13 +111,19 @@ class SSBBottleneck(Bottleneck):
 
         if self.se is not None:
             z = self.se(z)
+        return z
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        z, state = self.sampler(x)
+        z = self.residual_branch(z)
         if self.drop_path is None or not self.training:  # drop path is the identity in eval
             fuse_relu = isinstance(self.act3, nn.ReLU)
             out = self.sampler.inverse_residual(z, state, shortcut, relu=fuse_relu)
             return out if fuse_relu else self.act3(out)
         y = self.drop_path(self.sampler.inverse(z, state, shortcut))
-        return self.act3(y + shortcut)  # not in place: y may be the output of a custom autograd function
+        y += shortcut
+        return self.act3(y)
 
 
 class SSBStageBlock:
