@@ -23,6 +23,7 @@ from timm.layers import register_notrace_function
 
 from .sampling_matrices import (
     adaptive_matrices,
+    add_residual,
     bilinear_matrices,
     resample,
     resample_residual,
@@ -66,8 +67,7 @@ class SpatialSampler(nn.Module):
 
         ``residual`` is the map that was sampled. Samplers with a fused form override this.
         """
-        out = residual + self.inverse(y, state, residual)
-        return torch.relu(out) if relu else out
+        return add_residual(self.inverse(y, state, residual), residual, relu)
 
 
 @register_notrace_function
@@ -90,8 +90,7 @@ def apply_sampling_residual(
 ) -> torch.Tensor:
     """:func:`resample_residual`, except where the map is left as it is (see :func:`apply_sampling`)."""
     if _is_identity(matrix_y, matrix_x):
-        out = residual + _tie_to_matrices(x, matrix_y, matrix_x)
-        return torch.relu(out) if relu else out
+        return add_residual(_tie_to_matrices(x, matrix_y, matrix_x), residual, relu)
     return resample_residual(x, matrix_y, matrix_x, residual, relu)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     'resample',
     'resample_reference',
     'resample_residual',
+    'add_residual',
 ]
 
 
@@ -372,5 +373,10 @@ def resample_residual(
         and _is_channels_last(residual)
     ):
         return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
-    out = residual + resample_reference(x, matrix_y, matrix_x)
+    return add_residual(resample_reference(x, matrix_y, matrix_x), residual, relu)
+
+
+def add_residual(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``residual + y``, then a ReLU if ``relu``: the unfused end of a residual block."""
+    out = residual + y
     return torch.relu(out) if relu else out
