@@ -257,6 +257,17 @@ def test_channels_last_residual_path_matches_reference_values_and_gradients(shap
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_residual_of_the_wrong_shape_is_a_value_error(channels_last):
+    """Even one with the right number of elements (H and W swapped), which a reshape would accept."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=layout)
+    my, mx = torch.softmax(torch.randn(2, 6, 3), -1), torch.softmax(torch.randn(2, 5, 3), -1)
+    residual = torch.randn(2, 4, 5, 6).contiguous(memory_format=layout)
+    with pytest.raises(ValueError, match=r'residual must have the shape of the resampled map, \[2, 4, 6, 5\]'):
+        resample_residual(x, my, mx, residual, True)
+
+
 def test_channels_last_residual_path_bfloat16_within_bf16_tolerance():
     x = torch.randn(2, 8, 7, 7)
     my = torch.softmax(torch.randn(2, 14, 7), -1)

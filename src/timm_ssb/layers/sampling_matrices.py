@@ -366,6 +366,9 @@ def resample_residual(
     residual add and the ReLU run in place on it: one new full-resolution tensor instead of three; the
     result is channels-last. Other layouts, and TorchScript, compute it from :func:`resample_reference`.
     """
+    expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
+    if list(residual.shape) != expected:
+        raise ValueError(f'residual must have the shape of the resampled map, {expected}; got {list(residual.shape)}')
     if (
         not torch.jit.is_scripting()
         and residual.dtype == x.dtype
