@@ -1,0 +1,142 @@
+"""How fast the sampling runs, against how fast this machine multiplies matrices at all.
+
+For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 channels, 28 x 28 sampled to
+16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), fp32, channels-last, this times
+
+* the saliency conv (1x1, C -> 1) on the full-resolution map;
+* ``resample``: the map down to ``s x s`` (two batched matrix products, ``torch.bmm``);
+* ``resample_residual``: a result back up, plus the residual, then a ReLU (two products, an add, a ReLU);
+
+and, as the machine's references, a 2048^3 ``torch.mm`` (Intel MKL in PyTorch's CPU build, like
+``torch.bmm``) and the same multiply-accumulates as a 1x1 convolution (oneDNN, like the models' convs).
+GMAC/s of the sampling count its products' multiply-accumulates, ``B * C * s * W * (H + s)`` each way.
+
+A warm-cache micro-benchmark (the same map over and over): inside a model the map comes from the layer
+before and the same work takes longer. Its use is comparing the products with the references, and runs
+with and without ``benchmarks/run_cpu_mkl_avx512.sh``'s shim, which gives MKL its AVX-512 kernels on
+non-Intel CPUs.
+
+Usage:
+
+    python benchmarks/sampling_products.py --json benchmarks/results/cpu_sampling_products.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from timm_ssb.benchmark import machine_info
+from timm_ssb.layers import resample, resample_residual, uniform_matrices
+from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
+
+STAGES = (('layer2', 512, 28), ('layer3', 1024, 14), ('layer4', 2048, 7))
+"""(stage, channels, map side) of a ResNet-D's stride-1 blocks at a 224 x 224 input."""
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int) -> Dict[str, object]:
+    x = torch.randn(batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
+    down_y, down_x, up_y, up_x = uniform_matrices(x, size, 0.5 / size, 0.5 / size)
+    z = resample(x, down_y, down_x)
+    saliency_weight = torch.randn(1, channels, 1, 1) / channels**0.5
+    saliency_bias = torch.zeros(1)
+    gmacs = batch_size * channels * size * side * (side + size) / 1e9
+    saliency_ms = median_ms(lambda: F.conv2d(x, saliency_weight, saliency_bias), repeats)
+    down_ms = median_ms(lambda: resample(x, down_y, down_x), repeats)
+    up_ms = median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats)
+    return {
+        'stage': stage,
+        'channels': channels,
+        'side': side,
+        'size': size,
+        'gmacs_each_way': gmacs,
+        'saliency_ms': saliency_ms,
+        'down_ms': down_ms,
+        'down_gmacs_per_s': gmacs / down_ms * 1e3,
+        'up_residual_relu_ms': up_ms,
+        'up_gmacs_per_s': gmacs / up_ms * 1e3,
+    }
+
+
+def references(repeats: int) -> Dict[str, float]:
+    """GMAC/s of a 2048^3 product as ``torch.mm`` (MKL) and as a 1x1 convolution (oneDNN)."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    x = torch.randn(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1)
+    gmacs = n**3 / 1e9
+    return {
+        'mm_gmacs_per_s': gmacs / median_ms(lambda: torch.mm(a, b), repeats) * 1e3,
+        'conv1x1_gmacs_per_s': gmacs / median_ms(lambda: F.conv2d(x, w), repeats) * 1e3,
+    }
+
+
+def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
+    header = (
+        f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"down ms":>8} {"GMAC/s":>7} '
+        f'{"up+res+relu ms":>14} {"GMAC/s":>7}'
+    )
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        lines.append(
+            f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["saliency_ms"]:>11.3f} '
+            f'{r["down_ms"]:>8.3f} {r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} '
+            f'{r["up_gmacs_per_s"]:>7.0f}'
+        )
+    lines.append(
+        f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
+        f'the same as a 1x1 conv (oneDNN) {refs["conv1x1_gmacs_per_s"]:.0f} GMAC/s'
+    )
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=30)
+    parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
+    args = parser.parse_args()
+    for flag in ('batch_size', 'threads', 'repeats'):
+        if getattr(args, flag) <= 0:
+            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        rows = [
+            stage_row(stage, channels, side, size, args.batch_size, args.repeats)
+            for (stage, channels, side), size in zip(STAGES, DEFAULT_SSB_SIZES, strict=True)
+        ]
+        refs = references(args.repeats)
+    machine = machine_info('cpu')
+    env = machine['allocator_env']
+    print(
+        f'sampling on cpu ({machine["processor"]}), batch {args.batch_size}, fp32, channels_last, '
+        f'{args.threads} threads, median of {args.repeats}; environment: '
+        f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
+    )
+    print(format_rows(rows, refs))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {'settings': vars(args), 'machine': machine, 'results': rows, 'references': refs}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,51 @@
+"""The scripts in benchmarks/ run and write what their docs say (tiny settings; their numbers are not checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
+
+
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, check=False, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sampling_products_writes_table_and_json(tmp_path):
+    path = tmp_path / 'products.json'
+    out = run_script('sampling_products.py', '--batch-size', '1', '--repeats', '1', '--json', str(path))
+    assert 'up+res+relu ms' in out and 'torch.mm 2048^3 (MKL)' in out
+    payload = json.loads(path.read_text())
+    assert [r['stage'] for r in payload['results']] == ['layer2', 'layer3', 'layer4']
+    shapes = [(r['channels'], r['side'], r['size']) for r in payload['results']]
+    assert shapes == [(512, 28, 16), (1024, 14, 8), (2048, 7, 4)]
+    layer2 = payload['results'][0]
+    assert layer2['gmacs_each_way'] == pytest.approx(512 * 16 * 28 * (28 + 16) / 1e9)
+    assert layer2['down_gmacs_per_s'] == pytest.approx(layer2['gmacs_each_way'] / layer2['down_ms'] * 1e3)
+    assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
+    assert 'allocator_env' in payload['machine']
+
+
+@pytest.mark.slow
+def test_time_ceiling_writes_table_and_json(tmp_path):
+    path = tmp_path / 'ceiling.json'
+    args = ['--models', 'ssb_resnetd50', '--batch-size', '1', '--img-size', '64', '--rounds', '1', '--json', str(path)]
+    out = run_script('time_ceiling.py', *args)
+    assert 'ceiling@branch' in out and 'ssb_resnetd50' in out
+    (row,) = json.loads(path.read_text())['results']
+    assert row['model'] == 'ssb_resnetd50' and set(row['per_stage']) == {'layer2', 'layer3', 'layer4'}
+    assert row['ratio'] == pytest.approx(row['base_ms'] / row['ssb_ms'])
+    assert row['ceiling_if_free'] >= row['ceiling_at_branch']
+
+
+def test_benchmark_scripts_reject_bad_arguments():
+    for name, args in [('sampling_products.py', ['--repeats', '0']), ('time_ceiling.py', ['--models', 'resnet50d'])]:
+        result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True)
+        assert result.returncode == 2 and ('--repeats must be positive' in result.stderr or '--models' in result.stderr)
