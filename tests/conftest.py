@@ -1,9 +1,26 @@
+import os
+
 import pytest
 import torch
 
-import timm_ssb  # noqa: F401  (registers the models)
+os.environ.pop('TIMM_SSB_HUB_ORG', None)  # read at import: the suite tests the defaults (placeholder .in1k tags)
+
+import timm_ssb  # noqa: E402, F401  (registers the models)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matrix products on CUDA without TF32 (to compare at 1e-5), the setting restored afterwards.
+
+    Set and restored by hand: pytest's monkeypatch undoes by ``delattr``, which torch's cuBLAS module refuses.
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = saved

@@ -125,6 +125,10 @@ def test_kwargs_are_json_serialisable_and_round_trip():
         (dict(ssb_sampler='uniform', ssb_saliency_kernel=3), "applies to ssb_sampler='adaptive' only"),
         (dict(ssb_sampler='dconv', ssb_sizes=(14, 7, 4)), "ssb_sizes does not apply to ssb_sampler='dconv'"),
         (dict(ssb_sampler_args=[0.1]), 'ssb_sampler_args must be a dict'),
+        (dict(ssb_sampler_args={'sigma_g': 1e-20}), r"ssb_sampler_args \{'sigma_g': 1e-20\} do not fit .*sigma_g must"),
+        (dict(ssb_sampler_args={'sigma_g': float('inf')}), 'sigma_g must be a finite number'),
+        (dict(ssb_sampler_args={'sigma_d': 0.1}), "do not fit ssb_sampler='adaptive'.*sigma_d"),
+        (dict(ssb_sampler='bilinear', ssb_sampler_args={'sigma_g': 0.1}), "do not fit ssb_sampler='bilinear'"),
     ],
 )
 def test_bad_ssb_arguments_raise_value_error_at_construction(kwargs, match):

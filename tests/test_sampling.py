@@ -169,10 +169,14 @@ def test_dconv_sampler_halves_and_restores():
 @pytest.mark.parametrize(
     'kwargs,match',
     [
-        (dict(name='nearest', in_chs=4, size=4), 'ssb_sampler must be one of'),
+        (dict(name='nearest', in_chs=4, size=4), "name must be one of 'adaptive'"),
         (dict(name='uniform', in_chs=4, size=0), 'size must be a positive int'),
-        (dict(name='adaptive', in_chs=4, size=4, saliency_kernel=2), 'ssb_saliency_kernel must be a positive odd int'),
-        (dict(name='adaptive', in_chs=4, size=4, sampler_args=dict(sigma_g=-1.0)), 'sigma_g must be a positive'),
+        (dict(name='adaptive', in_chs=4, size=4, saliency_kernel=2), '^saliency_kernel must be a positive odd int'),
+        (dict(name='adaptive', in_chs=4, size=4, sampler_args=dict(sigma_g=-1.0)), 'sigma_g must be a finite number'),
+        (dict(name='adaptive', in_chs=4, size=4, sampler_args=dict(sigma_g=1e-20)), 'sigma_g must be a finite number'),
+        (dict(name='adaptive', in_chs=4, size=4, sampler_args=dict(sigma_g=float('inf'))), 'sigma_g must be a finite'),
+        (dict(name='uniform', in_chs=4, size=4, sampler_args=dict(sigma_down=float('nan'))), 'sigma_down must be a'),
+        (dict(name='uniform', in_chs=4, size=4, sampler_args=dict(sigma_up=0.0)), 'sigma_up must be a finite number'),
         (dict(name='uniform', in_chs=4, size=None), 'size is required'),
     ],
 )
@@ -207,9 +211,8 @@ DEVICES = [
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('shape,n,m', [((2, 16, 20, 12), 6, 5), ((3, 8, 16, 16), 24, 24), ((1, 4, 7, 9), 7, 4)])
-def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n, m, device, monkeypatch):
+def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n, m, device, no_tf32):
     """The custom-autograd channels-last path against the reference (fp32, relative error <= 1e-5)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     x = torch.randn(*shape, device=device)
     my = torch.softmax(torch.randn(shape[0], n, shape[2], device=device), -1)
     mx = torch.softmax(torch.randn(shape[0], m, shape[3], device=device), -1)
@@ -232,9 +235,8 @@ def test_channels_last_fast_path_matches_reference_values_and_gradients(shape, n
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('relu', [True, False])
 @pytest.mark.parametrize('shape,n,m', [((2, 16, 6, 5), 20, 12), ((3, 8, 8, 8), 14, 14), ((2, 4, 7, 9), 7, 4)])
-def test_channels_last_residual_path_matches_reference_values_and_gradients(shape, n, m, relu, device, monkeypatch):
+def test_channels_last_residual_path_matches_reference_values_and_gradients(shape, n, m, relu, device, no_tf32):
     """``relu(residual + resample(x))`` fused on channels-last maps against the reference, all four gradients."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     x = torch.randn(*shape, device=device)
     my = torch.softmax(torch.randn(shape[0], n, shape[2], device=device), -1)
     mx = torch.softmax(torch.randn(shape[0], m, shape[3], device=device), -1)

@@ -4,7 +4,15 @@ import torch
 from PIL import Image
 
 from timm_ssb.cli import main
-from timm_ssb.visualize import DPI, PANEL_INCHES, layer_views, parse_layers, plot_layer_views, ssb_layer
+from timm_ssb.visualize import (
+    DPI,
+    PANEL_INCHES,
+    layer_views,
+    layer_views_figure,
+    parse_layers,
+    plot_layer_views,
+    ssb_layer,
+)
 
 LAYERS = ['2-2', '3-2', '4-2']
 
@@ -99,3 +107,51 @@ def test_cli_visualize_with_checkpoint(tmp_path, capsys):
     assert "using weights from 'state_dict'" in capsys.readouterr().out
     with pytest.raises(SystemExit, match='is not an SSB block'):
         main(['visualize', str(tmp_path / 'img.png'), '--model', 'ssb_resnetd26', '--layers', '2-1', '--out', str(out)])
+
+
+def test_saliency_panel_has_a_colour_bar_and_markers_have_a_rim():
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    model = timm.create_model('ssb_resnetd26', ssb_sizes=(8, 4, 2))
+    x, image = _inputs()
+    fig = layer_views_figure(image, layer_views(model, x, image, LAYERS))
+    try:
+        assert len(fig.axes) == 5 * len(LAYERS) + len(LAYERS)  # one colour bar per row
+        saliency_panels = [ax for ax in fig.axes if ax.get_title().startswith('saliency')]
+        assert len(saliency_panels) == len(LAYERS)
+        assert all(ax.images[0].colorbar is not None for ax in saliency_panels)
+        markers = [c for ax in fig.axes if 'samples' in ax.get_title() for c in ax.collections]
+        assert len(markers) == 2 * len(LAYERS)
+        for c in markers:  # a light face and a dark edge: one of them contrasts with any pixel
+            face, edge = mcolors.rgb_to_hsv(c.get_facecolor()[0][:3]), mcolors.rgb_to_hsv(c.get_edgecolor()[0][:3])
+            assert face[2] >= 0.9 and edge[2] <= 0.1 and c.get_linewidths()[0] > 0
+    finally:
+        plt.close(fig)
+
+
+def test_picture_uses_the_samplers_own_kernel_width():
+    x, image = _inputs()
+    image = (torch.arange(128).view(1, 1, 128) // 16 % 2).float().expand(3, 128, 128)  # one stripe per sample
+    sharp = timm.create_model('ssb_resnetd26', ssb_sizes=(8, 4, 2), ssb_sampler_args={'sigma_down': 0.002})
+    wide = timm.create_model('ssb_resnetd26', ssb_sizes=(8, 4, 2), ssb_sampler_args={'sigma_down': 0.2})
+    sharp_view = layer_views(sharp, x, image, ['2-2'])['2-2']
+    wide_view = layer_views(wide, x, image, ['2-2'])['2-2']
+    assert wide_view.uniform_picture.std() < 0.1  # a wide kernel averages the stripes away
+    assert sharp_view.uniform_picture.std() > 0.45  # a narrow one reads each sample's stripe
+
+
+def test_cli_visualize_errors_are_one_line(tmp_path):
+    Image.new('RGB', (64, 64), (10, 200, 30)).save(tmp_path / 'img.png')
+    img = str(tmp_path / 'img.png')
+    out = str(tmp_path / 'v.png')
+    with pytest.raises(SystemExit, match=r"--model must be one of ssb_.*; got 'resnet50d'"):
+        main(['visualize', img, '--model', 'resnet50d', '--out', out])
+    with pytest.raises(SystemExit, match=r"the folder '.*missing' does not exist"):
+        main(['visualize', img, '--model', 'ssb_resnetd26', '--out', str(tmp_path / 'missing' / 'v.png')])
+    torch.save(timm.create_model('resnet26d').state_dict(), tmp_path / 'other.pth')
+    with pytest.raises(SystemExit) as exc:
+        main(['visualize', img, '--model', 'ssb_resnetd26', '--checkpoint', str(tmp_path / 'other.pth'), '--out', out])
+    message = str(exc.value)
+    assert 'does not fit ssb_resnetd26' in message and 'missing keys: layer2.1.sampler.saliency.bias' in message
+    assert message.count('\n') == 0 and len(message) < 600

@@ -123,17 +123,31 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from .publish import PublishError, read_checkpoint
+    from .publish import PublishError, check_fit, read_checkpoint
     from .visualize import layer_views, parse_layers, plot_layer_views
 
     try:
+        ssb_models = timm.list_models('ssb_*')
+        if args.model not in ssb_models:
+            raise ValueError(f'--model must be one of {", ".join(ssb_models)}; got {args.model!r}')
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise ValueError(f'--out {args.out!r}: the folder {str(out.parent)!r} does not exist')
+        if out.is_dir():
+            raise ValueError(f'--out {args.out!r} is a folder; give the PNG file to write')
         layers = parse_layers(args.layers)
-        model = timm.create_model(args.model, **(json.loads(args.model_args) if args.model_args else {}))
+        model_args = json.loads(args.model_args) if args.model_args else {}
+        if not isinstance(model_args, dict):
+            raise ValueError(f'--model-args must be a JSON object; got {args.model_args!r}')
+        model = timm.create_model(args.model, **model_args)
         if args.checkpoint:
             state_dict, source, _ = read_checkpoint(args.checkpoint)
+            check_fit(model, state_dict, f'{args.model} with {model_args or "default arguments"}')
             model.load_state_dict(state_dict)
             print(f'using weights from {source!r} of {args.checkpoint}')
         config = resolve_data_config(

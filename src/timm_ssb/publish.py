@@ -15,12 +15,22 @@ from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
-from timm.models import clean_state_dict, save_for_hf
+from timm.models import clean_state_dict, load_state_dict, save_for_hf
 
 from .complexity import model_complexity
 from .paper import paper_figure
+from .version import __version__
 
-__all__ = ['PublishError', 'read_checkpoint', 'build_from_checkpoint', 'write_model_folder', 'publish']
+__all__ = [
+    'PublishError',
+    'read_checkpoint',
+    'check_fit',
+    'check_model_name',
+    'build_from_checkpoint',
+    'write_model_folder',
+    'upload_model_folder',
+    'publish',
+]
 
 CHECKPOINT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 """Where timm-style checkpoints keep weights, in order of preference (EMA weights first)."""
@@ -62,9 +72,7 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, 
         raise PublishError(f'checkpoint {path!r} does not exist or is not a file')
     try:
         if file.suffix == '.safetensors':
-            from safetensors.torch import load_file
-
-            return load_file(str(file)), 'safetensors file', {}
+            return load_state_dict(str(file)), 'safetensors file', {}
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for unreadable files
@@ -83,42 +91,53 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, 
     )
 
 
+def check_fit(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], description: str) -> None:
+    """Raise :class:`PublishError` naming a few missing, unexpected and mis-shaped keys unless ``state_dict``
+    fits ``model`` exactly (``description`` says what the model is, for the message)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if not (missing or unexpected or wrong_shape):
+        return
+
+    def _few(keys):
+        return ', '.join(keys[:5]) + (f' and {len(keys) - 5} more' if len(keys) > 5 else '')
+
+    parts = [
+        f'{label}: {_few(keys)}'
+        for label, keys in (
+            ('missing keys', missing),
+            ('unexpected keys', unexpected),
+            ('shape mismatches', wrong_shape),
+        )
+        if keys
+    ]
+    raise PublishError(
+        f'the checkpoint does not fit {description} ({"; ".join(parts)}). Is it a checkpoint of another '
+        'architecture, or were other ssb_* arguments used for training (pass them with --model-args)?'
+    )
+
+
 def build_from_checkpoint(
     model_name: str, state_dict: Dict[str, torch.Tensor], model_args: Optional[Dict[str, Any]] = None
 ) -> torch.nn.Module:
     """Build ``model_name`` with the checkpoint's class count and load it, strictly."""
-    if model_name not in timm.list_models('ssb_*'):
-        raise PublishError(f'--model must be one of {", ".join(timm.list_models("ssb_*"))}; got {model_name!r}')
+    check_model_name(model_name)
     model_args = dict(model_args or {})
     fc = state_dict.get('fc.weight')
     if fc is not None:
         model_args.setdefault('num_classes', fc.shape[0])
     model = timm.create_model(model_name, **model_args)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong_shape:
-
-        def _few(keys):
-            return ', '.join(keys[:5]) + (f' and {len(keys) - 5} more' if len(keys) > 5 else '')
-
-        parts = [
-            f'{label}: {_few(keys)}'
-            for label, keys in (
-                ('missing keys', missing),
-                ('unexpected keys', unexpected),
-                ('shape mismatches', wrong_shape),
-            )
-            if keys
-        ]
-        raise PublishError(
-            f'the checkpoint does not fit {model_name} with {model_args or "default arguments"} '
-            f'({"; ".join(parts)}). Is it a checkpoint of another architecture, or were other ssb_* '
-            f'arguments used for training (pass them with --model-args)?'
-        )
+    check_fit(model, state_dict, f'{model_name} with {model_args or "default arguments"}')
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise :class:`PublishError` unless ``model_name`` is a registered SSB architecture."""
+    if model_name not in timm.list_models('ssb_*'):
+        raise PublishError(f'--model must be one of {", ".join(timm.list_models("ssb_*"))}; got {model_name!r}')
 
 
 def model_card(model: torch.nn.Module, model_name: str, repo_id: str, source: str, train_args: Dict[str, Any]) -> str:
@@ -202,17 +221,56 @@ def _label_config(num_classes: int) -> Dict[str, Any]:
 def write_model_folder(
     model: torch.nn.Module, model_name: str, repo_id: str, out: Path, source: str, train_args: Dict[str, Any]
 ) -> Path:
-    """Write the Hub folder into ``out``; files already there are never overwritten."""
-    clashes = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if clashes:
-        raise PublishError(f'--out {str(out)!r} already has {", ".join(clashes)}; choose an empty or new folder')
+    """Write the Hub folder into ``out``; files already there are never overwritten.
+
+    The files get the permissions of any new file (the umask's), whatever the writers used in between.
+    """
+    check_out_folder(out)
     with tempfile.TemporaryDirectory() as tmp:
         save_for_hf(model, tmp, model_config=_label_config(model.num_classes), safe_serialization=True)
         (Path(tmp) / 'README.md').write_text(model_card(model, model_name, repo_id, source, train_args))
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_FILES:
-            shutil.copy2(Path(tmp) / name, out / name)
+            shutil.copyfile(Path(tmp) / name, out / name)
     return out
+
+
+def check_out_folder(out: Path) -> None:
+    """Raise :class:`PublishError` unless ``out`` can take the Hub files: a folder (or none yet) without them."""
+    if out.exists() and not out.is_dir():
+        raise PublishError(f'--out {str(out)!r} is a file; give a folder (new, or without {", ".join(OUTPUT_FILES)})')
+    clashes = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if clashes:
+        raise PublishError(f'--out {str(out)!r} already has {", ".join(clashes)}; choose an empty or new folder')
+
+
+def _hub_token(token: Optional[str]) -> str:
+    """The token to upload with; a :class:`PublishError` when uploading cannot work (no token, offline)."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise PublishError('HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run')
+    token = token or get_token()
+    if not token:
+        raise PublishError('no Hugging Face token: run `hf auth login` or set HF_TOKEN, or use --dry-run')
+    return token
+
+
+def upload_model_folder(folder: Path, repo_id: str, token: str, commit_message: str) -> None:
+    """Upload exactly :data:`OUTPUT_FILES` of ``folder`` (nothing else that lies there) in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token, library_name='timm-ssb', library_version=__version__)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in OUTPUT_FILES]
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
+    except Exception as e:  # the Hub client raises HTTP, connection and OS errors of many types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise PublishError(
+            f'uploading to {repo_id!r} failed ({type(e).__name__}: {reason}); the folder {str(folder)!r} is complete, '
+            'so you can retry or upload it yourself'
+        ) from e
 
 
 def publish(
@@ -227,27 +285,27 @@ def publish(
     """Check, convert and (unless ``dry_run``) upload a checkpoint; returns the folder written.
 
     ``model_args`` default to the ``model_kwargs`` saved with the checkpoint by timm's ``train.py``.
+    Everything that can be checked before writing is: the repository name, the model name, ``out``,
+    and (for an upload) the token and offline mode. Only the files written here are uploaded.
     """
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise PublishError(f'--repo-id must be ORG/NAME; got {repo_id!r}')
+    check_model_name(model_name)
+    folder = Path(out) if out else None
+    if folder is not None:
+        check_out_folder(folder)
+    token = None if dry_run else _hub_token(token)
     state_dict, source, train_args = read_checkpoint(checkpoint)
     print(f'using weights from {source!r} of {checkpoint}')
     if model_args is None and train_args.get('model_kwargs'):
         model_args = dict(train_args['model_kwargs'])
         print(f'using model arguments saved with the checkpoint: {model_args}')
     model = build_from_checkpoint(model_name, state_dict, model_args)
-    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix='timm-ssb-publish-'))
+    folder = folder or Path(tempfile.mkdtemp(prefix='timm-ssb-publish-'))
     write_model_folder(model, model_name, repo_id, folder, source, train_args)
     print(f'wrote {", ".join(OUTPUT_FILES)} to {folder}')
-    if dry_run:
+    if token is None:
         return folder
-    from huggingface_hub import HfApi, get_token
-
-    token = token or get_token()
-    if not token:
-        raise PublishError('no Hugging Face token: run `hf auth login` or set HF_TOKEN, or use --dry-run')
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f'Add {model_name} weights')
-    print(f'uploaded to https://huggingface.co/{repo_id}')
+    upload_model_folder(folder, repo_id, token, commit_message=f'Add {model_name} weights')
+    print(f'uploaded {", ".join(OUTPUT_FILES)} to https://huggingface.co/{repo_id}')
     return folder

@@ -17,7 +17,16 @@ from .layers.samplers import AdaptiveSampler, GaussianSampler
 from .layers.sampling_matrices import adaptive_positions, gaussian_matrices, log_saliency_map, pixel_centres, resample
 from .models.ssb_resnet import SSBBottleneck
 
-__all__ = ['LayerView', 'parse_layers', 'ssb_layer', 'layer_views', 'plot_layer_views', 'PANEL_INCHES', 'DPI']
+__all__ = [
+    'LayerView',
+    'parse_layers',
+    'ssb_layer',
+    'layer_views',
+    'layer_views_figure',
+    'plot_layer_views',
+    'PANEL_INCHES',
+    'DPI',
+]
 
 PANEL_INCHES = 2.4
 DPI = 100
@@ -67,7 +76,10 @@ def ssb_layer(model: nn.Module, name: str) -> SSBBottleneck:
 def _read_image(
     image: torch.Tensor, positions_y: torch.Tensor, positions_x: torch.Tensor, sigma: float
 ) -> torch.Tensor:
-    """The ``(3, H, W)`` image read with Gaussian kernels of width ``sigma`` at the given positions."""
+    """The ``(3, H, W)`` image read with Gaussian kernels of width ``sigma`` at the given positions.
+
+    The sampler reads a feature map with these kernels; here they read the image the map was computed from.
+    """
     dy, _ = gaussian_matrices(positions_y.unsqueeze(0), image.shape[-2], sigma, sigma)
     dx, _ = gaussian_matrices(positions_x.unsqueeze(0), image.shape[-1], sigma, sigma)
     return resample(image.unsqueeze(0).contiguous(), dy, dx)[0]
@@ -98,7 +110,6 @@ def layer_views(model: nn.Module, x: torch.Tensor, image: torch.Tensor, layers: 
     for name, block in blocks.items():
         sampler = block.sampler
         feature = inputs[name]
-        size = min(sampler.size, feature.shape[-2], feature.shape[-1])
         uniform_y = pixel_centres(min(sampler.size, feature.shape[-2]), feature.device)
         uniform_x = pixel_centres(min(sampler.size, feature.shape[-1]), feature.device)
         if isinstance(sampler, AdaptiveSampler):
@@ -108,7 +119,7 @@ def layer_views(model: nn.Module, x: torch.Tensor, image: torch.Tensor, layers: 
         else:
             adaptive_y, adaptive_x = uniform_y, uniform_x
             saliency = torch.full(feature.shape[-2:], 1.0 / feature.shape[-2:].numel(), device=feature.device)
-        sigma = 0.5 / size
+        sigma = sampler.sigma_down  # the layer's own read-out kernel width
         views[name] = LayerView(
             name=name,
             saliency=saliency.cpu(),
@@ -122,11 +133,8 @@ def layer_views(model: nn.Module, x: torch.Tensor, image: torch.Tensor, layers: 
     return views
 
 
-def plot_layer_views(image: torch.Tensor, views: Dict[str, LayerView], out: str, title: str = '') -> None:
-    """One row per layer: uniform positions, adaptive positions, saliency, what uniform sees, what adaptive sees.
-
-    The PNG is ``5 * PANEL_INCHES * DPI`` pixels wide and ``len(views) * PANEL_INCHES * DPI`` high.
-    """
+def layer_views_figure(image: torch.Tensor, views: Dict[str, LayerView], title: str = ''):
+    """The matplotlib figure of :func:`plot_layer_views` (one row per layer, five panels each)."""
     try:
         import matplotlib
 
@@ -146,10 +154,13 @@ def plot_layer_views(image: torch.Tensor, views: Dict[str, LayerView], out: str,
         ):
             ax.imshow(display)
             grid_y, grid_x = torch.meshgrid(ys * height - 0.5, xs * width - 0.5, indexing='ij')
-            ax.scatter(grid_x.flatten(), grid_y.flatten(), s=4, c='red')
+            # bright dots with a dark rim: visible over light, dark and saturated images alike
+            ax.scatter(grid_x.flatten(), grid_y.flatten(), s=10, c='yellow', edgecolors='black', linewidths=0.6)
             ax.set_title(f'Layer {view.name}: {label} samples', fontsize=8)
-        row[2].imshow(view.saliency.numpy(), cmap='magma', vmin=0.0)
-        row[2].set_title('saliency', fontsize=8)
+        shown = row[2].imshow(view.saliency.numpy(), cmap='magma', vmin=0.0)
+        colorbar = fig.colorbar(shown, ax=row[2], fraction=0.046, pad=0.04)
+        colorbar.ax.tick_params(labelsize=6)
+        row[2].set_title('saliency (share of the map)', fontsize=8)
         row[3].imshow(view.uniform_picture.permute(1, 2, 0).clamp(0, 1).numpy())
         row[3].set_title('uniform sampler sees', fontsize=8)
         row[4].imshow(view.adaptive_picture.permute(1, 2, 0).clamp(0, 1).numpy())
@@ -158,5 +169,17 @@ def plot_layer_views(image: torch.Tensor, views: Dict[str, LayerView], out: str,
             ax.axis('off')
     if title:
         fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_layer_views(image: torch.Tensor, views: Dict[str, LayerView], out: str, title: str = '') -> None:
+    """One row per layer: uniform positions, adaptive positions, saliency (with a colour bar), what uniform
+    sees, what adaptive sees; written to the PNG ``out``.
+
+    The PNG is ``5 * PANEL_INCHES * DPI`` pixels wide and ``len(views) * PANEL_INCHES * DPI`` high.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = layer_views_figure(image, views, title)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

@@ -14,6 +14,7 @@ Four samplers, the supplementary's ablation methods:
 * ``dconv``: a 5x5 stride-2 depthwise conv + norm down, bilinear interpolation up.
 """
 
+import math
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -44,6 +45,8 @@ __all__ = [
     'create_sampler',
     'check_saliency_kernel',
     'check_sampler',
+    'check_sigma',
+    'MIN_SIGMA',
 ]
 
 DEFAULT_SIGMA_G = 0.18
@@ -149,10 +152,11 @@ class GaussianSampler(MatrixSampler):
 
     def __init__(self, size: int, sigma_down: Optional[float] = None, sigma_up: Optional[float] = None) -> None:
         super().__init__(size)
+        for name, value in (('sigma_down', sigma_down), ('sigma_up', sigma_up)):
+            if value is not None:
+                check_sigma(name, value)
         self.sigma_down = float(sigma_down) if sigma_down is not None else 0.5 / size
         self.sigma_up = float(sigma_up) if sigma_up is not None else 0.5 / size
-        _check_positive('sigma_down', self.sigma_down)
-        _check_positive('sigma_up', self.sigma_up)
 
 
 class UniformSampler(GaussianSampler):
@@ -186,7 +190,7 @@ class AdaptiveSampler(GaussianSampler):
     ) -> None:
         super().__init__(size, sigma_down=sigma_down, sigma_up=sigma_up)
         check_saliency_kernel(saliency_kernel)
-        _check_positive('sigma_g', sigma_g)
+        check_sigma('sigma_g', sigma_g)
         self.sigma_g = float(sigma_g)
         self.saliency = nn.Conv2d(
             in_chs, 1, saliency_kernel, padding=saliency_kernel // 2, bias=True, device=device, dtype=dtype
@@ -252,21 +256,30 @@ SAMPLERS = ('adaptive', 'uniform', 'bilinear', 'dconv')
 """Names accepted by :func:`create_sampler` and by the models' ``ssb_sampler``."""
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f'{name} must be a positive number, got {value!r}')
+MIN_SIGMA = 1e-6
+"""Smallest kernel width accepted (normalised coordinates): a millionth of the map's side. A narrower
+Gaussian picks the nearest pixel at any map size, and far narrower ones overflow float32 (all-NaN maps)."""
 
 
-def check_sampler(name: Any) -> None:
-    """Raise ``ValueError`` unless ``name`` is one of :data:`SAMPLERS`."""
+def check_sigma(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number of at least :data:`MIN_SIGMA`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_SIGMA <= value < math.inf:
+        raise ValueError(
+            f'{name} must be a finite number >= {MIN_SIGMA:g} (a kernel width in normalised coordinates, '
+            f'where the map side is 1); got {value!r}'
+        )
+
+
+def check_sampler(name: Any, param: str = 'name') -> None:
+    """Raise ``ValueError`` naming ``param`` unless ``name`` is one of :data:`SAMPLERS`."""
     if name not in SAMPLERS:
-        raise ValueError(f'ssb_sampler must be one of {", ".join(repr(s) for s in SAMPLERS)}; got {name!r}')
+        raise ValueError(f'{param} must be one of {", ".join(repr(s) for s in SAMPLERS)}; got {name!r}')
 
 
-def check_saliency_kernel(kernel: Any) -> None:
-    """Raise ``ValueError`` unless ``kernel`` is a positive odd int (1, 3, 5, ...)."""
+def check_saliency_kernel(kernel: Any, param: str = 'saliency_kernel') -> None:
+    """Raise ``ValueError`` naming ``param`` unless ``kernel`` is a positive odd int (1, 3, 5, ...)."""
     if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel <= 0 or kernel % 2 == 0:
-        raise ValueError(f'ssb_saliency_kernel must be a positive odd int (1, 3, 5, ...); got {kernel!r}')
+        raise ValueError(f'{param} must be a positive odd int (1, 3, 5, ...); got {kernel!r}')
 
 
 def create_sampler(

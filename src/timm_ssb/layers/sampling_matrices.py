@@ -29,6 +29,7 @@ __all__ = [
     'identity_matrices',
     'gaussian_matrices',
     'saliency_positions',
+    'separable_matrices',
     'uniform_matrices',
     'adaptive_matrices',
     'adaptive_positions',
@@ -106,18 +107,47 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     return (targets + shift).clamp(0.0, 1.0)
 
 
+def separable_matrices(
+    lengths: List[int],
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    positions: Optional[List[torch.Tensor]],
+    sigma_down: float,
+    sigma_up: float,
+    bilinear: bool = False,
+) -> List[torch.Tensor]:
+    """``[down_y, down_x, up_y, up_x]`` for a map of ``lengths = [H, W]`` sampled to ``size x size``.
+
+    The one loop over the two axes that every matrix sampler shares. An axis not longer than ``size``
+    gets the identity; any other gets the Gaussian pair at ``positions[axis]`` (``(B, size)``; ``None``:
+    the uniform grid), or, with ``bilinear``, bilinear interpolation down and up.
+    """
+    down: List[torch.Tensor] = []
+    up: List[torch.Tensor] = []
+    for axis, length in enumerate(lengths):
+        if size >= length:
+            pair = identity_matrices(length, batch_size, device)
+        elif bilinear:
+            pair = [
+                bilinear_matrix(length, size, device).expand(batch_size, size, length),
+                bilinear_matrix(size, length, device).expand(batch_size, length, size),
+            ]
+        else:
+            if positions is None:
+                axis_positions = pixel_centres(size, device).expand(batch_size, size)
+            else:
+                axis_positions = positions[axis]
+            pair = gaussian_matrices(axis_positions, length, sigma_down, sigma_up)
+        down.append(pair[0])
+        up.append(pair[1])
+    return [down[0], down[1], up[0], up[1]]
+
+
 @register_notrace_function
 def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
     """``[down_y, down_x, up_y, up_x]`` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels)."""
-    batch_size = x.shape[0]
-    per_axis: List[List[torch.Tensor]] = []
-    for length in (x.shape[-2], x.shape[-1]):
-        if size >= length:
-            per_axis.append(identity_matrices(length, batch_size, x.device))
-        else:
-            positions = pixel_centres(size, x.device).expand(batch_size, size)
-            per_axis.append(gaussian_matrices(positions, length, sigma_down, sigma_up))
-    return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
+    return separable_matrices([x.shape[-2], x.shape[-1]], size, x.shape[0], x.device, None, sigma_down, sigma_up)
 
 
 def log_saliency_map(saliency_logits: torch.Tensor) -> torch.Tensor:
@@ -162,18 +192,18 @@ def adaptive_matrices(
         sigma_g, sigma_down, sigma_up: kernel widths, see :func:`saliency_positions` and
             :func:`gaussian_matrices`.
     """
-    batch_size = saliency_logits.shape[0]
+    lengths = [saliency_logits.shape[-2], saliency_logits.shape[-1]]
     positions = adaptive_positions(saliency_logits, size, sigma_g)
-    per_axis: List[List[torch.Tensor]] = []
-    for axis, length in enumerate((saliency_logits.shape[-2], saliency_logits.shape[-1])):
-        if size >= length:
-            # The output does not depend on the saliency here; tie it in with an exactly-zero gradient so
-            # every parameter takes part in every step (DDP without find_unused_parameters, timm's tests).
-            zero = saliency_logits.float().sum() * 0.0
-            per_axis.append([m + zero for m in identity_matrices(length, batch_size, saliency_logits.device)])
-        else:
-            per_axis.append(gaussian_matrices(positions[axis], length, sigma_down, sigma_up))
-    return [per_axis[0][0], per_axis[1][0], per_axis[0][1], per_axis[1][1]]
+    mats = separable_matrices(
+        lengths, size, saliency_logits.shape[0], saliency_logits.device, positions, sigma_down, sigma_up
+    )
+    if size >= min(lengths):
+        # An axis left as it is does not depend on the saliency; tie its identity matrices in with an
+        # exactly-zero gradient so every parameter takes part in every step (DDP without
+        # find_unused_parameters, timm's tests).
+        zero = saliency_logits.float().sum() * 0.0
+        mats = [m + zero if m.shape[-1] == m.shape[-2] else m for m in mats]
+    return mats
 
 
 def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> torch.Tensor:
@@ -192,16 +222,7 @@ def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> to
 @register_notrace_function
 def bilinear_matrices(x: torch.Tensor, size: int) -> List[torch.Tensor]:
     """``[down_y, down_x, up_y, up_x]``: bilinear interpolation to ``size x size`` and back, as matrices."""
-    batch_size, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-    out: List[torch.Tensor] = []
-    for length in (height, width):
-        if size >= length:
-            out.extend(identity_matrices(length, batch_size, x.device))
-        else:
-            down = bilinear_matrix(length, size, x.device).expand(batch_size, size, length)
-            up = bilinear_matrix(size, length, x.device).expand(batch_size, length, size)
-            out.extend([down, up])
-    return [out[0], out[2], out[1], out[3]]
+    return separable_matrices([x.shape[-2], x.shape[-1]], size, x.shape[0], x.device, None, 0.0, 0.0, bilinear=True)
 
 
 def _y_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -315,8 +336,20 @@ def _resample_channels_last(
     matrix_x: torch.Tensor,
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
-) -> torch.Tensor:
-    return _ChannelsLastResample.apply(x, matrix_y, matrix_x, residual, relu)
+) -> Optional[torch.Tensor]:
+    """The fast path; ``x`` and ``residual`` are channels-last. Returns ``None`` where it does not apply.
+
+    Under autocast the products run in autocast's dtype, as ``torch.matmul`` (the reference) would; the
+    autograd function itself runs with autocast off, since it writes its products into tensors it made.
+    A residual of another dtype than the products' is left to the reference (its add promotes).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device_type))
+    if residual is not None and residual.dtype != x.dtype:
+        return None
+    with torch.autocast(device_type, enabled=False):
+        return _ChannelsLastResample.apply(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -348,7 +381,7 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
     on a square map costs the same multiply-accumulates. Other layouts, and TorchScript, use the reference.
     """
     if not torch.jit.is_scripting() and _is_channels_last(x):
-        return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype))
+        return _resample_channels_last(x, matrix_y, matrix_x)
     return resample_reference(x, matrix_y, matrix_x)
 
 
@@ -362,20 +395,18 @@ def resample_residual(
 ) -> torch.Tensor:
     """``residual + resample(x, matrix_y, matrix_x)``, then a ReLU if ``relu``: a residual block's output.
 
-    On channels-last maps (``x`` and ``residual``, same dtype) the last product writes the output, and the
-    residual add and the ReLU run in place on it: one new full-resolution tensor instead of three; the
-    result is channels-last. Other layouts, and TorchScript, compute it from :func:`resample_reference`.
+    On channels-last maps (``x`` and ``residual``, same dtype, also under autocast) the last product writes
+    the output, and the residual add and the ReLU run in place on it: one new full-resolution tensor
+    instead of three; the result is channels-last. Other layouts, and TorchScript, compute it from
+    :func:`resample_reference`.
     """
     expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
     if list(residual.shape) != expected:
         raise ValueError(f'residual must have the shape of the resampled map, {expected}; got {list(residual.shape)}')
-    if (
-        not torch.jit.is_scripting()
-        and residual.dtype == x.dtype
-        and _is_channels_last(x)
-        and _is_channels_last(residual)
-    ):
-        return _resample_channels_last(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
+    if not torch.jit.is_scripting() and _is_channels_last(x) and _is_channels_last(residual):
+        out = _resample_channels_last(x, matrix_y, matrix_x, residual, relu)
+        if out is not None:
+            return out
     return add_residual(resample_reference(x, matrix_y, matrix_x), residual, relu)
 
 

@@ -16,11 +16,19 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import (
+    PretrainedCfg,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler
@@ -215,13 +223,20 @@ class SSBResNet(ResNet):
         ssb_sampler_args: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        check_sampler(ssb_sampler)
-        check_saliency_kernel(ssb_saliency_kernel)
+        check_sampler(ssb_sampler, 'ssb_sampler')
+        check_saliency_kernel(ssb_saliency_kernel, 'ssb_saliency_kernel')
         sizes = _resolve_ssb_sizes(ssb_sizes, ssb_sampler)
         if len(layers) != 4:
             raise ValueError(f'layers must give the block count of 4 stages; got {layers!r}')
         if ssb_sampler_args is not None and not isinstance(ssb_sampler_args, dict):
             raise ValueError(f'ssb_sampler_args must be a dict of sampler keyword arguments; got {ssb_sampler_args!r}')
+        if ssb_sampler_args:
+            try:  # a throwaway sampler checks the arguments once, with the model's names in the message
+                create_sampler(ssb_sampler, 1, 1, sampler_args=ssb_sampler_args, device='meta')
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f'ssb_sampler_args {ssb_sampler_args!r} do not fit ssb_sampler={ssb_sampler!r}: {e}'
+                ) from e
         if ssb_sampler != 'adaptive' and ssb_saliency_kernel != 1:
             raise ValueError(
                 f"ssb_saliency_kernel applies to ssb_sampler='adaptive' only; got {ssb_saliency_kernel!r} "
@@ -245,8 +260,9 @@ class SSBResNet(ResNet):
                 module.reset_saliency()
 
 
-HUB_ORG = os.environ.get('TIMM_SSB_HUB_ORG', 'timm-ssb')
-"""Hugging Face Hub organisation of this project's published weights (``TIMM_SSB_HUB_ORG``, read at import)."""
+HUB_ORG = os.environ.get('TIMM_SSB_HUB_ORG') or None
+"""Hugging Face Hub organisation that hosts this project's ImageNet weights (``TIMM_SSB_HUB_ORG``, read at
+import). Unset (the default: no such weights are published yet), the ``.in1k`` tags are placeholders."""
 
 WARM_START_SOURCES = {
     'ssb_resnetd26': 'resnet26d.bt_in1k',
@@ -256,6 +272,20 @@ WARM_START_SOURCES = {
     'ssb_resnetrs152': 'resnetrs152.tf_in1k',
 }
 """timm ImageNet weights of each baseline, loadable into the SSB model through its ``warmstart_*`` tag."""
+
+SOURCE_DATA_CFG_KEYS = (
+    'input_size',
+    'test_input_size',
+    'fixed_input_size',
+    'interpolation',
+    'crop_pct',
+    'test_crop_pct',
+    'crop_mode',
+    'mean',
+    'std',
+    'pool_size',
+)
+"""What a warm-start tag takes from its source weights' cfg: how those weights were trained and evaluated."""
 
 
 def warm_start_tag(name: str) -> str:
@@ -277,24 +307,62 @@ def add_missing_sampler_tensors(state_dict: Dict[str, torch.Tensor], model: nn.M
     return {**state_dict, **own}
 
 
+def _weights_source(cfg: PretrainedCfg) -> str:
+    """Where ``cfg`` loads its weights from, in words (timm's order: file, then Hub, then URL)."""
+    if cfg.file:
+        return f'the file {cfg.file!r}'
+    if cfg.hf_hub_id:
+        return f'the Hub repository {cfg.hf_hub_id!r}'
+    return f'the URL {cfg.url!r}'
+
+
+def _why_not_loaded(error: Exception) -> str:
+    """A one-line reason for a failed weight download or read."""
+    if isinstance(error, LocalEntryNotFoundError):
+        if hf_constants.HF_HUB_OFFLINE:
+            return 'HF_HUB_OFFLINE is set and they are not in the local Hub cache'
+        return 'the Hub could not be reached and they are not in the local Hub cache'
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{type(error).__name__}: {first_line}'
+
+
 def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    cfg = None
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+        if not cfg.has_weights:
+            raise RuntimeError(
+                f"{name}: no weights are published for this tag; it is a placeholder for this project's ImageNet "
+                'weights, which do not exist yet (README, "Pretrained weights"). Use pretrained=False; start from '
+                f"timm's ImageNet weights of the baseline with '{variant}.{warm_start_tag(variant)}'; load your own "
+                "with pretrained_cfg_overlay=dict(file=PATH), 'local-dir:PATH' or 'hf-hub:ORG/NAME'; or set "
+                'TIMM_SSB_HUB_ORG (before importing timm_ssb) to an organisation that hosts them.'
+            )
+        if cfg.file and not os.path.exists(cfg.file):
+            raise FileNotFoundError(f'{name}: the pretrained weights file {cfg.file!r} does not exist')
     try:
         return build_model_with_cfg(
             SSBResNet, variant, pretrained, pretrained_filter_fn=add_missing_sampler_tensors, **kwargs
         )
     except (OSError, HfHubHTTPError, EntryNotFoundError, SafetensorError) as e:
-        if not pretrained:
+        if cfg is None:
             raise
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
-        cfg_hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
-        source = overlay.get('file') or overlay.get('hf_hub_id') or cfg_hub_id
+        name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+        if cfg.tag == warm_start_tag(variant) and cfg.hf_hub_id == f'timm/{WARM_START_SOURCES[variant]}':
+            hint = (
+                f"They are timm's ImageNet weights of the baseline ({WARM_START_SOURCES[variant]}): load them once "
+                f"with network access (timm.create_model('{WARM_START_SOURCES[variant]}', pretrained=True) caches "
+                'them), or give a local copy with pretrained_cfg_overlay=dict(file=PATH).'
+            )
+        else:
+            hint = (
+                "Check the source; load weights with pretrained_cfg_overlay=dict(file=PATH), 'local-dir:PATH' or "
+                "'hf-hub:ORG/NAME'."
+            )
         raise RuntimeError(
-            f'{variant}: pretrained weights could not be loaded from {source!r} ({type(e).__name__}: {e}). '
-            'This project has published no ImageNet weights yet (README, "Pretrained weights"). '
-            f"Use pretrained=False; start from timm's ImageNet weights of the baseline with "
-            f"'{variant}.{warm_start_tag(variant)}'; load your own with pretrained_cfg_overlay=dict(file=PATH), "
-            "'local-dir:PATH' or 'hf-hub:ORG/NAME'; or set TIMM_SSB_HUB_ORG to the organisation that hosts them."
+            f'{name}: the pretrained weights could not be loaded from {_weights_source(cfg)}: {_why_not_loaded(e)}. '
+            + hint
         ) from e
 
 
@@ -317,15 +385,28 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+def _warm_start_cfg(name: str) -> Dict[str, Any]:
+    """The warm-start tag's cfg: timm's source weights, with the data config they were trained with."""
+    source = WARM_START_SOURCES[name]
+    source_cfg = get_pretrained_cfg(source).to_dict()
+    return _cfg(hf_hub_id=f'timm/{source}', **{k: source_cfg[k] for k in SOURCE_DATA_CFG_KEYS if k in source_cfg})
+
+
 def _model_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
-    """The project's ImageNet weights (the default tag), then the warm start from the baseline's timm weights."""
+    """The project's ImageNet weights (the default tag; a placeholder unless ``TIMM_SSB_HUB_ORG`` is set),
+    then the warm start from the baseline's timm weights."""
     return {
-        f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_ORG}/{name}.in1k'),
-        f'{name}.{warm_start_tag(name)}': _cfg(hf_hub_id=f'timm/{WARM_START_SOURCES[name]}'),
+        f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_ORG}/{name}.in1k' if HUB_ORG else None),
+        f'{name}.{warm_start_tag(name)}': _warm_start_cfg(name),
     }
 
 
 default_cfgs = generate_default_cfgs({k: v for name in BASELINES for k, v in _model_cfgs(name).items()})
+for _default_cfg in default_cfgs.values():
+    # timm makes the first tag with weights the default; ours stays the .in1k tag even while it is a
+    # placeholder, so that a plain pretrained=True never loads a baseline's weights without being asked.
+    _default_cfg.tags.remove('in1k')
+    _default_cfg.tags.appendleft('in1k')
 
 
 @register_model
