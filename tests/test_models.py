@@ -9,6 +9,7 @@ import torch
 from timm.models import create_feature_extractor
 
 import timm_ssb
+from ssb_reference import make_live
 from timm_ssb.models.ssb_resnet import SSBBottleneck
 
 MODELS = ['ssb_resnetd26', 'ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152']
@@ -25,13 +26,10 @@ def _ssb_blocks(model):
 
 
 def _create(name='ssb_resnetd50', seed=0, **kwargs):
-    """A model with non-zero saliency convs (a fresh model would sample uniformly), same weights per seed."""
+    """A model with live SSB branches (non-trivial norms, non-zero saliency convs: in a fresh model every
+    branch adds exactly zero and samples uniformly), the same weights per seed."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, **{**SMALL, **kwargs})
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1:
-            torch.nn.init.normal_(m.weight, std=0.05)
-    return model
+    return make_live(timm.create_model(name, **{**SMALL, **kwargs}), seed)
 
 
 def test_models_are_registered_once():
@@ -84,9 +82,12 @@ def test_issue_example_kwargs():
     assert model.fc.out_features == 10
 
 
-def test_fresh_adaptive_model_equals_uniform_model_exactly():
+def test_zero_saliency_adaptive_model_equals_uniform_model_exactly():
+    """Live branches (a fresh model's add zero), saliency convs at zero as in a fresh model."""
     torch.manual_seed(1)
-    adaptive = timm.create_model('ssb_resnetd50', **SMALL).eval()
+    adaptive = make_live(timm.create_model('ssb_resnetd50', **SMALL), saliency_std=0.0).eval()
+    for block in _ssb_blocks(adaptive):
+        block.sampler.reset_saliency()
     uniform = timm.create_model('ssb_resnetd50', ssb_sampler='uniform', **SMALL).eval()
     missing, unexpected = uniform.load_state_dict(adaptive.state_dict(), strict=False)
     assert not missing and all('.sampler.saliency.' in k for k in unexpected)
@@ -165,7 +166,7 @@ def test_any_input_size(size):
 def test_tiny_input_is_exactly_the_baseline():
     """At 32x32 every map of stages 2-4 is 4x4 or smaller than its size: SSB blocks compute a plain bottleneck."""
     torch.manual_seed(3)
-    ssb = timm.create_model('ssb_resnetd50').eval()
+    ssb = make_live(timm.create_model('ssb_resnetd50')).eval()
     base = timm.create_model('resnet50d').eval()
     base.load_state_dict({k: v for k, v in ssb.state_dict().items() if '.sampler.' not in k})
     x = torch.randn(2, 3, 32, 32)

@@ -13,11 +13,13 @@ from .samplers import (
 )
 from .sampling_matrices import (
     adaptive_matrices,
+    adaptive_positions,
     bilinear_matrices,
     gaussian_matrices,
     resample,
     resample_reference,
     resample_residual,
     saliency_positions,
+    separable_matrices,
     uniform_matrices,
 )
