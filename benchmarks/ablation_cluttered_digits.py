@@ -32,6 +32,7 @@ from timm_ssb.benchmark import machine_info
 from timm_ssb.complexity import model_complexity
 from timm_ssb.visualize import layer_views, plot_layer_views
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CANVAS = 96
 DIGIT = 16
 FRAGMENT = 6
@@ -125,7 +126,7 @@ def main() -> None:
     )
     parser.add_argument('--sizes', type=int, nargs=3, default=None, help='ssb_sizes (default: 6 3 2)')
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--out-dir', default=str(Path(__file__).parent / 'results'))
+    parser.add_argument('--out-dir', default=str(REPO_ROOT / 'benchmarks' / 'results'))
     parser.add_argument('--name', default='ablation_cluttered_digits')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,6 +152,7 @@ def main() -> None:
             runs.append(
                 dict(
                     sampler=sampler,
+                    model_kwargs={k: v for k, v in kwargs.items() if k != 'model'},
                     seed=seed,
                     accuracy=accuracy,
                     gmacs=gmacs,
@@ -190,11 +192,11 @@ def main() -> None:
     payload = dict(
         settings=dict(
             vars(args),
+            out_dir=os.path.relpath(out_dir, REPO_ROOT),
             canvas=CANVAS,
             digit=DIGIT,
             fragments=FRAGMENTS,
             fragment=FRAGMENT,
-            model_kwargs=MODEL_KWARGS,
         ),
         machine=machine_info('cpu'),
         table=table,

@@ -13,6 +13,7 @@ every norm non-trivial weights and statistics and every saliency conv non-zero w
 
 import copy
 import math
+import zlib
 from typing import List, Tuple
 
 import torch
@@ -22,25 +23,33 @@ import torch.nn.functional as F
 from timm_ssb.layers import AdaptiveSampler, BilinearSampler, DConvSampler, GaussianSampler
 from timm_ssb.models import SSBBottleneck
 
+WRAPPER_PREFIXES = ('body.', 'model.', 'graph_module.')
+"""Prefixes timm's feature wrappers put before the model's own module names."""
+
 
 @torch.no_grad()
 def make_live(model: nn.Module, seed: int = 0, saliency_std: float = 2.0) -> nn.Module:
-    """Non-trivial norm weights, biases and running statistics; saliency convs that move the samples."""
-    g = torch.Generator().manual_seed(seed)
+    """Non-trivial norm weights, biases and running statistics; saliency convs that move the samples.
 
-    def draw(t: torch.Tensor, low: float, high: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * (high - low) + low)
+    Each module's values are drawn from its own name (feature wrappers' prefixes removed), so a model and
+    its ``features_only`` forms, whose modules come in other orders, get the same values."""
+    for name, m in model.named_modules():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.removeprefix(prefix)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
-    for m in model.modules():
+        def draw(t: torch.Tensor, low: float, high: float, g=g) -> None:
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * (high - low) + low)
+
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             draw(m.weight, 0.5, 1.5)
             draw(m.bias, -0.3, 0.3)
             draw(m.running_mean, -0.3, 0.3)
             draw(m.running_var, 0.5, 2.0)
-        elif isinstance(m, AdaptiveSampler):
-            fan_in = m.saliency.weight[0].numel()
-            m.saliency.weight.copy_(torch.randn(m.saliency.weight.shape, generator=g) * saliency_std / fan_in**0.5)
-            draw(m.saliency.bias, -1.0, 1.0)
+        elif isinstance(m, nn.Conv2d) and name.split('.')[-1] == 'saliency':  # also where FX kept only the conv
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * saliency_std / fan_in**0.5)
+            draw(m.bias, -1.0, 1.0)
     return model
 
 

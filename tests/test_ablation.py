@@ -29,3 +29,37 @@ def test_canvases_hold_the_digit_somewhere_with_clutter():
         assert canvas.sum() > digit.sum()  # and there is clutter besides it
     again = ablation.cluttered_canvases(digits[:4], digits[100:200], torch.Generator().manual_seed(0))
     assert torch.equal(canvases, again)
+
+
+def test_a_run_is_deterministic_per_seed():
+    """Same seed, same threads: the same weights and accuracy (what the committed results rely on)."""
+    digits, labels = ablation.load_digits()
+    data = {
+        'train_digits': digits[:96],
+        'train_y': labels[:96],
+        'test_x': ablation.cluttered_canvases(digits[96:160], digits[:96], torch.Generator().manual_seed(7)),
+        'test_y': labels[96:160],
+    }
+    kwargs = ablation.sampler_kwargs('ssb_resnetd26', 'adaptive', 0.05)
+    runs = [ablation.train_one(dict(kwargs), 3, data, epochs=1, batch_size=32, lr=3e-3) for _ in range(2)]
+    (acc_a, model_a), (acc_b, model_b) = runs
+    assert acc_a == acc_b
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    saliency = [v for k, v in model_a.state_dict().items() if k.endswith('saliency.weight')]
+    assert saliency and all(torch.count_nonzero(v) > 0 for v in saliency)  # the adaptive layers did train
+
+
+def test_result_files_match_the_script():
+    """Every committed ablation result was written by this script's current form: its settings are the
+    script's arguments, and each run records the model arguments it was trained with."""
+    import json
+
+    parser_defaults = {'samplers', 'model', 'seeds', 'epochs', 'batch_size', 'lr', 'sigma_g', 'sizes', 'threads'}
+    for path in sorted((SCRIPT.parent / 'results').glob('ablation_cluttered_digits*.json')):
+        result = json.loads(path.read_text())
+        assert parser_defaults <= set(result['settings']), path.name
+        assert result['machine']['command'].startswith('python benchmarks/ablation_cluttered_digits.py'), path.name
+        assert result['machine']['git_commit'], path.name
+        for run in result['runs']:
+            assert run['model_kwargs']['ssb_sampler'] == run['sampler'], path.name

@@ -13,9 +13,13 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
@@ -37,6 +41,7 @@ __all__ = [
     'benchmark_pair',
     'run_benchmark',
     'machine_info',
+    'run_record',
     'format_table',
     'stage_times',
     'model_parts',
@@ -90,9 +95,33 @@ class BenchResult:
         return self.baseline_gmacs / self.gmacs
 
 
+def run_record() -> Dict[str, Any]:
+    """The code and the command a result was made with: the git commit of this package's checkout (``None``
+    outside one), whether tracked files differed from it, and the command line as typed."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(['git', '-C', str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git('rev-parse', 'HEAD')
+    status = git('status', '--porcelain', '--untracked-files=no') if commit else None
+    program = sys.argv[0]
+    if program.endswith('.py'):
+        head = ['python', os.path.relpath(program, root) if os.path.isabs(program) else program]
+    else:
+        head = [os.path.basename(program)]
+    command = shlex.join(head + sys.argv[1:])
+    return {'git_commit': commit, 'git_dirty': bool(status) if commit else None, 'command': command}
+
+
 def machine_info(device: str) -> Dict[str, Any]:
-    """Machine, versions and thread settings, for reproducibility."""
+    """Machine, versions and thread settings, and the commit and command (:func:`run_record`), for reproducibility."""
     info: Dict[str, Any] = {
+        **run_record(),
         'platform': platform.platform(),
         'python': platform.python_version(),
         'processor': _cpu_name(),
