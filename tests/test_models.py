@@ -363,19 +363,30 @@ def test_torch_compile_fullgraph_no_graph_breaks(sampler):
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_train_step():
-    model = _create(num_classes=4).train()
-    ref = _create(num_classes=4).train()
+def test_torch_compile_inductor_eval_and_train_step():
+    """Inductor against eager with live branches. Training normalises with batch statistics, which amplify
+    rounding where maps are small (at 64 x 64 with sizes (4, 2, 1) layer4's branch sees 1 x 1 maps, two values
+    a channel at batch 2, and the outputs differ by 0.4 in fp32): hence 128 x 128, sizes (8, 4, 2), batch 4."""
+    x = torch.randn(2, 3, 64, 64)
+    model = _create(num_classes=4).eval()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)
+    sizes = dict(ssb_sizes=(8, 4, 2))
+    model, ref = _create(num_classes=4, **sizes).train(), _create(num_classes=4, **sizes).train()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 128, 128)
+    weights = torch.randn(4, 4)
     out = compiled(x)
-    out.sum().backward()
+    (out * weights).sum().backward()
     expected = ref(x)
-    expected.sum().backward()
+    (expected * weights).sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-3)
+    floor = 1e-2 * max(q.grad.norm().item() for q in ref.parameters())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        error = (p.grad - q.grad).norm().item() / max(q.grad.norm().item(), floor)
+        assert error < 0.1, f'gradient of {name}: relative error {error:.3g}'
 
 
 @pytest.mark.parametrize('output_stride', [8, 16])

@@ -147,6 +147,24 @@ def test_resample_casts_matrices_to_input_dtype():
     torch.testing.assert_close(out.float(), resample(x.float(), dy, dx), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear'])
+def test_sampler_takes_fp32_channels_last_under_autocast(kind):
+    """Autocast hands a reusable sampler fp32 maps (e.g. a network's input): the fast path's products run in
+    bf16 like ``torch.matmul``'s, and the fused residual end adds the fp32 residual as the reference does."""
+    sampler = create_sampler(kind, 64, 8)
+    if kind == 'adaptive':
+        torch.nn.init.normal_(sampler.saliency.weight, std=0.2)
+    x = torch.randn(2, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        z, state = sampler(x)
+        out = sampler.inverse_residual(z * 2, state, x, relu=True)
+        z_ref, state_ref = sampler(x.contiguous())
+        out_ref = sampler.inverse_residual(z_ref * 2, state_ref, x.contiguous(), relu=True)
+    assert z.dtype == z_ref.dtype == torch.bfloat16 and out.dtype == out_ref.dtype == torch.float32
+    torch.testing.assert_close(z.float(), z_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+
+
 def test_saliency_softmax_in_float32_under_autocast():
     sampler = AdaptiveSampler(8, 4)
     x = torch.randn(2, 8, 14, 14)
