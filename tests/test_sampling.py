@@ -1,5 +1,7 @@
 """Properties that pin the sampling maths."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from timm_ssb.layers import (
     saliency_positions,
     uniform_matrices,
 )
-from timm_ssb.layers.sampling_matrices import pixel_centres
+from timm_ssb.layers.sampling_matrices import pixel_centres, tailless_softmax
 
 SIZES = [(28, 28, 16), (14, 9, 8), (7, 7, 4), (13, 20, 5)]
 
@@ -163,6 +165,25 @@ def test_sampler_takes_fp32_channels_last_under_autocast(kind):
     assert z.dtype == z_ref.dtype == torch.bfloat16 and out.dtype == out_ref.dtype == torch.float32
     torch.testing.assert_close(z.float(), z_ref.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('kind', ['adaptive', 'uniform'])
+@pytest.mark.parametrize('length,size', [(112, 16), (56, 8), (28, 16), (14, 4)])
+def test_sampling_weights_hold_no_subnormal_floats(kind, length, size):
+    """Subnormal weights make every multiply an Intel microcode assist; the Gaussian tails would hold them."""
+    sampler = create_sampler(kind, 8, size)
+    if kind == 'adaptive':
+        torch.nn.init.normal_(sampler.saliency.weight, std=2.0)
+    tiny = torch.finfo(torch.float32).tiny
+    for m in sampler.matrices(torch.randn(2, 8, length, length + 3)):
+        assert not ((m != 0) & (m.abs() < tiny)).any()
+        smallest = torch.where(m != 0, m, torch.inf).amin(-1)  # each row's smallest non-zero weight
+        assert (smallest >= math.exp(-50) * m.amax(-1) * 0.99).all()  # so products with normal maps stay normal
+    logits = -torch.linspace(0, 200, 400).square().view(1, 20, 20)  # tails from 1 down to exp(-40000)
+    plain, tailless = torch.softmax(logits, -1), tailless_softmax(logits, -1)
+    assert ((plain != 0) & (plain < tiny)).any()  # the case exists: plain softmax makes subnormals here
+    assert not ((tailless != 0) & (tailless < tiny)).any()
+    torch.testing.assert_close(tailless, plain, rtol=0, atol=1e-21)
 
 
 def test_saliency_softmax_in_float32_under_autocast():

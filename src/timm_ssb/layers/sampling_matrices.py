@@ -28,6 +28,8 @@ __all__ = [
     'pixel_centres',
     'identity_matrices',
     'gaussian_matrices',
+    'tailless_softmax',
+    'SMALLEST_WEIGHT_LOG',
     'saliency_positions',
     'separable_matrices',
     'uniform_matrices',
@@ -55,6 +57,23 @@ def identity_matrices(length: int, batch_size: int, device: torch.device) -> Lis
     return [eye, eye]
 
 
+SMALLEST_WEIGHT_LOG = -50.0
+"""Sampling weights below ``exp(-50)`` (~2e-22) of their row's largest are set to exactly zero.
+
+A Gaussian's far tail underflows into subnormal floats (~1e-40); on Intel CPUs every multiply with a
+subnormal takes a microcode assist, and the sampling products ran up to ten times slower. Cutting the tail
+at 2e-22 of the peak leaves no subnormal weight, and keeps the products of the remaining weights with any
+normal activation above the subnormal range; it changes results by less than 1e-21 relative."""
+
+
+def tailless_softmax(logits: torch.Tensor, dim: int, smallest_weight_log: float = SMALLEST_WEIGHT_LOG) -> torch.Tensor:
+    """``softmax(logits, dim)`` with the entries below ``exp(smallest_weight_log)`` of the largest set to zero.
+
+    (The width is an argument, not the module constant, because TorchScript cannot read float globals.)"""
+    floor = logits.amax(dim=dim, keepdim=True) + smallest_weight_log
+    return torch.softmax(logits.masked_fill(logits < floor, float('-inf')), dim=dim)
+
+
 def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
     """Gaussian read-out and scatter-back matrices for samples at ``positions``.
 
@@ -65,12 +84,13 @@ def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, s
         sigma_up: width of the scatter kernel; ``up[j, i] = softmax_i(-(q_j - u_i)^2 / 2 sigma_up^2)``.
 
     Returns:
-        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution.
+        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution, its far tail exactly
+        zero (see :data:`SMALLEST_WEIGHT_LOG`).
     """
     centres = pixel_centres(length, positions.device)
     sq_dist = (positions.unsqueeze(-1) - centres).square()  # (B, s, L)
-    down = torch.softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1)
-    up = torch.softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2).transpose(-1, -2)
+    down = tailless_softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1)
+    up = tailless_softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2).transpose(-1, -2)
     return [down, up]
 
 
@@ -101,8 +121,8 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     kernel = (targets.unsqueeze(-1) - extended).square() * (-0.5 / sigma_g**2)  # (s, 3L)
     log_m = log_marginal - log_marginal.amax(dim=-1, keepdim=True)
     log_m = F.pad(log_m.unsqueeze(1), (length, length), mode='replicate').squeeze(1)  # (B, 3L)
-    weights = torch.softmax(log_m.unsqueeze(1) + kernel, dim=-1)  # (B, s, 3L)
-    uniform_weights = torch.softmax(kernel, dim=-1)
+    weights = tailless_softmax(log_m.unsqueeze(1) + kernel, dim=-1)  # (B, s, 3L)
+    uniform_weights = tailless_softmax(kernel, dim=-1)
     shift = ((weights - uniform_weights) * extended).sum(-1)
     return (targets + shift).clamp(0.0, 1.0)
 
