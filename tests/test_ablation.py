@@ -60,6 +60,6 @@ def test_result_files_match_the_script():
         result = json.loads(path.read_text())
         assert parser_defaults <= set(result['settings']), path.name
         assert result['machine']['command'].startswith('python benchmarks/ablation_cluttered_digits.py'), path.name
-        assert result['machine']['git_commit'], path.name
+        assert result['machine']['git_commit'] and result['machine']['git_dirty'] is False, path.name
         for run in result['runs']:
             assert run['model_kwargs']['ssb_sampler'] == run['sampler'], path.name

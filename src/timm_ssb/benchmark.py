@@ -97,7 +97,8 @@ class BenchResult:
 
 def run_record() -> Dict[str, Any]:
     """The code and the command a result was made with: the git commit of this package's checkout (``None``
-    outside one), whether tracked files differed from it, and the command line as typed."""
+    outside one), whether tracked files other than the committed results (``benchmarks/results``, which a
+    run rewrites) differed from it, and the command line as typed."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> Optional[str]:
@@ -108,7 +109,8 @@ def run_record() -> Dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git('rev-parse', 'HEAD')
-    status = git('status', '--porcelain', '--untracked-files=no') if commit else None
+    status = git('status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)benchmarks/results')
+    status = status if commit else None
     program = sys.argv[0]
     if program.endswith('.py'):
         head = ['python', os.path.relpath(program, root) if os.path.isabs(program) else program]
