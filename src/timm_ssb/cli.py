@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import timm
@@ -123,8 +124,6 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 

@@ -62,8 +62,8 @@ SMALLEST_WEIGHT_LOG = -50.0
 
 A Gaussian's far tail underflows into subnormal floats (~1e-40); on Intel CPUs every multiply with a
 subnormal takes a microcode assist, and the sampling products ran up to ten times slower. Cutting the tail
-at 2e-22 of the peak leaves no subnormal weight, and keeps the products of the remaining weights with any
-normal activation above the subnormal range; it changes results by less than 1e-21 relative."""
+at 2e-22 of the peak leaves no subnormal weight, and keeps the products of the remaining weights with
+activations above ~1e-16 in magnitude normal; it changes results by less than 1e-21 relative."""
 
 
 def tailless_softmax(logits: torch.Tensor, dim: int, smallest_weight_log: float = SMALLEST_WEIGHT_LOG) -> torch.Tensor:
