@@ -49,3 +49,21 @@ def test_benchmark_scripts_reject_bad_arguments():
     for name, args in [('sampling_products.py', ['--repeats', '0']), ('time_ceiling.py', ['--models', 'resnet50d'])]:
         result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True)
         assert result.returncode == 2 and ('--repeats must be positive' in result.stderr or '--models' in result.stderr)
+
+
+def test_subnormal_products_counts_subnormals_and_records_the_run(tmp_path):
+    path = tmp_path / 'subnormal.json'
+    out = run_script('subnormal_products.py', '--batch-size', '1', '--rounds', '1', '--iters', '1', '--json', str(path))
+    assert 'plain/cut' in out
+    payload = json.loads(path.read_text())
+    layer2, layer3, layer4 = payload['rows']
+    assert (layer2['subnormal_weights'], layer2['weights']) == (18, 16 * 28)  # the plain Gaussian tails hold some
+    assert layer2['speedup'] == pytest.approx(layer2['plain_ms'] / layer2['tailless_ms'])
+    assert (
+        payload['machine']['command'].startswith('python ') and 'subnormal_products.py' in payload['machine']['command']
+    )
+    assert 'git_commit' in payload['machine'] and path.with_suffix('.txt').read_text().startswith('sampling down')
+    bad = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'subnormal_products.py'), '--rounds', '0'], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and '--rounds must be a positive int' in bad.stderr
