@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import timm
 
+from timm_ssb import BASELINES
 from timm_ssb.cli import main
 from timm_ssb.complexity import model_complexity
 
@@ -11,13 +13,8 @@ from timm_ssb.complexity import model_complexity
 def test_models_json(capsys):
     assert main(['models', '--json']) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r['model'] for r in rows] == [
-        'ssb_resnetd26',
-        'ssb_resnetd50',
-        'ssb_resnetd101',
-        'ssb_resnetd152',
-        'ssb_resnetrs152',
-    ]
+    assert [r['model'] for r in rows] == timm.list_models('ssb_*')
+    assert {r['model']: r['baseline'] for r in rows} == {**BASELINES, 'ssb_resnet': 'resnet50d'}
     by_name = {r['model']: r for r in rows}
     r50 = by_name['ssb_resnetd50']
     assert r50['baseline'] == 'resnet50d'
@@ -27,6 +24,11 @@ def test_models_json(capsys):
     assert (r50['baseline_paper_gmacs'], r50['baseline_paper_params_m']) == (4.3, 25.6)
     assert by_name['ssb_resnetrs152']['paper_gmacs'] is None
     assert by_name['ssb_resnetd152']['gmacs_ratio'] == pytest.approx(2.09, abs=0.01)
+    assert by_name['ssb_resnet']['gmacs'] == pytest.approx(r50['gmacs'])  # its default source is resnet50d
+    for name in ('ssb_resnetrs50', 'ssb_resnetrs200', 'ssb_resnetrs420'):
+        row = by_name[name]
+        assert row['baseline_gmacs'] == pytest.approx(model_complexity(BASELINES[name]).gmacs)
+        assert row['gmacs_ratio'] > 1.4 and 0 < row['params_m'] - row['baseline_params_m'] < 0.2
 
 
 def test_models_table_at_other_size_has_no_paper_column(capsys):

@@ -151,3 +151,35 @@ def test_timm_scripts_through_the_runner_and_torchrun(tmp_path):
         tmp_path,
     )  # fmt: skip
     assert (tmp_path / 'results.json').read_text().splitlines()[1].startswith('ssb_resnetd50,')
+
+
+@pytest.mark.slow
+@NEEDS_TIMM_SOURCE
+def test_timm_train_py_fine_tunes_a_converted_pretrained_resnet(tmp_path):
+    """The README's example: train.py --model ssb_resnet --model-kwargs ssb_source=... --pretrained, with the
+    source's timm weights in a Hub cache laid out offline; the checkpoint starts from those weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    from test_hub import lay_out_repo
+
+    torch.manual_seed(0)
+    weights = timm.create_model('resnet26d').state_dict()
+    save_file(weights, tmp_path / 'model.safetensors')
+    cache = tmp_path / 'hub'
+    lay_out_repo(cache, 'timm/resnet26d.bt_in1k', {'model.safetensors': tmp_path / 'model.safetensors'})
+    data = _tiny_image_folder(tmp_path / 'data')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache))
+    result = subprocess.run(
+        [sys.executable, Path(TIMM_SOURCE) / 'train.py', data, '--model', 'ssb_resnet', '--device-modules', 'timm_ssb',
+         '--model-kwargs', 'ssb_source=resnet26d.bt_in1k', 'ssb_sizes=(4,2,1)', '--pretrained', '--num-classes', '2',
+         '--img-size', '64', '-j', '0', '--device', 'cpu', '--no-prefetcher', '-b', '4', '--epochs', '1',
+         '--warmup-epochs', '0', '--lr', '0', '--output', tmp_path / 'out', '--experiment', 'ft'],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(tmp_path / 'out' / 'ft' / 'last.pth.tar', weights_only=False)['state_dict']
+    assert 'layer2.1.sampler.saliency.weight' in state and state['fc.weight'].shape == (2, 2048)
+    source = weights['layer3.1.conv2.weight']  # lr 0 (timm's schedulers still take a step of ~1e-5): the source's
+    torch.testing.assert_close(state['layer3.1.conv2.weight'], source, rtol=1e-3, atol=1e-5)
+    assert (source - timm.create_model('resnet26d').state_dict()['layer3.1.conv2.weight']).abs().max() > 1e-2

@@ -11,9 +11,14 @@ import torch
 
 from .complexity import model_complexity
 from .models import BASELINES, DEFAULT_SSB_SIZES
+from .models.ssbify import DEFAULT_SSB_SOURCE
 from .paper import paper_figure
 
 __all__ = ['main']
+
+
+BENCH_MODELS = ('ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152', 'ssb_resnetrs152')
+"""What ``timm-ssb bench`` measures by default: the paper's models (the speed targets' columns)."""
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -27,7 +32,7 @@ def models_table(input_size: Optional[int] = None) -> List[dict]:
         cfg_size = timm.get_pretrained_cfg_value(name, 'input_size')
         size = (3, input_size, input_size) if input_size else tuple(cfg_size)
         ours = model_complexity(name, size)
-        baseline = BASELINES.get(name)
+        baseline = BASELINES.get(name, DEFAULT_SSB_SOURCE if name == 'ssb_resnet' else None)
         base = model_complexity(baseline, size) if baseline else None
         paper = paper_figure(name, 'adaptive', DEFAULT_SSB_SIZES) if size[1:] == (224, 224) else None
         base_paper = paper_figure(baseline) if baseline and size[1:] == (224, 224) else None
@@ -186,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         'bench', help='throughput (and memory) of SSB models against their timm baselines, in one process'
     )
-    bench.add_argument('--models', nargs='+', default=list(BASELINES), metavar='NAME', help='SSB models (default: all)')
+    bench.add_argument(
+        '--models',
+        nargs='+',
+        default=list(BENCH_MODELS),
+        metavar='NAME',
+        help=f'SSB models with a registered baseline (default: {" ".join(BENCH_MODELS)})',
+    )
     bench.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
     bench.add_argument('--batch-size', type=_positive_int, default=16)
     bench.add_argument('--img-size', type=_positive_int, default=224)

@@ -147,6 +147,7 @@ def model_card(model: torch.nn.Module, model_name: str, repo_id: str, source: st
     sizes = getattr(model, 'ssb_sizes', None)
     counts = model_complexity(model_name, **{k: v for k, v in args.items() if k != 'num_classes'})
     paper = paper_figure(model_name, sampler, sizes)
+    converted_from = f" of timm's `{args['ssb_source']}`" if 'ssb_source' in args else ''
     paper_line = (
         f'The paper reports {paper.gmacs} GMACs and {paper.params_m}M parameters for this configuration.'
         if paper
@@ -166,11 +167,11 @@ tags:
 - timm
 - ssbnet
 library_name: timm
-license: apache-2.0
+license: {model.pretrained_cfg.get('license', 'apache-2.0')}
 ---
 # {repo_id.split('/')[-1]}
 
-SSBNet model ({model_name}, sampler `{sampler}`, sizes `{sizes}`) for timm, from the `timm-ssb` package:
+SSBNet model ({model_name}{converted_from}, sampler `{sampler}`, sizes `{sizes}`) for timm, from the `timm-ssb` package:
 adaptive sampling in every stride-1 ResNet bottleneck of stages 2-4 (Kwan & Song, ECCV 2022, arXiv:2207.11511).
 
 ## Usage

@@ -41,6 +41,7 @@ __all__ = [
     'HUB_ORG',
     'WARM_START_SOURCES',
     'add_missing_sampler_tensors',
+    'check_ssb_args',
     'warm_start_tag',
 ]
 
@@ -52,7 +53,13 @@ BASELINES = {
     'ssb_resnetd50': 'resnet50d',
     'ssb_resnetd101': 'resnet101d',
     'ssb_resnetd152': 'resnet152d',
+    'ssb_resnetrs50': 'resnetrs50',
+    'ssb_resnetrs101': 'resnetrs101',
     'ssb_resnetrs152': 'resnetrs152',
+    'ssb_resnetrs200': 'resnetrs200',
+    'ssb_resnetrs270': 'resnetrs270',
+    'ssb_resnetrs350': 'resnetrs350',
+    'ssb_resnetrs420': 'resnetrs420',
 }
 """The timm model each SSB model is built from (same tensors, bar the samplers')."""
 
@@ -101,6 +108,46 @@ class SSBBottleneck(Bottleneck):
             device=kwargs.get('device'),
             dtype=kwargs.get('dtype'),
         )
+
+    @classmethod
+    def from_bottleneck(
+        cls,
+        block: Bottleneck,
+        sampler: str = 'adaptive',
+        sampler_size: Optional[int] = None,
+        saliency_kernel: int = 1,
+        sampler_args: Optional[Dict[str, Any]] = None,
+    ) -> 'SSBBottleneck':
+        """The SSB version of a built stride-1 :class:`Bottleneck`, holding the very same submodules.
+
+        Every tensor of ``block`` keeps its name (``conv1.weight``, ...); the new sampler is built on the
+        device and in the dtype of ``block.conv1`` (a ``dconv`` sampler's norm is of ``block.bn1``'s
+        class) and is in ``block``'s train/eval mode. Hooks registered on ``block`` itself are not carried
+        over (hooks on its submodules are, with the submodules).
+        """
+        if block.stride != 1 or block.downsample is not None:
+            raise ValueError('SSBBottleneck requires stride=1 and no downsample (the shortcut must be the identity)')
+        ssb = cls.__new__(cls)
+        nn.Module.__init__(ssb)
+        for name, module in block.named_children():
+            ssb.add_module(name, module)
+        for name in ('se', 'downsample', 'drop_path'):  # optional submodules that are None
+            if getattr(block, name) is None:
+                setattr(ssb, name, None)
+        ssb.stride = block.stride
+        ssb.dilation = block.dilation
+        weight = block.conv1.weight
+        ssb.sampler = create_sampler(
+            sampler,
+            block.conv1.in_channels,
+            sampler_size,
+            saliency_kernel=saliency_kernel,
+            norm_layer=type(block.bn1),
+            sampler_args=sampler_args,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        return ssb.train(block.training)
 
     def residual_branch(self, z: torch.Tensor) -> torch.Tensor:
         """The bottleneck's residual branch (convs, norms, SE) on the sampled map ``z``."""
@@ -176,12 +223,13 @@ class SSBStageBlock:
         )
 
 
-def _resolve_ssb_sizes(ssb_sizes: Any, ssb_sampler: str) -> Optional[Tuple[int, int, int]]:
+def _resolve_ssb_sizes(ssb_sizes: Any, ssb_sampler: str, prefix: str) -> Optional[Tuple[int, int, int]]:
+    param = f'{prefix}sizes'
     if ssb_sampler == 'dconv':
         if ssb_sizes is not None:
             raise ValueError(
-                "ssb_sizes does not apply to ssb_sampler='dconv': its stride-2 conv sets the sampled side "
-                '(ceil(L / 2): 14, 7, 4 at 224 x 224); leave ssb_sizes unset'
+                f"{param} does not apply to {prefix}sampler='dconv': its stride-2 conv sets the sampled side "
+                f'(ceil(L / 2): 14, 7, 4 at 224 x 224); leave {param} unset'
             )
         return None
     if ssb_sizes is None:
@@ -193,10 +241,38 @@ def _resolve_ssb_sizes(ssb_sizes: Any, ssb_sampler: str) -> Optional[Tuple[int, 
         or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in ssb_sizes)
     ):
         raise ValueError(
-            f'ssb_sizes must be three positive ints, the sampled sides of stages 2, 3 and 4 '
+            f'{param} must be three positive ints, the sampled sides of stages 2, 3 and 4 '
             f'(e.g. {DEFAULT_SSB_SIZES}); got {ssb_sizes!r}'
         )
     return tuple(ssb_sizes)
+
+
+def check_ssb_args(
+    sizes: Any, sampler: Any, saliency_kernel: Any, sampler_args: Any, prefix: str = 'ssb_'
+) -> Optional[Tuple[int, int, int]]:
+    """Check the SSB arguments of a model (``prefix='ssb_'``) or of :func:`~timm_ssb.ssbify` (``prefix=''``).
+
+    Raises ``ValueError`` naming the parameter (``{prefix}sizes``, ...) and what it allows; returns the
+    sampled sides of stages 2-4 (``None`` for ``dconv``).
+    """
+    check_sampler(sampler, f'{prefix}sampler')
+    check_saliency_kernel(saliency_kernel, f'{prefix}saliency_kernel')
+    resolved = _resolve_ssb_sizes(sizes, sampler, prefix)
+    if sampler_args is not None and not isinstance(sampler_args, dict):
+        raise ValueError(f'{prefix}sampler_args must be a dict of sampler keyword arguments; got {sampler_args!r}')
+    if sampler_args:
+        try:  # a throwaway sampler checks the arguments once, with the caller's names in the message
+            create_sampler(sampler, 1, 1, sampler_args=sampler_args, device='meta')
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f'{prefix}sampler_args {sampler_args!r} do not fit {prefix}sampler={sampler!r}: {e}'
+            ) from e
+    if sampler != 'adaptive' and saliency_kernel != 1:
+        raise ValueError(
+            f"{prefix}saliency_kernel applies to {prefix}sampler='adaptive' only; got {saliency_kernel!r} "
+            f'with {prefix}sampler={sampler!r}'
+        )
+    return resolved
 
 
 class SSBResNet(ResNet):
@@ -223,25 +299,9 @@ class SSBResNet(ResNet):
         ssb_sampler_args: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        check_sampler(ssb_sampler, 'ssb_sampler')
-        check_saliency_kernel(ssb_saliency_kernel, 'ssb_saliency_kernel')
-        sizes = _resolve_ssb_sizes(ssb_sizes, ssb_sampler)
+        sizes = check_ssb_args(ssb_sizes, ssb_sampler, ssb_saliency_kernel, ssb_sampler_args)
         if len(layers) != 4:
             raise ValueError(f'layers must give the block count of 4 stages; got {layers!r}')
-        if ssb_sampler_args is not None and not isinstance(ssb_sampler_args, dict):
-            raise ValueError(f'ssb_sampler_args must be a dict of sampler keyword arguments; got {ssb_sampler_args!r}')
-        if ssb_sampler_args:
-            try:  # a throwaway sampler checks the arguments once, with the model's names in the message
-                create_sampler(ssb_sampler, 1, 1, sampler_args=ssb_sampler_args, device='meta')
-            except (TypeError, ValueError) as e:
-                raise ValueError(
-                    f'ssb_sampler_args {ssb_sampler_args!r} do not fit ssb_sampler={ssb_sampler!r}: {e}'
-                ) from e
-        if ssb_sampler != 'adaptive' and ssb_saliency_kernel != 1:
-            raise ValueError(
-                f"ssb_saliency_kernel applies to ssb_sampler='adaptive' only; got {ssb_saliency_kernel!r} "
-                f'with ssb_sampler={ssb_sampler!r}'
-            )
         stage_sizes = sizes or (None, None, None)
         blocks = (Bottleneck,) + tuple(
             SSBStageBlock(ssb_sampler, size, ssb_saliency_kernel, ssb_sampler_args) for size in stage_sizes
@@ -269,7 +329,7 @@ WARM_START_SOURCES = {
     'ssb_resnetd50': 'resnet50d.ra2_in1k',
     'ssb_resnetd101': 'resnet101d.ra2_in1k',
     'ssb_resnetd152': 'resnet152d.ra2_in1k',
-    'ssb_resnetrs152': 'resnetrs152.tf_in1k',
+    **{name: f'{BASELINES[name]}.tf_in1k' for name in BASELINES if name.startswith('ssb_resnetrs')},
 }
 """timm ImageNet weights of each baseline, loadable into the SSB model through its ``warmstart_*`` tag."""
 
@@ -438,16 +498,55 @@ def ssb_resnetd152(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
     return _create_ssb_resnet('ssb_resnetd152', pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
-def ssb_resnetrs152(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
-    """SSB-ResNet-RS-152: timm's resnetrs152 (conv stem pool, SE in every block) with SSB blocks."""
-    attn_layer = partial(get_attn('se'), rd_ratio=0.25)
-    model_args = dict(
-        layers=(3, 8, 36, 3),
+def _ssb_resnetrs_args(layers: Tuple[int, int, int, int]) -> Dict[str, Any]:
+    """timm's ResNet-RS layout: ResNet-D with the stem max-pool replaced by a conv, SE in every block."""
+    return dict(
+        layers=layers,
         stem_width=32,
         stem_type='deep',
         replace_stem_pool=True,
         avg_down=True,
-        block_args=dict(attn_layer=attn_layer),
+        block_args=dict(attn_layer=partial(get_attn('se'), rd_ratio=0.25)),
     )
-    return _create_ssb_resnet('ssb_resnetrs152', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ssb_resnetrs50(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-50: timm's resnetrs50 with SSB blocks."""
+    return _create_ssb_resnet('ssb_resnetrs50', pretrained, **dict(_ssb_resnetrs_args((3, 4, 6, 3)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs101(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-101: timm's resnetrs101 with SSB blocks."""
+    return _create_ssb_resnet('ssb_resnetrs101', pretrained, **dict(_ssb_resnetrs_args((3, 4, 23, 3)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs152(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-152: timm's resnetrs152 (conv stem pool, SE in every block) with SSB blocks."""
+    return _create_ssb_resnet('ssb_resnetrs152', pretrained, **dict(_ssb_resnetrs_args((3, 8, 36, 3)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs200(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-200: timm's resnetrs200 with SSB blocks (the paper's headline model, 82.6% top-1)."""
+    return _create_ssb_resnet('ssb_resnetrs200', pretrained, **dict(_ssb_resnetrs_args((3, 24, 36, 3)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs270(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-270: timm's resnetrs270 with SSB blocks. Not in the paper."""
+    return _create_ssb_resnet('ssb_resnetrs270', pretrained, **dict(_ssb_resnetrs_args((4, 29, 53, 4)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs350(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-350: timm's resnetrs350 with SSB blocks. Not in the paper."""
+    return _create_ssb_resnet('ssb_resnetrs350', pretrained, **dict(_ssb_resnetrs_args((4, 36, 72, 4)), **kwargs))
+
+
+@register_model
+def ssb_resnetrs420(pretrained: bool = False, **kwargs: Any) -> SSBResNet:
+    """SSB-ResNet-RS-420: timm's resnetrs420 with SSB blocks. Not in the paper."""
+    return _create_ssb_resnet('ssb_resnetrs420', pretrained, **dict(_ssb_resnetrs_args((4, 44, 87, 4)), **kwargs))
