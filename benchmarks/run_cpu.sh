@@ -4,7 +4,9 @@
 # Runs twice: with glibc's default allocator settings, then with freed memory kept in the process
 # (no mmap for large blocks, no trimming), which removes the page faults every new large tensor
 # otherwise costs both models. Writes benchmarks/results/cpu_{inference,train,time_ceiling}[_malloc_kept]
-# and cpu_sampling_products, each .json (with the commit and command) and .txt. About 45 minutes on 2 cores.
+# and cpu_sampling_products, then (default allocator) bf16 autocast and torch.compile inference,
+# cpu_inference_{bf16,compile,compile_bf16} and cpu_time_ceiling_bf16; each .json (with the commit and
+# command) and .txt. The fp32 runs took about 45 minutes on 2 cores; the bf16 and compile runs are not timed yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -21,4 +23,15 @@ run() {
 }
 run '' "$@"
 python benchmarks/sampling_products.py --json "$out/cpu_sampling_products.json" | tee "$out/cpu_sampling_products.txt"
+# bf16 autocast (how CPUs with native bf16 run these models) and torch.compile, inference, default allocator
+bench_inference() {
+    local name=$1
+    shift
+    timm-ssb bench --models "${models[@]}" --device cpu --threads 2 --batch-size 16 \
+        --json "$out/cpu_inference_$name.json" "$@" | tee "$out/cpu_inference_$name.txt"
+}
+bench_inference bf16 --amp bfloat16
+bench_inference compile --compile
+bench_inference compile_bf16 --compile --amp bfloat16
+python benchmarks/time_ceiling.py --amp bfloat16 --json "$out/cpu_time_ceiling_bf16.json" | tee "$out/cpu_time_ceiling_bf16.txt"
 MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=100000000000 run _malloc_kept "$@"

@@ -12,11 +12,14 @@ reports, per model:
   faster than the baseline's blocks (as efficient per multiply-accumulate as the baseline's);
 * ``ceiling @ branch``: the ratio if sampling cost nothing, i.e. the SSB blocks took only the time of
   their residual branch (the three convs and norms on the sampled ``s x s`` map, timed on its own);
-* ``ceiling @ free``: the ratio if the SSB blocks cost nothing at all.
+* ``ceiling @ free``: the ratio if the SSB blocks cost nothing at all;
+* ``sampling ms``: what the sampling costs, the SSB blocks' time minus their residual branches' (saliency,
+  matrices, down, up, residual add, ReLU), and its share of the SSB blocks' time.
 
-Usage (inference, fp32, channels_last, as issue #4's CPU targets):
+Usage (inference, channels_last; fp32, or bf16 autocast with ``--amp bfloat16``):
 
     python benchmarks/time_ceiling.py --json benchmarks/results/cpu_time_ceiling.json
+    python benchmarks/time_ceiling.py --amp bfloat16 --json benchmarks/results/cpu_time_ceiling_bf16.json
 """
 
 import argparse
@@ -25,7 +28,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import timm
 import torch
@@ -39,13 +42,17 @@ CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.35, 'ssb_resnetd101': 1.6, 'ssb_resn
 """Issue #4's CPU inference targets (SSB throughput / baseline throughput)."""
 
 
-def time_parts(models: List[nn.Module], x: torch.Tensor, rounds: int) -> List[Dict[str, float]]:
+def time_parts(
+    models: List[nn.Module], x: torch.Tensor, rounds: int, amp_dtype: Optional[torch.dtype] = None
+) -> List[Dict[str, float]]:
     """Median milliseconds of every part of every model; the models take turns within each round.
 
     For an SSB block, ``<name>.branch`` is its residual branch alone, timed on the map its sampler made.
+    With ``amp_dtype``, everything runs under CPU autocast to that dtype.
     """
     times: List[Dict[str, List[float]]] = [{} for _ in models]
-    with torch.inference_mode():
+    autocast = torch.autocast('cpu', dtype=amp_dtype, enabled=amp_dtype is not None)
+    with torch.inference_mode(), autocast:
         for r in range(rounds + 1):  # round 0 warms up
             for model, acc in zip(models, times, strict=True):
                 t = x
@@ -73,12 +80,14 @@ def part_gmacs(model: nn.Module, img_size: int) -> Dict[str, float]:
     return out
 
 
-def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str, object]:
+def analyse(
+    name: str, batch_size: int, img_size: int, rounds: int, amp_dtype: Optional[torch.dtype] = None
+) -> Dict[str, object]:
     baseline = BASELINES[name]
-    ssb = timm.create_model(name).eval().to(memory_format=torch.channels_last)
+    ssb = timm.create_model(name).eval().to(memory_format=torch.channels_last)  # fp32 weights, as under autocast
     base = timm.create_model(baseline).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
-    ssb_ms, base_ms = time_parts([ssb, base], x, rounds)
+    ssb_ms, base_ms = time_parts([ssb, base], x, rounds, amp_dtype)
     ssb_gmacs, base_gmacs = part_gmacs(ssb, img_size), part_gmacs(base, img_size)
     sampled = [n for n, p in model_parts(ssb, blocks=True) if isinstance(p, SSBBottleneck)]
     shared = [n for n in base_ms if n not in sampled]
@@ -112,6 +121,8 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
         'blocks_time_ratio': blocks_base_ms / blocks_ssb_ms,
         'blocks_gmacs_ratio': blocks_gmacs_ratio,
         'blocks_branch_ms': sum(branch_ms.values()),
+        'sampling_ms': blocks_ssb_ms - sum(branch_ms.values()),
+        'sampling_share': (blocks_ssb_ms - sum(branch_ms.values())) / blocks_ssb_ms,
         'ceiling_at_gmacs': total_base / (shared_ms + blocks_base_ms / blocks_gmacs_ratio),
         'ceiling_at_branch': total_base / (shared_ms + sum(branch_ms.values())),
         'ceiling_if_free': total_base / shared_ms,
@@ -124,7 +135,8 @@ def analyse(name: str, batch_size: int, img_size: int, rounds: int) -> Dict[str,
 def format_rows(rows: List[Dict[str, object]]) -> str:
     header = (
         f'{"model":<16} {"ratio":>6} {"target":>6} {"shared ms":>10} {"share":>6} {"blocks ms":>15} '
-        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@branch":>14} {"ceiling@free":>12}'
+        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@branch":>14} {"ceiling@free":>12} '
+        f'{"sampling ms":>11} {"share":>6}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
@@ -133,8 +145,12 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
             f'{r["model"]:<16} {r["ratio"]:>6.2f} {target:>6} {r["shared_ms"]:>10.1f} {r["shared_share"]:>6.0%} '
             f'{r["blocks_ssb_ms"]:>6.1f} / {r["blocks_base_ms"]:>6.1f} {r["blocks_time_ratio"]:>6.2f} '
             f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_at_branch"]:>14.2f} '
-            f'{r["ceiling_if_free"]:>12.2f}'
+            f'{r["ceiling_if_free"]:>12.2f} {r["sampling_ms"]:>11.1f} {r["sampling_share"]:>6.0%}'
         )
+    lines.append(
+        'sampling ms: SSB blocks minus their residual branches (saliency, matrices, down, up, residual add, ReLU), '
+        'and its share of the SSB blocks'
+    )
     lines.append('SSB blocks per stage, ms SSB / baseline (time x, GMACs x; ms of the residual branch alone):')
     for r in rows:
         stages = '   '.join(
@@ -153,6 +169,7 @@ def main() -> None:
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--amp', choices=['bfloat16'], default=None, help='CPU autocast dtype (default: fp32)')
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     for flag in ('batch_size', 'img_size', 'threads', 'rounds'):
@@ -162,12 +179,14 @@ def main() -> None:
     if unknown:
         parser.error(f'--models: unknown {unknown}; choose from {sorted(BASELINES)}')
     torch.set_num_threads(args.threads)
-    rows = [analyse(m, args.batch_size, args.img_size, args.rounds) for m in args.models]
+    amp_dtype = getattr(torch, args.amp) if args.amp else None
+    rows = [analyse(m, args.batch_size, args.img_size, args.rounds, amp_dtype) for m in args.models]
     machine = machine_info('cpu')
     env = machine['allocator_env']
     print(
         f'inference on cpu ({machine["processor"]}), batch {args.batch_size}, {args.img_size}x{args.img_size}, '
-        f'channels_last, fp32, eager, {args.threads} threads, median of {args.rounds} rounds per part; '
+        f'channels_last, {args.amp + " autocast" if args.amp else "fp32"}, eager, {args.threads} threads, '
+        f'median of {args.rounds} rounds per part; '
         f'allocator: {" ".join(f"{k}={v}" for k, v in env.items()) or "glibc malloc defaults"}'
     )
     print(format_rows(rows))

@@ -45,3 +45,18 @@ def test_bench_cli_rejects_bad_arguments():
             main(['bench', '--device', 'cuda'])
     with pytest.raises(SystemExit):
         main(['bench', '--batch-size', '0'])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flags', [['--amp', 'bfloat16'], ['--compile'], ['--compile', '--amp', 'bfloat16']])
+def test_bench_cli_bf16_autocast_and_compile_on_cpu(tmp_path, capsys, flags):
+    path = tmp_path / 'bench.json'
+    args = ['bench', '--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '64', '--rounds', '1']
+    assert main([*args, '--iters', '1', '--warmup', '1', '--threads', '2', '--json', str(path), *flags]) == 0
+    out = capsys.readouterr().out
+    settings = json.loads(path.read_text())['settings']
+    assert settings['compile'] == ('--compile' in flags)
+    assert settings['amp_dtype'] == ('bfloat16' if '--amp' in flags else None)
+    assert ('bfloat16 autocast' in out) == ('--amp' in flags) and ('torch.compile' in out) == ('--compile' in flags)
+    (row,) = json.loads(path.read_text())['results']
+    assert row['ratio'] > 0 and row['throughput'] > 0

@@ -43,6 +43,10 @@ def test_time_ceiling_writes_table_and_json(tmp_path):
     assert row['model'] == 'ssb_resnetd50' and set(row['per_stage']) == {'layer2', 'layer3', 'layer4'}
     assert row['ratio'] == pytest.approx(row['base_ms'] / row['ssb_ms'])
     assert row['ceiling_if_free'] >= row['ceiling_at_branch']
+    assert row['sampling_ms'] == pytest.approx(row['blocks_ssb_ms'] - row['blocks_branch_ms'])
+    assert row['sampling_share'] == pytest.approx(row['sampling_ms'] / row['blocks_ssb_ms'])
+    out = run_script('time_ceiling.py', *args, '--amp', 'bfloat16')
+    assert 'bfloat16 autocast' in out and json.loads(path.read_text())['settings']['amp'] == 'bfloat16'
 
 
 def test_benchmark_scripts_reject_bad_arguments():
