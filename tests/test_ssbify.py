@@ -258,3 +258,10 @@ def test_a_trained_converted_model_publishes_and_loads_back(tmp_path):
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
+
+
+def test_ssb_resnet_pretrained_offline_names_the_source_and_why(hub_cache):  # noqa: F811
+    with pytest.raises(
+        RuntimeError, match=r"ssb_source='resnet26d.bt_in1k' could not be loaded: HF_HUB_OFFLINE is set"
+    ):
+        timm.create_model('ssb_resnet', ssb_source='resnet26d.bt_in1k', pretrained=True)

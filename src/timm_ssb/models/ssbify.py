@@ -17,6 +17,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import timm
 import torch.nn as nn
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from safetensors import SafetensorError
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -30,6 +32,7 @@ from .ssb_resnet import (
     SOURCE_DATA_CFG_KEYS,
     SSBBottleneck,
     _cfg,
+    _why_not_loaded,
     add_missing_sampler_tensors,
     check_ssb_args,
 )
@@ -173,7 +176,19 @@ def ssb_resnet(
     own_weights = bool(pretrained and cfg.has_weights)
 
     def convert(**source_kwargs: Any) -> ResNet:
-        source = timm.create_model(ssb_source, pretrained=pretrained and not own_weights, **source_kwargs)
+        load_source = pretrained and not own_weights
+        try:
+            source = timm.create_model(ssb_source, pretrained=load_source, **source_kwargs)
+        except (OSError, HfHubHTTPError, EntryNotFoundError, SafetensorError) as e:
+            if not load_source:
+                raise
+            raise RuntimeError(
+                f"ssb_resnet: timm's weights of ssb_source={ssb_source!r} could not be loaded: {_why_not_loaded(e)}. "
+                f"Load them once with network access (timm.create_model('{ssb_source}', pretrained=True) caches "
+                'them), or give a local copy of the source weights with '
+                f"timm.create_model('{ssb_source}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
+                'and convert it with timm_ssb.ssbify.'
+            ) from e
         return ssbify(source, inplace=True, **ssb_args)
 
     return build_model_with_cfg(
