@@ -8,10 +8,9 @@ import timm
 import torch
 from timm.models import create_feature_extractor
 
-import timm_ssb
 from ssb_reference import make_live
+from timm_ssb.models import baseline_of
 from timm_ssb.models.ssb_resnet import SSBBottleneck
-from timm_ssb.models.ssbify import DEFAULT_SSB_SOURCE
 
 MODELS = [
     'ssb_resnet',
@@ -27,7 +26,6 @@ MODELS = [
     'ssb_resnetrs350',
     'ssb_resnetrs420',
 ]
-BASELINES = {**timm_ssb.BASELINES, 'ssb_resnet': DEFAULT_SSB_SOURCE}
 SAMPLERS = ['adaptive', 'uniform', 'bilinear', 'dconv']
 
 
@@ -62,7 +60,7 @@ def test_models_are_registered_once():
 @pytest.mark.parametrize('name', MODELS)
 def test_ssb_in_every_stride1_block_of_stages_2_to_4(name):
     model = timm.create_model(name, device='meta')
-    baseline = timm.create_model(BASELINES[name], device='meta')
+    baseline = timm.create_model(baseline_of(name), device='meta')
     assert not any(isinstance(b, SSBBottleneck) for b in model.layer1)
     for stage, size in zip((model.layer2, model.layer3, model.layer4), (16, 8, 4), strict=True):
         assert not isinstance(stage[0], SSBBottleneck) and stage[0].downsample is not None

@@ -133,6 +133,11 @@ def _stride_in_conv1(model):
     return model
 
 
+def _anti_aliased_block(model):
+    model.layer3[1].aa = torch.nn.AvgPool2d(3, stride=1, padding=1)
+    return model
+
+
 def _strided_block(model):
     model.layer3[1].stride = 2
     return model
@@ -151,8 +156,18 @@ def _strided_block(model):
             r'layer3\.1\.conv1 has stride \(2, 2\) .*wrong place',
         ),
         (lambda: _strided_block(timm.create_model('resnet26d')), r'layer3\.1 has stride 2; only the first block'),
+        (lambda: _anti_aliased_block(timm.create_model('resnet26d')), r'layer3\.1 anti-aliases \(aa\)'),
     ],
-    ids=['basic-block', 'vit', 'features-only', 'ssb-model', 'converted-twice', 'stride-in-conv1', 'strided-block'],
+    ids=[
+        'basic-block',
+        'vit',
+        'features-only',
+        'ssb-model',
+        'converted-twice',
+        'stride-in-conv1',
+        'strided-block',
+        'anti-aliased',
+    ],
 )
 def test_models_that_cannot_be_converted_say_why(make, match):
     model = make()
@@ -194,6 +209,8 @@ def test_ssb_resnet_model_converts_a_named_source():
     assert [f.shape[1] for f in features(X)] == [512, 1024]
     with pytest.raises(ValueError, match="ssb_source must name a timm model .*got 'resnet_nope'"):
         timm.create_model('ssb_resnet', ssb_source='resnet_nope')
+    with pytest.raises(ValueError, match=r"ssb_source must name .*got 'resnet26d.nope': Invalid pretrained tag"):
+        timm.create_model('ssb_resnet', ssb_source='resnet26d.nope')
     with pytest.raises(ValueError, match='ssbify converts ResNets built from timm Bottleneck blocks'):
         timm.create_model('ssb_resnet', ssb_source='resnet18')
     with pytest.raises(ValueError, match='^ssb_sizes must be three positive ints'):
@@ -212,6 +229,15 @@ def test_ssb_resnet_pretrained_loads_the_source_weights_then_converts(hub_cache,
         assert torch.equal(state[k], v), k
     assert not model.layer2[1].sampler.saliency.weight.any()
     assert model.pretrained_cfg['architecture'] == 'ssb_resnet'
+    local = timm.create_model(  # the same weights as a local file: completed with the (zero) sampler tensors
+        'ssb_resnet',
+        ssb_source='resnet26d',
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / 'model.safetensors')),
+        ssb_sizes=SMALL_SIZES,
+    )
+    for k, v in local.state_dict().items():
+        assert torch.equal(v, state[k]), k
     assert model.pretrained_cfg['crop_pct'] == timm.get_pretrained_cfg('resnet26d.bt_in1k').crop_pct
 
 

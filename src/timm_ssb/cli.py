@@ -10,8 +10,7 @@ import timm
 import torch
 
 from .complexity import model_complexity
-from .models import BASELINES, DEFAULT_SSB_SIZES
-from .models.ssbify import DEFAULT_SSB_SOURCE
+from .models import BASELINES, DEFAULT_SSB_SIZES, baseline_of
 from .paper import paper_figure
 
 __all__ = ['main']
@@ -32,7 +31,7 @@ def models_table(input_size: Optional[int] = None) -> List[dict]:
         cfg_size = timm.get_pretrained_cfg_value(name, 'input_size')
         size = (3, input_size, input_size) if input_size else tuple(cfg_size)
         ours = model_complexity(name, size)
-        baseline = BASELINES.get(name, DEFAULT_SSB_SOURCE if name == 'ssb_resnet' else None)
+        baseline = baseline_of(name)
         base = model_complexity(baseline, size) if baseline else None
         paper = paper_figure(name, 'adaptive', DEFAULT_SSB_SIZES) if size[1:] == (224, 224) else None
         base_paper = paper_figure(baseline) if baseline and size[1:] == (224, 224) else None

@@ -12,7 +12,7 @@ its SSB blocks (the saliency conv for ``adaptive``, the depthwise conv for ``dco
 
 import os
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -96,17 +96,31 @@ class SSBBottleneck(Bottleneck):
         **kwargs: Any,
     ) -> None:
         super().__init__(inplanes, planes, **kwargs)
+        self._add_sampler(
+            sampler, sampler_size, saliency_kernel, sampler_args, kwargs.get('norm_layer', nn.BatchNorm2d)
+        )
+
+    def _add_sampler(
+        self,
+        sampler: str,
+        sampler_size: Optional[int],
+        saliency_kernel: int,
+        sampler_args: Optional[Dict[str, Any]],
+        norm_layer: Type[nn.Module],
+    ) -> None:
+        """Check that the shortcut is the identity; build the sampler on ``conv1``'s device and dtype."""
         if self.stride != 1 or self.downsample is not None:
             raise ValueError('SSBBottleneck requires stride=1 and no downsample (the shortcut must be the identity)')
+        weight = self.conv1.weight
         self.sampler = create_sampler(
             sampler,
-            inplanes,
+            self.conv1.in_channels,
             sampler_size,
             saliency_kernel=saliency_kernel,
-            norm_layer=kwargs.get('norm_layer', nn.BatchNorm2d),
+            norm_layer=norm_layer,
             sampler_args=sampler_args,
-            device=kwargs.get('device'),
-            dtype=kwargs.get('dtype'),
+            device=weight.device,
+            dtype=weight.dtype,
         )
 
     @classmethod
@@ -125,8 +139,6 @@ class SSBBottleneck(Bottleneck):
         class) and is in ``block``'s train/eval mode. Hooks registered on ``block`` itself are not carried
         over (hooks on its submodules are, with the submodules).
         """
-        if block.stride != 1 or block.downsample is not None:
-            raise ValueError('SSBBottleneck requires stride=1 and no downsample (the shortcut must be the identity)')
         ssb = cls.__new__(cls)
         nn.Module.__init__(ssb)
         for name, module in block.named_children():
@@ -136,17 +148,7 @@ class SSBBottleneck(Bottleneck):
                 setattr(ssb, name, None)
         ssb.stride = block.stride
         ssb.dilation = block.dilation
-        weight = block.conv1.weight
-        ssb.sampler = create_sampler(
-            sampler,
-            block.conv1.in_channels,
-            sampler_size,
-            saliency_kernel=saliency_kernel,
-            norm_layer=type(block.bn1),
-            sampler_args=sampler_args,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        ssb._add_sampler(sampler, sampler_size, saliency_kernel, sampler_args, type(block.bn1))
         return ssb.train(block.training)
 
     def residual_branch(self, z: torch.Tensor) -> torch.Tensor:
@@ -386,6 +388,15 @@ def _why_not_loaded(error: Exception) -> str:
     return f'{type(error).__name__}: {first_line}'
 
 
+def source_weights_hint(source: str) -> str:
+    """What to do when timm's weights ``source`` (``name.tag``) of a baseline cannot be had."""
+    return (
+        f"They are timm's ImageNet weights of the baseline ({source}): load them once with network access "
+        f"(timm.create_model('{source}', pretrained=True) caches them), or give a local copy with "
+        'pretrained_cfg_overlay=dict(file=PATH).'
+    )
+
+
 def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SSBResNet:
     cfg = None
     if pretrained:
@@ -410,11 +421,7 @@ def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
             raise
         name = f'{variant}.{cfg.tag}' if cfg.tag else variant
         if cfg.tag == warm_start_tag(variant) and cfg.hf_hub_id == f'timm/{WARM_START_SOURCES[variant]}':
-            hint = (
-                f"They are timm's ImageNet weights of the baseline ({WARM_START_SOURCES[variant]}): load them once "
-                f"with network access (timm.create_model('{WARM_START_SOURCES[variant]}', pretrained=True) caches "
-                'them), or give a local copy with pretrained_cfg_overlay=dict(file=PATH).'
-            )
+            hint = source_weights_hint(WARM_START_SOURCES[variant])
         else:
             hint = (
                 "Check the source; load weights with pretrained_cfg_overlay=dict(file=PATH), 'local-dir:PATH' or "

@@ -13,7 +13,7 @@ name, in the form timm's ``train.py`` (``--model ssb_resnet --model-kwargs ssb_s
 
 import copy
 import dataclasses
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch.nn as nn
@@ -35,6 +35,7 @@ from .ssb_resnet import (
     _why_not_loaded,
     add_missing_sampler_tensors,
     check_ssb_args,
+    source_weights_hint,
 )
 
 __all__ = ['ssbify', 'DEFAULT_SSB_SOURCE']
@@ -119,25 +120,43 @@ def ssbify(
     _check_convertible(model)
     if not inplace:
         model = copy.deepcopy(model)
-    stage_sizes = resolved_sizes or (None, None, None)
-    for stage_name, size in zip(SSB_STAGES, stage_sizes, strict=True):
+    return _convert(model, resolved_sizes, sampler, saliency_kernel, sampler_args)
+
+
+def _convert(
+    model: ResNet,
+    sizes: Optional[Tuple[int, int, int]],
+    sampler: str,
+    saliency_kernel: int,
+    sampler_args: Optional[Dict[str, Any]],
+) -> ResNet:
+    """Convert a checked model in place, with checked arguments (``sizes`` resolved: ``None`` for dconv)."""
+    for stage_name, size in zip(SSB_STAGES, sizes or (None, None, None), strict=True):
         stage = getattr(model, stage_name)
         for index in range(1, len(stage)):
             stage[index] = SSBBottleneck.from_bottleneck(
                 stage[index], sampler, size, saliency_kernel=saliency_kernel, sampler_args=sampler_args
             )
-    model.ssb_sizes = resolved_sizes  # as on SSBResNet
+    model.ssb_sizes = sizes  # as on SSBResNet
     model.ssb_sampler = sampler
     model.ssb_saliency_kernel = saliency_kernel
     return model
 
 
-def _converted_cfg(source: str) -> Dict[str, Any]:
-    """The ``ssb_resnet`` cfg for ``source``: no weights of its own, the source's data config and layer names."""
-    source_cfg = get_pretrained_cfg(source)
-    if source_cfg is None:
-        raise ValueError(f'ssb_source must name a timm model (with an optional .tag); got {source!r}')
-    source_cfg = source_cfg.to_dict()
+def _source_cfg(source: Any) -> Dict[str, Any]:
+    """The timm cfg of ``ssb_source`` (a model name with an optional tag); ``ValueError`` naming it if there is none."""
+    error = f'ssb_source must name a timm model (with an optional .tag); got {source!r}'
+    if not isinstance(source, str) or not timm.is_model(source.split('.', 1)[0]):
+        raise ValueError(error)
+    try:
+        cfg = get_pretrained_cfg(source)
+    except RuntimeError as e:  # a model timm knows, with a tag it does not
+        raise ValueError(f'{error}: {e}') from e
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _converted_cfg(source_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``ssb_resnet`` cfg of a source: no weights of its own, the source's data config and layer names."""
     keys = (*SOURCE_DATA_CFG_KEYS, 'num_classes', 'first_conv', 'classifier', 'license')
     return _cfg(**{k: source_cfg[k] for k in keys if k in source_cfg})
 
@@ -162,16 +181,12 @@ def ssb_resnet(
     ``local-dir:`` or ``pretrained_cfg_overlay=dict(file=...)``), it loads those. The other keyword
     arguments go to the source model (``num_classes``, ``drop_path_rate``, ``output_stride``, ...).
     """
-    if not isinstance(ssb_source, str) or not timm.is_model(ssb_source.split('.', 1)[0]):
-        raise ValueError(f'ssb_source must name a timm model (with an optional .tag); got {ssb_source!r}')
-    check_ssb_args(ssb_sizes, ssb_sampler, ssb_saliency_kernel, ssb_sampler_args)
-    ssb_args = dict(
-        sizes=ssb_sizes, sampler=ssb_sampler, saliency_kernel=ssb_saliency_kernel, sampler_args=ssb_sampler_args
-    )
+    source_cfg = _source_cfg(ssb_source)
+    sizes = check_ssb_args(ssb_sizes, ssb_sampler, ssb_saliency_kernel, ssb_sampler_args)
     cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     if cfg is None or isinstance(cfg, str):  # not the cfg of saved SSB weights (hf-hub:, local-dir:): the source's
-        cfg = dataclasses.replace(resolve_pretrained_cfg('ssb_resnet', cfg), **_converted_cfg(ssb_source))
+        cfg = dataclasses.replace(resolve_pretrained_cfg('ssb_resnet', cfg), **_converted_cfg(source_cfg))
     cfg = resolve_pretrained_cfg('ssb_resnet', cfg, overlay)
     own_weights = bool(pretrained and cfg.has_weights)
 
@@ -184,12 +199,10 @@ def ssb_resnet(
                 raise
             raise RuntimeError(
                 f"ssb_resnet: timm's weights of ssb_source={ssb_source!r} could not be loaded: {_why_not_loaded(e)}. "
-                f"Load them once with network access (timm.create_model('{ssb_source}', pretrained=True) caches "
-                'them), or give a local copy of the source weights with '
-                f"timm.create_model('{ssb_source}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
-                'and convert it with timm_ssb.ssbify.'
+                + source_weights_hint(ssb_source)
             ) from e
-        return ssbify(source, inplace=True, **ssb_args)
+        _check_convertible(source)
+        return _convert(source, sizes, ssb_sampler, ssb_saliency_kernel, ssb_sampler_args)
 
     return build_model_with_cfg(
         convert,
