@@ -187,7 +187,8 @@ def main() -> None:
         f'inference on cpu ({machine["processor"]}), batch {args.batch_size}, {args.img_size}x{args.img_size}, '
         f'channels_last, {args.amp + " autocast" if args.amp else "fp32"}, eager, {args.threads} threads, '
         f'median of {args.rounds} rounds per part; '
-        f'allocator: {" ".join(f"{k}={v}" for k, v in env.items()) or "glibc malloc defaults"}'
+        f'allocator: {" ".join(f"{k}={v}" for k, v in env.items()) or "glibc malloc defaults"}; '
+        f'sampling backend: {machine["sampling_backend"]}'
     )
     print(format_rows(rows))
     if args.json:

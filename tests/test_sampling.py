@@ -20,7 +20,7 @@ from timm_ssb.layers import (
     saliency_positions,
     uniform_matrices,
 )
-from timm_ssb.layers.sampling_matrices import pixel_centres, tailless_softmax
+from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, pixel_centres, tailless_softmax
 
 SIZES = [(28, 28, 16), (14, 9, 8), (7, 7, 4), (13, 20, 5)]
 
@@ -179,6 +179,8 @@ def test_sampling_weights_hold_no_subnormal_floats(kind, length, size):
         assert not ((m != 0) & (m.abs() < tiny)).any()
         smallest = torch.where(m != 0, m, torch.inf).amin(-1)  # each row's smallest non-zero weight
         assert (smallest >= math.exp(-50) * m.amax(-1) * 0.99).all()  # so products with normal maps stay normal
+        if m.shape[-1] != m.shape[-2]:  # Gaussian kernels: band-limited at KERNEL_WEIGHT_LOG (~6 sigma)
+            assert (smallest >= math.exp(KERNEL_WEIGHT_LOG) * m.amax(-1) * 0.99).all()
     logits = -torch.linspace(0, 200, 400).square().view(1, 20, 20)  # tails from 1 down to exp(-40000)
     plain, tailless = torch.softmax(logits, -1), tailless_softmax(logits, -1)
     assert ((plain != 0) & (plain < tiny)).any()  # the case exists: plain softmax makes subnormals here

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .complexity import count_gmacs, count_params
+from .layers.native import get_sampling_backend
 from .models import BASELINES
 from .version import __version__
 
@@ -134,6 +135,7 @@ def machine_info(device: str) -> Dict[str, Any]:
         'timm_ssb': __version__,
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'allocator_env': allocator_env(),
+        'sampling_backend': get_sampling_backend(),
     }
     if device.startswith('cuda') and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(device)
@@ -362,7 +364,11 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
     ]
     if settings.device == 'cpu':
         env = machine.get('allocator_env') or {}
-        lines.append('allocator: ' + (' '.join(f'{k}={v}' for k, v in env.items()) or 'glibc malloc defaults'))
+        lines.append(
+            'allocator: '
+            + (' '.join(f'{k}={v}' for k, v in env.items()) or 'glibc malloc defaults')
+            + f'; sampling backend: {machine.get("sampling_backend", "auto")}'
+        )
     header = (
         f'{"model":<16} {"baseline":<12} {"params M":>9} {"GMACs":>7} {"base":>7} {"GMACs x":>8} '
         f'{"img/s":>8} {"base":>8} {"speed x":>8} {"memory MB":>10} {"base":>8}'

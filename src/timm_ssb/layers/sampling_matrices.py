@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .native import separable_resample, use_native_cpu
+
 __all__ = [
     'pixel_centres',
     'identity_matrices',
     'gaussian_matrices',
     'tailless_softmax',
     'SMALLEST_WEIGHT_LOG',
+    'KERNEL_WEIGHT_LOG',
     'saliency_positions',
     'separable_matrices',
     'uniform_matrices',
@@ -66,6 +69,15 @@ at 2e-22 of the peak leaves no subnormal weight, and keeps the products of the r
 activations above ~1e-16 in magnitude normal; it changes results by less than 1e-21 relative."""
 
 
+KERNEL_WEIGHT_LOG = -18.0
+"""The Gaussian sampling kernels' weights below ``exp(-18)`` (~1.5e-8) of their row's largest are set to zero.
+
+That keeps the taps within ~6 sigma of each sample: a band of a few input pixels per output (11 of layer2's 28
+rows when sampling 28 -> 16), which the native kernel reads instead of the whole axis. It changes results by
+less than 1e-7 relative (the weights dropped sum to less than that); the saliency positions keep the wider
+:data:`SMALLEST_WEIGHT_LOG` cut."""
+
+
 def tailless_softmax(logits: torch.Tensor, dim: int, smallest_weight_log: float = SMALLEST_WEIGHT_LOG) -> torch.Tensor:
     """``softmax(logits, dim)`` with the entries below ``exp(smallest_weight_log)`` of the largest set to zero.
 
@@ -84,13 +96,15 @@ def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, s
         sigma_up: width of the scatter kernel; ``up[j, i] = softmax_i(-(q_j - u_i)^2 / 2 sigma_up^2)``.
 
     Returns:
-        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution, its far tail exactly
-        zero (see :data:`SMALLEST_WEIGHT_LOG`).
+        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution, its tail beyond ~6 sigma
+        exactly zero (see :data:`KERNEL_WEIGHT_LOG`).
     """
     centres = pixel_centres(length, positions.device)
     sq_dist = (positions.unsqueeze(-1) - centres).square()  # (B, s, L)
-    down = tailless_softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1)
-    up = tailless_softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2).transpose(-1, -2)
+    # -18.0 is KERNEL_WEIGHT_LOG, written out: TorchScript cannot read float globals
+    down = tailless_softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1, smallest_weight_log=-18.0)
+    up = tailless_softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2, smallest_weight_log=-18.0)
+    up = up.transpose(-1, -2)
     return [down, up]
 
 
@@ -357,7 +371,10 @@ def _resample_channels_last(
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
 ) -> Optional[torch.Tensor]:
-    """The fast path; ``x`` and ``residual`` are channels-last. Returns ``None`` where it does not apply.
+    """The fast paths; ``x`` and ``residual`` are channels-last. Returns ``None`` where they do not apply.
+
+    The native CPU kernel (:mod:`.native`) where it applies and the sampling backend allows it, else the
+    batched matrix products of :class:`_ChannelsLastResample`.
 
     Under autocast the products run in autocast's dtype, as ``torch.matmul`` (the reference) would; the
     autograd function itself runs with autocast off, since it writes its products into tensors it made.
@@ -369,7 +386,17 @@ def _resample_channels_last(
     if residual is not None and residual.dtype != x.dtype:
         return None
     with torch.autocast(device_type, enabled=False):
+        if use_native_cpu(x):
+            return separable_resample(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
         return _ChannelsLastResample.apply(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    """Tracing (the TorchScript-based ``torch.onnx.export``), ONNX export or ``torch.export``: these take
+    :func:`resample_reference`, standard ops every exporter translates (the fast paths write into tensors
+    they made, which tracing does not record faithfully, or call the native op, which ONNX does not know)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -400,7 +427,7 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
     products over contiguous views; it runs the x-axis product first when mapping up (``n > H``), which
     on a square map costs the same multiply-accumulates. Other layouts, and TorchScript, use the reference.
     """
-    if not torch.jit.is_scripting() and _is_channels_last(x):
+    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x):
         return _resample_channels_last(x, matrix_y, matrix_x)
     return resample_reference(x, matrix_y, matrix_x)
 
@@ -423,7 +450,7 @@ def resample_residual(
     expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
     if list(residual.shape) != expected:
         raise ValueError(f'residual must have the shape of the resampled map, {expected}; got {list(residual.shape)}')
-    if not torch.jit.is_scripting() and _is_channels_last(x) and _is_channels_last(residual):
+    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x) and _is_channels_last(residual):
         out = _resample_channels_last(x, matrix_y, matrix_x, residual, relu)
         if out is not None:
             return out

@@ -1,0 +1,105 @@
+"""Build the native CPU sampling kernel at first use, cache it, load it; or say once why not.
+
+The C++ source (``separable_resample_cpu.cpp``, shipped in the package) is compiled with the system's C++
+compiler through :func:`torch.utils.cpp_extension.load` the first time a fused sampling op runs on the CPU,
+into ``$TIMM_SSB_CACHE`` (default ``~/.cache/timm_ssb``) under a directory named by a hash of the source, the
+torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
+``-march=native``). Later processes load the cached library. Nothing is compiled at ``pip install``.
+
+The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` (no pybind module, so nothing breaks a
+``torch.compile`` graph). When it cannot be built (no compiler, a failed build), the first call warns once and
+the PyTorch implementation is used from then on.
+"""
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ['SOURCE', 'CFLAGS', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
+
+SOURCE = Path(__file__).with_name('separable_resample_cpu.cpp')
+CFLAGS = ('-O3', '-march=native', '-fopenmp')
+
+_state = {'loaded': False, 'error': None}
+
+
+def _cpu_signature() -> str:
+    """This CPU's model and instruction-set flags: ``-march=native`` code is only valid where they match."""
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in text.splitlines() if line.startswith(('model name', 'flags', 'Features'))]
+    return '\n'.join(sorted(set(lines)))
+
+
+def cache_dir() -> Path:
+    """Where this source, torch version, flags and CPU's build lives."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), ' '.join(CFLAGS).encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b'\0')
+    root = Path(os.environ.get('TIMM_SSB_CACHE', Path.home() / '.cache' / 'timm_ssb'))
+    return root / f'separable_resample_cpu_{key.hexdigest()[:16]}'
+
+
+def load_cpu_library(warn: bool = True) -> bool:
+    """Build (once per source, torch and CPU) and load the kernel library; ``False`` if that failed.
+
+    A failure is remembered (no second attempt in the process) and, with ``warn``, warned about; its message
+    is :func:`cpu_library_error`.
+    """
+    if _state['loaded']:
+        return True
+    if _state['error'] is not None:
+        return False
+    try:
+        _build_and_load()
+    except Exception as e:  # a missing compiler, a failed build or load: all mean "use PyTorch"
+        _state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+        if not warn:
+            return False
+        warnings.warn(
+            f'timm_ssb: the native CPU sampling kernel could not be built or loaded ({_state["error"]}); the sampling '
+            'runs in PyTorch (correct, slower). Set TIMM_SSB_SAMPLING_BACKEND=reference to use PyTorch without '
+            'trying, or =native to make this an error.',
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    _state['loaded'] = True
+    return True
+
+
+def cpu_library_error() -> Optional[str]:
+    """Why the library could not be built or loaded, once that was tried; else ``None``."""
+    return _state['error']
+
+
+def _build_and_load() -> None:
+    if hasattr(torch.ops.timm_ssb_cpu, 'separable_resample'):  # loaded by other means in this process
+        return
+    logger = logging.getLogger('torch.utils.cpp_extension')
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME, which a CPU build does not use
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.setLevel(level)
+    build_directory = cache_dir()
+    build_directory.mkdir(parents=True, exist_ok=True)
+    load(
+        name=build_directory.name,
+        sources=[str(SOURCE)],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=['-fopenmp'],
+        build_directory=str(build_directory),
+        is_python_module=False,
+        verbose=False,
+    )

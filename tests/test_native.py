@@ -1,0 +1,222 @@
+"""The native CPU sampling kernel against the PyTorch reference, and how the sampling chooses its backend."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import timm_ssb.layers.native as native
+from timm_ssb.layers import AdaptiveSampler, resample, resample_reference, resample_residual, uniform_matrices
+from timm_ssb.layers.native import build, separable_resample, set_sampling_backend
+
+# (dtype, rtol, atol as a fraction of the reference's largest magnitude): bf16 maps in and out, fp32 inside
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
+
+# (B, C, H, W, P, Q): odd channel counts (vector blocks of 64 and 16 and a scalar tail), down and up, P != Q
+SHAPES = [
+    (2, 5, 7, 9, 3, 4),
+    (2, 70, 28, 28, 16, 16),
+    (1, 33, 5, 5, 9, 11),
+    (3, 130, 12, 10, 12, 10),
+    (2, 1, 6, 6, 3, 3),
+]
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def banded(batch_size: int, rows: int, cols: int) -> torch.Tensor:
+    """Random non-negative matrices with zeros scattered in, including whole zero rows (empty bands)."""
+    m = torch.rand(batch_size, rows, cols)
+    m[m < 0.3] = 0.0
+    m[:, rows // 2] = 0.0
+    return m
+
+
+def reference(x, a_y, a_x, residual, relu):
+    out = resample_reference(x.float(), a_y, a_x)
+    if residual is not None:
+        out = out + residual.float()
+    return torch.relu(out) if relu else out
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('with_residual,relu', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_op_matches_reference_values_and_gradients(shape, with_residual, relu, dtype):
+    batch_size, channels, height, width, rows, cols = shape
+    x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype).requires_grad_()
+    a_y = banded(batch_size, rows, height).requires_grad_()
+    a_x = banded(batch_size, cols, width).requires_grad_()
+    residual = None
+    if with_residual:
+        residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype).requires_grad_()
+    out = separable_resample(x, a_y, a_x, residual, relu)
+    ref = reference(x, a_y, a_x, residual, relu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    if relu:
+        assert (out == 0).any()
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
+    g = torch.randn(ref.shape)
+    inputs = [t for t in (x, a_y, a_x, residual) if t is not None]
+    grads = torch.autograd.grad(out, inputs, g.to(dtype))
+    grads_ref = torch.autograd.grad(ref, inputs, g)
+    for name, a, b in zip(['x', 'a_y', 'a_x', 'residual'], grads, grads_ref, strict=False):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
+
+
+def test_op_registrations_pass_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch, as ``torch.library`` checks them."""
+    x = channels_last(torch.randn(2, 20, 9, 8)).requires_grad_()
+    residual = channels_last(torch.randn(2, 20, 4, 5)).requires_grad_()
+    a_y, a_x = banded(2, 4, 9).requires_grad_(), banded(2, 5, 8).requires_grad_()
+    torch.library.opcheck(separable_resample, (x, a_y, a_x, residual, True))
+    torch.library.opcheck(separable_resample, (x.detach(), a_y.detach(), a_x.detach(), None, False))
+
+
+def test_nan_and_inf_pass_through_like_the_reference():
+    x = channels_last(torch.randn(1, 16, 4, 4))
+    x[0, 3, 1, 2] = float('nan')
+    x[0, 5, 2, 2] = float('inf')
+    a = torch.full((1, 2, 4), 0.25)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = separable_resample(x.to(dtype), a, a, None, True)
+        ref = reference(x.to(dtype), a, a, None, True)
+        assert torch.equal(out.float().isnan(), ref.isnan()) and torch.equal(out.float().isinf(), ref.isinf())
+
+
+@pytest.fixture
+def backend():
+    """Set the sampling backend for one test; the default restored afterwards."""
+    saved = native.get_sampling_backend()
+    yield set_sampling_backend
+    set_sampling_backend(saved)
+
+
+def count_native_calls(monkeypatch) -> list:
+    calls = []
+    op = torch.ops.timm_ssb_cpu.separable_resample
+
+    def counted(*args):
+        calls.append(args[0].dtype)
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.timm_ssb_cpu, 'separable_resample', counted)
+    return calls
+
+
+@pytest.mark.parametrize('name', ['auto', 'native'])
+def test_resample_runs_the_native_kernel_on_channels_last_cpu_maps(name, backend, monkeypatch):
+    backend(name)
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, uy, ux = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    calls = count_native_calls(monkeypatch)
+    z = resample(x, dy, dx)
+    resample_residual(z, uy, ux, x, True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        resample(x, dy, dx)
+    assert calls == [torch.float32, torch.float32, torch.bfloat16]
+    resample(x.contiguous(), dy, dx)  # NCHW: the reference
+    resample(x.double(), dy, dx)  # float64: the batched products
+    assert len(calls) == 3
+
+
+def test_reference_backend_never_runs_the_kernel(backend, monkeypatch):
+    backend('reference')
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    calls = count_native_calls(monkeypatch)
+    out = resample(x, dy, dx)
+    assert calls == []
+    backend('native')
+    torch.testing.assert_close(resample(x, dy, dx), out, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+
+
+def test_bad_backend_names_are_value_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'native', 'reference'; got 'fast'"):
+        set_sampling_backend('fast')
+    monkeypatch.setenv('TIMM_SSB_SAMPLING_BACKEND', 'cuda')
+    with pytest.raises(ValueError, match='TIMM_SSB_SAMPLING_BACKEND must be one of auto, native, reference'):
+        native._backend_from_environment()
+
+
+@pytest.fixture
+def broken_build(monkeypatch):
+    """A kernel library that cannot be built (as with no C++ compiler), in a process that has not tried yet."""
+
+    def fail() -> None:
+        raise OSError('no C++ compiler found')
+
+    monkeypatch.setattr(build, '_state', {'loaded': False, 'error': None})
+    monkeypatch.setattr(build, '_build_and_load', fail)
+
+
+def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(broken_build, backend):
+    backend('auto')
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    with pytest.warns(RuntimeWarning, match=r'native CPU sampling kernel could not be built .*no C\+\+ compiler'):
+        out = resample(x, dy, dx)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        resample(x, dy, dx)
+    torch.testing.assert_close(out, resample_reference(x, dy, dx), rtol=1e-5, atol=1e-6)
+    assert native.cpu_library_error() == 'OSError: no C++ compiler found'
+
+
+def test_native_backend_that_cannot_be_built_is_an_error(broken_build, backend):
+    backend('native')
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    with pytest.raises(RuntimeError, match='TIMM_SSB_SAMPLING_BACKEND=native, but .* no C\\+\\+ compiler'):
+        resample(x, dy, dx)
+
+
+def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
+    """``torch.compile(fullgraph=True)``: the fused op traced through its fake, forward and backward equal eager."""
+    backend('native')
+    torch._dynamo.reset()
+    sampler = AdaptiveSampler(16, 5)
+    torch.nn.init.normal_(sampler.saliency.weight, std=0.5)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        z, state = sampler(x)
+        return sampler.inverse_residual(z * 2.0, state, x, relu=True)
+
+    x = channels_last(torch.randn(2, 16, 11, 9))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(block, backend='aot_eager', fullgraph=True)
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, out = block(x_eager), compiled(x_comp)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    eager.square().sum().backward()
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    assert counters['stats']['unique_graphs'] == 1
+
+
+def test_kernel_builds_into_an_empty_cache_in_a_fresh_process(tmp_path):
+    """What a new user's first run does: build from the shipped source, then load it in a new process."""
+    code = (
+        'import torch, timm_ssb.layers.native as n\n'
+        'from timm_ssb.layers import resample, uniform_matrices\n'
+        'n.set_sampling_backend("native")\n'
+        'x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)\n'
+        'resample(x, *uniform_matrices(x, 3, 0.2, 0.2)[:2])\n'
+        'print(n.cache_dir())\n'
+    )
+    env = {**os.environ, 'TIMM_SSB_CACHE': str(tmp_path)}
+    first = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    directory = first.stdout.strip().splitlines()[-1]
+    assert directory.startswith(str(tmp_path)) and any(p.suffix == '.so' for p in build.Path(directory).iterdir())
+    second = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
