@@ -8,8 +8,8 @@ Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` 
 * ``'reference'``: PyTorch only (batched matrix products), never compiling anything.
 
 Whatever the backend, export (``torch.export``, both ``torch.onnx.export`` exporters), tracing and TorchScript use
-the PyTorch reference (``resample_reference``), so exported models hold standard ops only. The choice is read when a model runs (or is traced by
-``torch.compile``: set the backend before compiling).
+the PyTorch reference (``resample_reference``), so exported models hold standard ops only. The choice is read
+when a model runs (or is traced by ``torch.compile``: set the backend before compiling).
 """
 
 import os
