@@ -5,8 +5,10 @@
 # (no mmap for large blocks, no trimming), which removes the page faults every new large tensor
 # otherwise costs both models. Writes benchmarks/results/cpu_{inference,train,time_ceiling}[_malloc_kept]
 # and cpu_sampling_products, then (default allocator) bf16 autocast and torch.compile inference,
-# cpu_inference_{bf16,compile,compile_bf16} and cpu_time_ceiling_bf16; each .json (with the commit and
-# command) and .txt. The fp32 runs took about 45 minutes on 2 cores; the bf16 and compile runs are not timed yet.
+# cpu_inference_{bf16,compile,compile_bf16} and cpu_time_ceiling_bf16, and the time ceiling with the PyTorch
+# sampling path (cpu_{time_ceiling,sampling_products}_reference); each .json (with the commit and command) and .txt. The sampling
+# backend (TIMM_SSB_SAMPLING_BACKEND, default auto: the native kernel) is recorded in each JSON.
+# The fp32 runs took about 45 minutes on 2 cores; the bf16 and compile runs are not timed yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -23,6 +25,11 @@ run() {
 }
 run '' "$@"
 python benchmarks/sampling_products.py --json "$out/cpu_sampling_products.json" | tee "$out/cpu_sampling_products.txt"
+# the sampling's cost with the PyTorch path instead of the native kernel (the "before" of the kernel)
+TIMM_SSB_SAMPLING_BACKEND=reference python benchmarks/sampling_products.py \
+    --json "$out/cpu_sampling_products_reference.json" | tee "$out/cpu_sampling_products_reference.txt"
+TIMM_SSB_SAMPLING_BACKEND=reference python benchmarks/time_ceiling.py --json "$out/cpu_time_ceiling_reference.json" |
+    tee "$out/cpu_time_ceiling_reference.txt"
 # bf16 autocast (how CPUs with native bf16 run these models) and torch.compile, inference, default allocator
 bench_inference() {
     local name=$1

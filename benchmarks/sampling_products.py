@@ -4,8 +4,11 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), fp32, channels-last, this times
 
 * the saliency conv (1x1, C -> 1) on the full-resolution map;
-* ``resample``: the map down to ``s x s`` (two batched matrix products, ``torch.bmm``);
-* ``resample_residual``: a result back up, plus the residual, then a ReLU (two products, an add, a ReLU);
+* ``resample``: the map down to ``s x s``;
+* ``resample_residual``: a result back up, plus the residual, then a ReLU;
+
+each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
+``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place);
 
 and, as the machine's references, a 2048^3 ``torch.mm`` (Intel MKL in PyTorch's CPU build, like
 ``torch.bmm``) and the same multiply-accumulates as a 1x1 convolution (oneDNN, like the models' convs).
@@ -127,7 +130,8 @@ def main() -> None:
     machine = machine_info('cpu')
     env = machine['allocator_env']
     print(
-        f'sampling on cpu ({machine["processor"]}), batch {args.batch_size}, fp32, channels_last, '
+        f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}), batch {args.batch_size}, '
+        f'fp32, channels_last, '
         f'{args.threads} threads, median of {args.repeats}; environment: '
         f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
     )

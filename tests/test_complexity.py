@@ -2,8 +2,10 @@
 
 import pytest
 import timm
+import torch
 
 from timm_ssb.complexity import count_gmacs, count_params, model_complexity
+from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.paper import GMACS_RTOL, PAPER_COMPLEXITY, PARAMS_ROUNDING_M, paper_figure
 
 
@@ -35,6 +37,21 @@ def test_meta_and_real_counts_agree():
     meta = model_complexity('ssb_resnetd50', (3, 160, 192), ssb_sizes=(12, 6, 3))
     assert count_gmacs(model, (3, 160, 192)) == pytest.approx(meta.gmacs, rel=1e-9)
     assert count_params(model) / 1e6 == pytest.approx(meta.params_m, rel=1e-12)
+
+
+@pytest.mark.parametrize('backend', ['native', 'reference'])
+def test_channels_last_cpu_counts_agree_with_meta_whichever_sampling_path(backend):
+    """On channels-last CPU maps the sampling runs in the native op; the counter counts it as the dense
+    products it replaces, like the reference path (and the paper). (Square maps: on others the PyTorch
+    channels-last path maps back up x axis first, which the counter sees as other multiply-accumulates.)"""
+    saved = get_sampling_backend()
+    set_sampling_backend(backend)
+    try:
+        model = timm.create_model('ssb_resnetd50', ssb_sizes=(12, 6, 3)).to(memory_format=torch.channels_last)
+        meta = model_complexity('ssb_resnetd50', (3, 192, 192), ssb_sizes=(12, 6, 3))
+        assert count_gmacs(model, (3, 192, 192)) == pytest.approx(meta.gmacs, rel=1e-9)
+    finally:
+        set_sampling_backend(saved)
 
 
 def test_paper_figure_lookup():

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .build import load_cpu_library
 
@@ -32,6 +33,15 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
 def _(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     shape = (x.shape[0], x.shape[1], a_y.shape[1], a_x.shape[1])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@register_flop_formula(torch.ops.timm_ssb.separable_resample)
+def _flops(x_shape, a_y_shape, a_x_shape, residual_shape, relu, *args, **kwargs) -> int:
+    """The FLOPs of the dense products this op replaces (y axis first, as :func:`resample_reference` and the
+    paper count them), so ``FlopCounterMode`` counts a model the same whichever path its sampling takes."""
+    batch_size, channels, height, width = x_shape
+    rows, cols = a_y_shape[1], a_x_shape[1]
+    return 2 * batch_size * channels * rows * width * (height + cols)
 
 
 def _setup_context(ctx, inputs, output) -> None:
