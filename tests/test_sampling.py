@@ -188,6 +188,23 @@ def test_sampling_weights_hold_no_subnormal_floats(kind, length, size):
     torch.testing.assert_close(tailless, plain, rtol=0, atol=1e-21)
 
 
+@pytest.mark.parametrize('length,size', [(28, 16), (14, 8), (7, 4), (56, 5)])
+def test_band_limited_kernels_change_results_by_less_than_1e_7(length, size):
+    """The ~6 sigma cut (``KERNEL_WEIGHT_LOG``, as ``gaussian_matrices`` applies it) against plain softmax
+    Gaussians at random positions, in float64 so that only the cut differs."""
+    positions = torch.rand(3, size, dtype=torch.float64)
+    centres = (torch.arange(length, dtype=torch.float64) + 0.5) / length
+    logits = (positions.unsqueeze(-1) - centres).square() * (-0.5 / (0.5 / size) ** 2)  # (B, s, L)
+    x = torch.rand(3, length, 64, dtype=torch.float64)
+    y = torch.rand(3, size, 64, dtype=torch.float64)
+    for dim, m in ((-1, x), (-2, y)):  # down: over pixels, applied to a map; up: over samples, applied to a result
+        cut = tailless_softmax(logits, dim, smallest_weight_log=KERNEL_WEIGHT_LOG)
+        plain = torch.softmax(logits, dim)
+        assert (cut == 0).any()  # the cut did cut
+        cut, plain = (cut, plain) if dim == -1 else (cut.transpose(-1, -2), plain.transpose(-1, -2))
+        assert ((cut @ m - plain @ m).abs().max() / (plain @ m).abs().max()) < 1e-7
+
+
 def test_saliency_softmax_in_float32_under_autocast():
     sampler = AdaptiveSampler(8, 4)
     x = torch.randn(2, 8, 14, 14)

@@ -61,7 +61,9 @@ def identity_matrices(length: int, batch_size: int, device: torch.device) -> Lis
 
 
 SMALLEST_WEIGHT_LOG = -50.0
-"""Sampling weights below ``exp(-50)`` (~2e-22) of their row's largest are set to exactly zero.
+"""Softmax weights below ``exp(-50)`` (~2e-22) of their row's largest are set to exactly zero (the default of
+:func:`tailless_softmax`, used for the saliency positions; the sampling kernels cut tighter, at
+:data:`KERNEL_WEIGHT_LOG`).
 
 A Gaussian's far tail underflows into subnormal floats (~1e-40); on Intel CPUs every multiply with a
 subnormal takes a microcode assist, and the sampling products ran up to ten times slower. Cutting the tail

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -119,13 +118,6 @@ void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, 
     }
   }
 }
-
-// Rows [first, last) of the (rows, cols) matrix m taken together: the union of their bands, and pointers to
-// where that union starts in each row (rows past `last` point at a row of zeros).
-struct RowBlock {
-  int64_t lo = 0, hi = 0;
-  const float* w = nullptr;  // w[r * stride + k] weighs input lo + k for output first + r
-};
 
 template <typename T>
 void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* residual, bool relu, T* out,
