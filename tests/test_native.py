@@ -140,10 +140,10 @@ def test_reference_backend_never_runs_the_kernel(backend, monkeypatch):
 
 
 def test_bad_backend_names_are_value_errors(monkeypatch):
-    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'native', 'reference'; got 'fast'"):
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'native', 'triton', 'reference'; got 'fast'"):
         set_sampling_backend('fast')
     monkeypatch.setenv('TIMM_SSB_SAMPLING_BACKEND', 'cuda')
-    with pytest.raises(ValueError, match='TIMM_SSB_SAMPLING_BACKEND must be one of auto, native, reference'):
+    with pytest.raises(ValueError, match='TIMM_SSB_SAMPLING_BACKEND must be one of auto, native, triton, reference'):
         native._backend_from_environment()
 
 

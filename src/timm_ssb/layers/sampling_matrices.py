@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .native import separable_resample, use_native_cpu
+from .native import native_op
 
 __all__ = [
     'pixel_centres',
@@ -375,8 +375,8 @@ def _resample_channels_last(
 ) -> Optional[torch.Tensor]:
     """The fast paths; ``x`` and ``residual`` are channels-last. Returns ``None`` where they do not apply.
 
-    The native CPU kernel (:mod:`.native`) where it applies and the sampling backend allows it, else the
-    batched matrix products of :class:`_ChannelsLastResample`.
+    The native kernel for the map's device (:mod:`.native`) where it applies and the sampling backend allows it,
+    else the batched matrix products of :class:`_ChannelsLastResample`.
 
     Under autocast the products run in autocast's dtype, as ``torch.matmul`` (the reference) would; the
     autograd function itself runs with autocast off, since it writes its products into tensors it made.
@@ -388,8 +388,9 @@ def _resample_channels_last(
     if residual is not None and residual.dtype != x.dtype:
         return None
     with torch.autocast(device_type, enabled=False):
-        if use_native_cpu(x):
-            return separable_resample(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
+        op = native_op(x)
+        if op is not None:
+            return op(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
         return _ChannelsLastResample.apply(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
 
 

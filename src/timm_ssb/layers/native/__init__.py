@@ -2,34 +2,43 @@
 
 Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` at run time):
 
-* ``'auto'`` (default): the native CPU kernel (:mod:`.ops`) for channels-last float32/bfloat16 CPU maps, built at
-  first use; if it cannot be built, one warning and PyTorch from then on;
-* ``'native'``: the same, but a kernel that cannot be built is an error;
+* ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
+  (:mod:`.build`) for float32/bfloat16 CPU maps, the Triton kernel (:mod:`.triton_kernel`) for
+  float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning and PyTorch from then on;
+* ``'native'``: the same, but a kernel that cannot be built or loaded is an error;
+* ``'triton'``: the Triton kernel on every device: CUDA, and CPU tensors under Triton's interpreter
+  (``TRITON_INTERPRET=1``; slow, for testing the GPU kernel without a GPU); an error where it cannot run;
 * ``'reference'``: PyTorch only (batched matrix products), never compiling anything.
 
+The kernels serve channels-last maps (the caller checks); other dtypes take PyTorch whatever the backend.
 Whatever the backend, export (``torch.export``, both ``torch.onnx.export`` exporters), tracing and TorchScript use
 the PyTorch reference (``resample_reference``), so exported models hold standard ops only. The choice is read
 when a model runs (or is traced by ``torch.compile``: set the backend before compiling).
 """
 
 import os
+from typing import Callable, Optional
 
 import torch
 
 from .build import cache_dir, cpu_library_error, load_cpu_library
-from .ops import separable_resample
+from .ops import load_triton_kernels, separable_resample, separable_resample_triton, triton_error
 
 __all__ = [
     'SAMPLING_BACKENDS',
     'get_sampling_backend',
     'set_sampling_backend',
-    'use_native_cpu',
+    'native_op',
     'separable_resample',
+    'separable_resample_triton',
     'cache_dir',
     'cpu_library_error',
+    'triton_error',
 ]
 
-SAMPLING_BACKENDS = ('auto', 'native', 'reference')
+SAMPLING_BACKENDS = ('auto', 'native', 'triton', 'reference')
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _config = {'backend': 'auto'}
 
@@ -62,9 +71,36 @@ def _native_cpu_ready() -> bool:
     return False
 
 
-def use_native_cpu(x: torch.Tensor) -> bool:
-    """Whether the sampling of ``x`` (channels-last, checked by the caller) runs in the native CPU kernel."""
-    return x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16) and _native_cpu_ready()
+@torch.compiler.assume_constant_result
+def _triton_ready() -> bool:
+    """Whether the Triton kernel is to be used on CUDA maps (or, backend ``'triton'``, on any) and is loaded."""
+    backend = _config['backend']
+    if backend == 'reference':
+        return False
+    if load_triton_kernels(warn=backend == 'auto'):
+        return True
+    if backend in ('native', 'triton'):
+        raise RuntimeError(
+            f'TIMM_SSB_SAMPLING_BACKEND={backend}, but the Triton sampling kernel could not be loaded: {triton_error()}'
+        )
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _triton_everywhere() -> bool:
+    return _config['backend'] == 'triton'
+
+
+def native_op(x: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
+    """The fused op that samples ``x`` (channels-last, checked by the caller) under the chosen backend, or
+    ``None`` for PyTorch's batched products."""
+    if _triton_everywhere():
+        return separable_resample_triton if x.dtype in TRITON_KERNEL_DTYPES and _triton_ready() else None
+    if x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES and _native_cpu_ready():
+        return separable_resample
+    if x.device.type == 'cuda' and x.dtype in TRITON_KERNEL_DTYPES and _triton_ready():
+        return separable_resample_triton
+    return None
 
 
 def _backend_from_environment() -> None:

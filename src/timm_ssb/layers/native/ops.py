@@ -1,13 +1,25 @@
-"""``timm_ssb::separable_resample``: the fused sampling op, with its fake and autograd registrations.
+"""The fused sampling ops, with their fake, FLOP and autograd registrations.
 
 ``separable_resample(x, a_y, a_x, residual, relu) = relu?(residual + a_y @ x @ a_x^T)`` per sample and channel,
-on channels-last CPU maps in float32 or bfloat16 (float32 accumulation), float32 matrices. It samples a map
-down (no residual), maps a result back up with the block's residual add and ReLU (the output written once),
-and -- with transposed matrices -- computes the gradients of both. Registered with ``torch.library`` so that
-``torch.compile(fullgraph=True)`` keeps it as one op (its fake gives the output's shape, dtype and layout)
-and autograd differentiates it through :func:`_backward`.
+float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down (no
+residual), maps a result back up with the block's residual add and ReLU (the output written once), and -- with
+transposed matrices -- computes the gradients of both. Two ops with that one schema:
+
+* ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.build`), float32 and bfloat16,
+  channels-last;
+* ``timm_ssb::separable_resample_triton``: the Triton kernel (:mod:`.triton_kernel`), float32,
+  bfloat16 and float16, any strides; on CUDA, and on CPU tensors under Triton's interpreter
+  (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
+
+Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` keeps each as one op (its fake gives
+the output's shape, dtype and layout) and autograd differentiates it through :func:`_backward`, whose products
+are the same op again.
 """
 
+import functools
+import importlib
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -16,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .build import load_cpu_library
 
-__all__ = ['separable_resample']
+__all__ = ['separable_resample', 'separable_resample_triton', 'load_triton_kernels', 'triton_error']
 
 
 @torch.library.custom_op('timm_ssb::separable_resample', mutates_args=(), device_types='cpu')
@@ -29,13 +41,62 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
 
 
-@separable_resample.register_fake
-def _(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+@torch.library.custom_op('timm_ssb::separable_resample_triton', mutates_args=())
+def separable_resample_triton(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu?(residual + a_y @ x @ a_x^T)`` in the Triton kernel: ``x (B, C, H, W)`` float32, bfloat16 or
+    float16, ``a_y (B, P, H)``, ``a_x (B, Q, W)`` contiguous float32, ``residual (B, C, P, Q)`` of ``x``'s dtype
+    or ``None``; the result is ``(B, C, P, Q)``, channels-last, in ``x``'s dtype."""
+    if x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
+        raise RuntimeError(
+            "timm_ssb: the Triton sampling kernel runs CPU tensors only under Triton's interpreter "
+            '(TRITON_INTERPRET=1 before the first call); on the CPU the sampling backend "auto" uses the C++ kernel'
+        )
+    if not load_triton_kernels():
+        raise RuntimeError(f'timm_ssb: the Triton sampling kernel is not available ({triton_error()})')
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f'x must be float32, bfloat16 or float16; got {x.dtype}')
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}")
+    return _triton_state['module'].separable_resample(
+        x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu
+    )
+
+
+_triton_state = {'module': None, 'error': None}
+
+
+def load_triton_kernels(warn: bool = False) -> bool:
+    """Import the Triton kernel (once; Triton is optional). A failure is remembered and, with ``warn``, warned
+    about once; returns whether the kernel is available."""
+    if _triton_state['module'] is not None:
+        return True
+    if _triton_state['error'] is not None:
+        return False
+    try:
+        _triton_state['module'] = importlib.import_module(f'{__package__}.triton_kernel')
+    except Exception as e:  # ImportError without Triton; anything Triton raises while defining the kernel
+        _triton_state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+        if warn:
+            warnings.warn(
+                f'timm_ssb: the Triton sampling kernel could not be loaded ({_triton_state["error"]}); the sampling '
+                'uses PyTorch (set TIMM_SSB_SAMPLING_BACKEND=reference to choose that and silence this warning)',
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
+    return True
+
+
+def triton_error() -> Optional[str]:
+    """Why the Triton kernel could not be loaded, or ``None`` (not tried yet, or loaded)."""
+    return _triton_state['error']
+
+
+def _fake(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     shape = (x.shape[0], x.shape[1], a_y.shape[1], a_x.shape[1])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@register_flop_formula(torch.ops.timm_ssb.separable_resample)
 def _flops(x_shape, a_y_shape, a_x_shape, residual_shape, relu, *args, **kwargs) -> int:
     """The FLOPs of the dense products this op replaces (y axis first, as :func:`resample_reference` and the
     paper count them), so ``FlopCounterMode`` counts a model the same whichever path its sampling takes."""
@@ -54,7 +115,7 @@ def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
     return torch.eye(length, dtype=torch.float32, device=like.device).expand(batch_size, length, length).contiguous()
 
 
-def _backward(ctx, grad: Tensor):
+def _backward(op, ctx, grad: Tensor):
     """With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets ``a_y^T g a_x`` (the same op,
     transposed matrices), the residual ``g``; the matrices get products of ``g`` and ``x`` each resampled along
     the other axis (``torch.bmm``), only when they need gradients (a learned sampler)."""
@@ -67,15 +128,15 @@ def _backward(ctx, grad: Tensor):
     a_y_t, a_x_t = a_y.transpose(1, 2).contiguous(), a_x.transpose(1, 2).contiguous()
     grad_x = grad_a_y = grad_a_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = separable_resample(grad, a_y_t, a_x_t, None, False)
+        grad_x = op(grad, a_y_t, a_x_t, None, False)
     if ctx.needs_input_grad[1]:
-        along_x = separable_resample(grad, _identity(batch_size, rows, x), a_x_t, None, False)  # (B, C, P, W)
+        along_x = op(grad, _identity(batch_size, rows, x), a_x_t, None, False)  # (B, C, P, W)
         grad_a_y = torch.bmm(
             along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
             x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
         ).float()
     if ctx.needs_input_grad[2]:
-        along_y = separable_resample(x, a_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
+        along_y = op(x, a_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
         grad_a_x = torch.bmm(
             grad.permute(0, 2, 3, 1).reshape(batch_size * rows, cols, channels),
             along_y.permute(0, 2, 3, 1).reshape(batch_size * rows, width, channels).transpose(1, 2),
@@ -85,4 +146,10 @@ def _backward(ctx, grad: Tensor):
     return grad_x, grad_a_y, grad_a_x, grad_residual, None
 
 
-separable_resample.register_autograd(_backward, setup_context=_setup_context)
+for _op, _packet in (
+    (separable_resample, torch.ops.timm_ssb.separable_resample),
+    (separable_resample_triton, torch.ops.timm_ssb.separable_resample_triton),
+):
+    _op.register_fake(_fake)
+    register_flop_formula(_packet)(_flops)
+    _op.register_autograd(functools.partial(_backward, _op), setup_context=_setup_context)

@@ -1,0 +1,50 @@
+"""Compile the Triton sampling kernel for a GPU architecture without a GPU: ``python compile_triton_kernel.py 90``.
+
+Every specialisation the launcher makes (float32 with residual and ReLU; bfloat16 with sizes of 1, which Triton
+turns into constants; float16 with a unit channel stride), compiled to a cubin. Prints, as JSON on its last line,
+each one's cubin size and whether its ``tl.dot`` uses tensor cores (``mma``). Run by ``test_triton.py`` in a process
+without ``TRITON_INTERPRET``.
+"""
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from timm_ssb.layers.native.triton_kernel import _separable_resample_kernel
+
+SPECIALISATIONS = {
+    'fp32, residual, relu': ('fp32', True, True, ()),
+    'bf16, sizes of 1': ('bf16', False, False, ('channels', 'height', 'width', 'rows', 'cols')),
+    'fp16, residual, unit channel stride': ('fp16', True, False, ('x_stride_c',)),
+}
+
+
+def compile_all(arch: int) -> dict:
+    results = {}
+    for name, (dtype, has_residual, relu, ones) in SPECIALISATIONS.items():
+        constants = dict(
+            HAS_RESIDUAL=has_residual,
+            RELU=relu,
+            DOT_PRECISION='ieee' if dtype == 'fp32' else 'tf32',
+            BLOCK_H=16,
+            BLOCK_W=64,
+            BLOCK_Q=64,
+            BLOCK_C=32,
+            **dict.fromkeys(ones, 1),
+        )
+        pointers = {'x_ptr': dtype, 'a_y_ptr': 'fp32', 'a_x_ptr': 'fp32', 'residual_ptr': dtype, 'out_ptr': dtype}
+        signature = {
+            n: 'constexpr' if n in constants else f'*{pointers[n]}' if n in pointers else 'i32'
+            for n in _separable_resample_kernel.arg_names
+        }
+        source = ASTSource(fn=_separable_resample_kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32))
+        results[name] = {'cubin_bytes': len(compiled.asm['cubin']), 'tensor_cores': 'mma' in compiled.asm['ptx']}
+    return results
+
+
+if __name__ == '__main__':
+    print(json.dumps(compile_all(int(sys.argv[1]))))

@@ -1,0 +1,260 @@
+"""The Triton sampling kernel against the PyTorch reference.
+
+Without a GPU the kernel runs on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set in
+``conftest.py``), under the ``'triton'`` backend; with a GPU the same tests run it natively on CUDA. The
+interpreter does not type-check the kernel as the compiler does, so it is also compiled for Hopper and Ampere
+GPUs (``compile_triton_kernel.py``; no GPU needed to compile).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+if sys.platform != 'linux':
+    pytest.importorskip('triton', reason="Triton ships with PyTorch's Linux wheels only")
+
+import timm
+
+import timm_ssb.layers.native as native
+from ssb_reference import make_live
+from test_native import banded, channels_last, reference
+from timm_ssb.layers import AdaptiveSampler, resample, resample_reference, resample_residual, uniform_matrices
+from timm_ssb.layers.native import ops, separable_resample_triton
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+# (dtype, rtol, atol as a fraction of the reference's largest magnitude): 16-bit maps in and out, fp32 inside
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+# (B, C, H, W, P, Q): channel tiles of 32 with a tail, down and up, P != Q, one channel, a single input row, and
+# more than one tile of 64 input columns (w chunks) and of 64 output columns (q tiles)
+SHAPES = [
+    (2, 5, 7, 9, 3, 4),
+    (1, 33, 5, 5, 9, 11),
+    (2, 1, 6, 6, 3, 3),
+    (1, 3, 1, 70, 2, 80),
+]
+
+
+@pytest.fixture
+def backend():
+    saved = native.get_sampling_backend()
+    yield native.set_sampling_backend
+    native.set_sampling_backend(saved)
+
+
+def on_device(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('with_residual,relu', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_kernel_matches_reference_values_and_gradients(shape, with_residual, relu, dtype, no_tf32):
+    batch_size, channels, height, width, rows, cols = shape
+    x = on_device(channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)).requires_grad_()
+    a_y = on_device(banded(batch_size, rows, height)).requires_grad_()
+    a_x = on_device(banded(batch_size, cols, width)).requires_grad_()
+    residual = None
+    if with_residual:
+        residual = on_device(channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype))
+        residual.requires_grad_()
+    out = separable_resample_triton(x, a_y, a_x, residual, relu)
+    ref = reference(x, a_y, a_x, residual, relu)
+    assert out.dtype == dtype and out.device == x.device and out.is_contiguous(memory_format=torch.channels_last)
+    if relu:
+        assert (out == 0).any()
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
+    g = torch.randn(ref.shape, device=DEVICE)
+    inputs = [t for t in (x, a_y, a_x, residual) if t is not None]
+    grads = torch.autograd.grad(out, inputs, g.to(dtype))
+    grads_ref = torch.autograd.grad(ref, inputs, g)
+    for name, a, b in zip(['x', 'a_y', 'a_x', 'residual'], grads, grads_ref, strict=False):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
+
+
+def test_kernel_reads_any_strides():
+    """An NCHW map and a residual sliced from a larger tensor: the kernel takes strides, not a layout."""
+    x = on_device(torch.randn(2, 6, 7, 5))
+    residual = on_device(torch.randn(2, 12, 3, 4))[:, ::2]
+    a_y, a_x = on_device(banded(2, 3, 7)), on_device(banded(2, 4, 5))
+    out = separable_resample_triton(x, a_y, a_x, residual, True)
+    torch.testing.assert_close(out, reference(x, a_y, a_x, residual, True), rtol=1e-5, atol=1e-5)
+
+
+def test_registrations_pass_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch, as ``torch.library`` checks them."""
+    x = on_device(channels_last(torch.randn(1, 3, 5, 4))).requires_grad_()
+    residual = on_device(channels_last(torch.randn(1, 3, 2, 3))).requires_grad_()
+    a_y, a_x = on_device(banded(1, 2, 5)).requires_grad_(), on_device(banded(1, 3, 4)).requires_grad_()
+    torch.library.opcheck(separable_resample_triton, (x, a_y, a_x, residual, True))
+
+
+@pytest.mark.filterwarnings('ignore:invalid value encountered:RuntimeWarning')  # the interpreter's NumPy
+def test_nan_and_inf_pass_through_like_the_reference():
+    x = on_device(channels_last(torch.randn(1, 16, 4, 4)))
+    x[0, 3, 1, 2] = float('nan')
+    x[0, 5, 2, 2] = float('inf')
+    a = on_device(torch.full((1, 2, 4), 0.25))
+    for dtype in (torch.float32, torch.bfloat16):
+        out = separable_resample_triton(x.to(dtype), a, a, None, True)
+        ref = reference(x.to(dtype), a, a, None, True)
+        assert torch.equal(out.float().isnan(), ref.isnan()) and torch.equal(out.float().isinf(), ref.isinf())
+
+
+def test_bad_inputs_are_clear_errors():
+    x = on_device(channels_last(torch.randn(1, 3, 5, 4)))
+    a_y, a_x = on_device(banded(1, 2, 5)), on_device(banded(1, 3, 4))
+    with pytest.raises(TypeError, match='x must be float32, bfloat16 or float16; got torch.float64'):
+        separable_resample_triton(x.double(), a_y, a_x, None, False)
+    residual = on_device(channels_last(torch.randn(1, 3, 2, 3)))
+    with pytest.raises(TypeError, match="residual must have x's dtype torch.bfloat16; got torch.float32"):
+        separable_resample_triton(x.bfloat16(), a_y, a_x, residual, False)
+
+
+@pytest.mark.skipif(DEVICE != 'cpu', reason='on a CPU tensor without the interpreter')
+def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET')
+    x = channels_last(torch.randn(1, 3, 5, 4))
+    with pytest.raises(RuntimeError, match=r'CPU tensors only under Triton.s interpreter \(TRITON_INTERPRET=1'):
+        separable_resample_triton(x, banded(1, 2, 5), banded(1, 3, 4), None, False)
+
+
+def count_triton_calls(monkeypatch) -> list:
+    assert ops.load_triton_kernels()
+    calls = []
+    module = ops._triton_state['module']
+    launch = module.separable_resample
+
+    def counted(x, *args):
+        calls.append((x.device.type, x.dtype))
+        return launch(x, *args)
+
+    monkeypatch.setattr(module, 'separable_resample', counted)
+    return calls
+
+
+def test_triton_backend_samples_channels_last_maps_in_the_kernel(backend, monkeypatch):
+    backend('triton')
+    x = on_device(channels_last(torch.randn(2, 8, 9, 9)))
+    dy, dx, uy, ux = uniform_matrices(x, 4, 1 / 8, 1 / 8)
+    calls = count_triton_calls(monkeypatch)
+    z = resample(x, dy, dx)
+    out = resample_residual(z, uy, ux, x, True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        resample(x, dy, dx)
+    assert calls == [(x.device.type, torch.float32)] * 2 + [(x.device.type, torch.bfloat16)]
+    resample(x.contiguous(), dy, dx)  # NCHW: the reference
+    resample(x.double(), dy, dx)  # float64: the batched products
+    assert len(calls) == 3
+    ref = torch.relu(x + resample_reference(resample_reference(x, dy, dx), uy, ux))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != 'cpu', reason='the CPU dispatch')
+def test_auto_backend_keeps_the_cpp_kernel_on_the_cpu(backend, monkeypatch):
+    backend('auto')
+    x = channels_last(torch.randn(2, 8, 9, 9))
+    calls = count_triton_calls(monkeypatch)
+    resample(x, *uniform_matrices(x, 4, 1 / 8, 1 / 8)[:2])
+    assert calls == []
+
+
+@pytest.fixture
+def triton_missing(monkeypatch):
+    """A process where Triton cannot be imported (as with PyTorch's CPU wheels)."""
+
+    def fail(name: str):
+        raise ModuleNotFoundError("No module named 'triton'")
+
+    monkeypatch.setattr(ops, '_triton_state', {'module': None, 'error': None})
+    monkeypatch.setattr(ops.importlib, 'import_module', fail)
+
+
+def test_without_triton_auto_warns_once_and_the_forced_backends_raise(triton_missing, backend):
+    backend('auto')
+    with pytest.warns(RuntimeWarning, match="Triton sampling kernel could not be loaded .*No module named 'triton'"):
+        assert not native._triton_ready()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert not native._triton_ready()
+    assert native.triton_error() == "ModuleNotFoundError: No module named 'triton'"
+    for name in ('native', 'triton'):
+        backend(name)
+        with pytest.raises(RuntimeError, match=f'TIMM_SSB_SAMPLING_BACKEND={name}, but the Triton sampling kernel'):
+            native._triton_ready()
+
+
+def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
+    """``torch.compile(fullgraph=True)`` with the Triton op traced through its fake; forward and backward equal
+    eager (aot_eager: inductor would compile the rest of the graph for the device)."""
+    backend('triton')
+    torch._dynamo.reset()
+    sampler = AdaptiveSampler(16, 5).to(DEVICE)
+    torch.nn.init.normal_(sampler.saliency.weight, std=0.5)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        z, state = sampler(x)
+        return sampler.inverse_residual(z * 2.0, state, x, relu=True)
+
+    x = on_device(channels_last(torch.randn(2, 16, 11, 9)))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(block, backend='aot_eager', fullgraph=True)
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, out = block(x_eager), compiled(x_comp)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    eager.square().sum().backward()
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    assert counters['stats']['unique_graphs'] == 1
+
+
+@pytest.mark.slow
+def test_whole_model_on_the_triton_kernel_matches_the_reference_backend(backend, no_tf32):
+    """A live ``ssb_resnetd26`` (adaptive samplers) forward and backward: the Triton backend against PyTorch's,
+    outputs and every parameter's gradient. In eval mode: with batch statistics over maps this small, fp32
+    rounding alone moves the output by ~1e-3 (the C++ kernel's too), which would hide a kernel's error."""
+    torch.manual_seed(0)
+    model = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1)))
+    model = model.to(DEVICE).to(memory_format=torch.channels_last).eval()
+    x = on_device(channels_last(torch.randn(2, 3, 48, 48)))
+    results = {}
+    for name in ('reference', 'triton'):
+        backend(name)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[name] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out_ref, grads_ref), (out, grads) = results['reference'], results['triton']
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4 * out_ref.abs().max().item())
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        scale = grads_ref[n].norm().item()
+        assert (g - grads_ref[n]).norm().item() <= 1e-3 * max(scale, 1e-4), n
+
+
+@pytest.mark.parametrize('arch', [90, 80])
+def test_kernel_compiles_for_gpus_without_one(arch):
+    """The interpreter runs the kernel as Python and NumPy; the compiler type-checks it and lowers ``tl.dot`` for
+    real. Compiled in a fresh process (the interpreter, once it has run, changes how ``triton.language``
+    traces): every specialisation the launcher makes, to a cubin, tensor cores for 16-bit maps."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    script = Path(__file__).with_name('compile_triton_kernel.py')
+    done = subprocess.run(
+        [sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(compiled) == 3
+    for name, info in compiled.items():
+        assert info['cubin_bytes'] > 0, name
+        assert info['tensor_cores'] == (not name.startswith('fp32')), name
