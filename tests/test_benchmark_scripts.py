@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
 
@@ -53,6 +54,26 @@ def test_benchmark_scripts_reject_bad_arguments():
     for name, args in [('sampling_products.py', ['--repeats', '0']), ('time_ceiling.py', ['--models', 'resnet50d'])]:
         result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True)
         assert result.returncode == 2 and ('--repeats must be positive' in result.stderr or '--models' in result.stderr)
+
+
+def test_gpu_sampling_needs_a_gpu_and_checks_its_arguments():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'gpu_sampling.py'), '--repeats', '0'], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and '--repeats must be positive' in result.stderr
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(BENCHMARKS / 'gpu_sampling.py')], capture_output=True, text=True)
+        assert result.returncode == 2 and 'needs a CUDA GPU' in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device here')
+def test_gpu_sampling_writes_table_and_json(tmp_path):
+    path = tmp_path / 'gpu_sampling.json'
+    out = run_script('gpu_sampling.py', '--batch-size', '2', '--repeats', '1', '--json', str(path))
+    assert 'triton down' in out and 'reference f+b' in out
+    rows = json.loads(path.read_text())['results']
+    assert [r['stage'] for r in rows] == ['layer2', 'layer3', 'layer4']
+    assert all(r[f'{b}_{op}_ms'] > 0 for r in rows for b in ('triton', 'reference') for op in ('down', 'up'))
 
 
 def test_subnormal_products_counts_subnormals_and_records_the_run(tmp_path):

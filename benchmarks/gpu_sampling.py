@@ -1,0 +1,137 @@
+"""The sampling on a GPU: each backend against the floor memory traffic sets.
+
+For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 channels, 28 x 28 sampled to
+16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), channels-last, batch 256 by default, this times, in each
+sampling backend (``triton``: the fused kernel; ``reference``: PyTorch's batched products and separate passes):
+
+* the saliency conv (1x1, C -> 1) on the full-resolution map (PyTorch's conv either way);
+* ``resample``: the map down to ``s x s`` (the floor: reading the map once);
+* ``resample_residual``: a result back up, plus the residual, then a ReLU (the floor: reading the residual
+  and writing the output once, a copy's traffic);
+* both of them forward and backward (gradients of the map, the sampled map and the residual);
+
+and, as the floor, a copy of the full-resolution map (``Tensor.copy_``: one read, one write), timed on the same
+GPU: the down-sampling cannot take less than half of it, the way back not less than all of it.
+
+Usage (a CUDA GPU):
+
+    python benchmarks/gpu_sampling.py --amp bfloat16 --json benchmarks/results/gpu_sampling_bf16.json
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from timm_ssb.benchmark import machine_info
+from timm_ssb.layers import resample, resample_residual, uniform_matrices
+from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
+from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
+
+STAGES = (('layer2', 512, 28), ('layer3', 1024, 14), ('layer4', 2048, 7))
+"""(stage, channels, map side) of a ResNet-D's stride-1 blocks at a 224 x 224 input."""
+
+BACKENDS = ('triton', 'reference')
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median of ``repeats`` CUDA-event timings of ``fn``, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Namespace) -> Dict[str, object]:
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(args.batch_size, channels, side, side, device='cuda', dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    down_y, down_x, up_y, up_x = uniform_matrices(x, size, 0.5 / size, 0.5 / size)
+    saliency = torch.nn.Conv2d(channels, 1, 1).to('cuda', dtype).to(memory_format=torch.channels_last)
+    copy = torch.empty_like(x)
+    row: Dict[str, object] = {
+        'stage': stage,
+        'channels': channels,
+        'side': side,
+        'size': size,
+        'map_mb': x.numel() * x.element_size() / 2**20,
+        'copy_ms': median_ms(lambda: copy.copy_(x), args.repeats),
+    }
+    with torch.no_grad():
+        row['saliency_ms'] = median_ms(lambda: saliency(x), args.repeats)
+        z = resample(x, down_y, down_x)
+    x_grad = x.detach().requires_grad_()
+    for backend in BACKENDS:
+        set_sampling_backend(backend)
+        with torch.no_grad():
+            row[f'{backend}_down_ms'] = median_ms(lambda: resample(x, down_y, down_x), args.repeats)
+            row[f'{backend}_up_ms'] = median_ms(lambda: resample_residual(z, up_y, up_x, x, True), args.repeats)
+
+        def forward_backward() -> None:
+            z = resample(x_grad, down_y, down_x) * 2.0
+            resample_residual(z, up_y, up_x, x_grad, True).sum().backward()
+
+        row[f'{backend}_forward_backward_ms'] = median_ms(forward_backward, args.repeats)
+    return row
+
+
+def format_rows(rows: List[Dict[str, object]]) -> str:
+    header = f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"map MB":>7} {"copy ms":>8} {"saliency":>9} ' + ' '.join(
+        f'{f"{b} down":>12} {f"{b} up":>10} {f"{b} f+b":>11}' for b in BACKENDS
+    )
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        cells = ' '.join(
+            f'{r[f"{b}_down_ms"]:>12.3f} {r[f"{b}_up_ms"]:>10.3f} {r[f"{b}_forward_backward_ms"]:>11.3f}'
+            for b in BACKENDS
+        )
+        lines.append(
+            f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["map_mb"]:>7.1f} '
+            f'{r["copy_ms"]:>8.3f} {r["saliency_ms"]:>9.3f} {cells}'
+        )
+    lines.append('ms, median; floors: down >= copy / 2 (one read of the map), up >= copy (one read, one write)')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'], default='bfloat16')
+    parser.add_argument('--repeats', type=int, default=30)
+    parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
+    args = parser.parse_args()
+    for flag in ('batch_size', 'repeats'):
+        if getattr(args, flag) <= 0:
+            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    if not torch.cuda.is_available():
+        parser.error('needs a CUDA GPU')
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference's fp32 products at full precision, like the kernel
+    saved = get_sampling_backend()
+    try:
+        rows = [
+            stage_row(stage, channels, side, size, args)
+            for (stage, channels, side), size in zip(STAGES, DEFAULT_SSB_SIZES, strict=True)
+        ]
+    finally:
+        set_sampling_backend(saved)
+    machine = machine_info('cuda')
+    print(f'sampling on {machine.get("gpu")}, batch {args.batch_size}, {args.dtype}, channels_last')
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {'settings': vars(args), 'machine': machine, 'results': rows}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+
+
+if __name__ == '__main__':
+    main()
