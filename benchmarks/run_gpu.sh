@@ -7,25 +7,27 @@
 # 3. eager inference and training step against the timm baselines: bf16 autocast, channels_last, batch 256,
 #    with peak memory (gpu_{inference,train}_eager);
 # 4. the same with torch.compile (gpu_{inference,train}_compile).
-# MODELS (default: the four SSB models) narrows steps 3-4, e.g. MODELS="ssb_resnetd50 ssb_resnetd152".
+# MODELS (default: the four SSB models) narrows steps 3-4, e.g. MODELS="ssb_resnetd50 ssb_resnetd152";
+# PYTHON (default: python3) is the interpreter that has torch, timm and this package (or PYTHONPATH=src).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
 mkdir -p "$out"
+py=${PYTHON:-python3}
 read -r -a models <<<"${MODELS:-ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_tests.txt"
-python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_models.py tests/test_sampling.py \
+"$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_models.py tests/test_sampling.py \
     -k 'triton or cuda' 2>&1 | tee -a "$out/gpu_tests.txt" || echo 'TESTS FAILED: see above' | tee -a "$out/gpu_tests.txt"
 for dtype in bfloat16 float32; do
-    python benchmarks/gpu_sampling.py --dtype "$dtype" --json "$out/gpu_sampling_$dtype.json" |
+    "$py" benchmarks/gpu_sampling.py --dtype "$dtype" --json "$out/gpu_sampling_$dtype.json" |
         tee "$out/gpu_sampling_$dtype.txt"
 done
 common=(--models "${models[@]}" --device cuda --amp bfloat16 --batch-size 256 --rounds 7 --iters 5 --warmup 3)
 for mode in eager compile; do
     flag=()
     [ "$mode" = compile ] && flag=(--compile)
-    timm-ssb bench "${common[@]}" "${flag[@]}" --json "$out/gpu_inference_$mode.json" |
+    "$py" -m timm_ssb.cli bench "${common[@]}" "${flag[@]}" --json "$out/gpu_inference_$mode.json" |
         tee "$out/gpu_inference_$mode.txt"
-    timm-ssb bench "${common[@]}" "${flag[@]}" --train --json "$out/gpu_train_$mode.json" |
+    "$py" -m timm_ssb.cli bench "${common[@]}" "${flag[@]}" --train --json "$out/gpu_train_$mode.json" |
         tee "$out/gpu_train_$mode.txt"
 done

@@ -426,9 +426,11 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
 
     :func:`resample_reference` runs the y-axis product first, then the x-axis one: ``C * (n*H*W + n*m*W)``
     multiply-accumulates, the order the paper's complexity figures assume. Channels-last maps (the fast
-    path) use a custom autograd function whose products, forward and backward, are batched matrix
-    products over contiguous views; it runs the x-axis product first when mapping up (``n > H``), which
-    on a square map costs the same multiply-accumulates. Other layouts, and TorchScript, use the reference.
+    paths) take the fused kernel of their device (C++ on the CPU, Triton on CUDA; :mod:`.native`) where the
+    sampling backend allows it, else a custom autograd function whose products, forward and backward, are
+    batched matrix products over contiguous views; it runs the x-axis product first when mapping up
+    (``n > H``), which on a square map costs the same multiply-accumulates. Other layouts, export, tracing
+    and TorchScript use the reference.
     """
     if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x):
         return _resample_channels_last(x, matrix_y, matrix_x)
