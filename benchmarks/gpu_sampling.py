@@ -19,14 +19,11 @@ Usage (a CUDA GPU):
 """
 
 import argparse
-import json
-import os
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 
-from timm_ssb.benchmark import machine_info
+from timm_ssb.benchmark import machine_info, write_json
 from timm_ssb.layers import resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
@@ -128,9 +125,8 @@ def main() -> None:
     print(f'sampling on {machine.get("gpu")}, batch {args.batch_size}, {args.dtype}, channels_last')
     print(format_rows(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = {'settings': vars(args), 'machine': machine, 'results': rows}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+        write_json(args.json, payload)
 
 
 if __name__ == '__main__':

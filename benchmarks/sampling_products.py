@@ -25,17 +25,14 @@ Usage:
 """
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from timm_ssb.benchmark import machine_info
+from timm_ssb.benchmark import machine_info, write_json
 from timm_ssb.layers import resample, resample_residual, uniform_matrices
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
 
@@ -137,9 +134,8 @@ def main() -> None:
     )
     print(format_rows(rows, refs))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = {'settings': vars(args), 'machine': machine, 'results': rows, 'references': refs}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+        write_json(args.json, payload)
 
 
 if __name__ == '__main__':

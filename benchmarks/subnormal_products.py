@@ -10,15 +10,13 @@ interleaved, fp32, channels-last, batch 16 (the median of ``--rounds`` rounds).
 """
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from timm_ssb.benchmark import machine_info
+from timm_ssb.benchmark import machine_info, write_json
 from timm_ssb.layers import resample
 from timm_ssb.layers.sampling_matrices import pixel_centres, tailless_softmax
 
@@ -94,7 +92,7 @@ def main() -> None:
     print('\n'.join(lines))
     if args.json:
         payload = dict(settings=vars(args), machine=machine, rows=rows)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+        write_json(args.json, payload)
         Path(args.json).with_suffix('.txt').write_text('\n'.join(lines) + '\n')
 
 

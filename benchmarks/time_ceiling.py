@@ -23,11 +23,8 @@ Usage (inference, channels_last; fp32, or bf16 autocast with ``--amp bfloat16``)
 """
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import timm
@@ -35,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from timm_ssb import BASELINES, SSBBottleneck
-from timm_ssb.benchmark import machine_info, model_parts
+from timm_ssb.benchmark import machine_info, model_parts, write_json
 from timm_ssb.complexity import count_gmacs
 
 CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.35, 'ssb_resnetd101': 1.6, 'ssb_resnetd152': 1.8, 'ssb_resnetrs152': 1.8}
@@ -192,9 +189,8 @@ def main() -> None:
     )
     print(format_rows(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = {'settings': vars(args), 'machine': machine, 'results': rows}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + os.linesep)
+        write_json(args.json, payload)
 
 
 if __name__ == '__main__':

@@ -44,31 +44,38 @@ def reference(x, a_y, a_x, residual, relu):
     return torch.relu(out) if relu else out
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('with_residual,relu', [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize('shape', SHAPES)
-def test_op_matches_reference_values_and_gradients(shape, with_residual, relu, dtype):
+def check_op_against_reference(op, shape, with_residual: bool, relu: bool, dtype, tolerances, device='cpu') -> None:
+    """``op`` (a fused sampling op) against :func:`reference` on random banded matrices: the output's values,
+    dtype and layout, and the gradients of all four inputs; ``tolerances`` maps dtype to (rtol, atol as a
+    fraction of the reference's largest magnitude)."""
     batch_size, channels, height, width, rows, cols = shape
-    x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype).requires_grad_()
-    a_y = banded(batch_size, rows, height).requires_grad_()
-    a_x = banded(batch_size, cols, width).requires_grad_()
+    x = channels_last(torch.randn(batch_size, channels, height, width)).to(device, dtype).requires_grad_()
+    a_y = banded(batch_size, rows, height).to(device).requires_grad_()
+    a_x = banded(batch_size, cols, width).to(device).requires_grad_()
     residual = None
     if with_residual:
-        residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype).requires_grad_()
-    out = separable_resample(x, a_y, a_x, residual, relu)
+        residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(device, dtype).requires_grad_()
+    out = op(x, a_y, a_x, residual, relu)
     ref = reference(x, a_y, a_x, residual, relu)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == dtype and out.device == x.device and out.is_contiguous(memory_format=torch.channels_last)
     if relu:
         assert (out == 0).any()
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = tolerances[dtype]
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
-    g = torch.randn(ref.shape)
+    g = torch.randn(ref.shape, device=device)
     inputs = [t for t in (x, a_y, a_x, residual) if t is not None]
     grads = torch.autograd.grad(out, inputs, g.to(dtype))
     grads_ref = torch.autograd.grad(ref, inputs, g)
     for name, a, b in zip(['x', 'a_y', 'a_x', 'residual'], grads, grads_ref, strict=False):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('with_residual,relu', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_op_matches_reference_values_and_gradients(shape, with_residual, relu, dtype):
+    check_op_against_reference(separable_resample, shape, with_residual, relu, dtype, TOLERANCES)
 
 
 def test_op_registrations_pass_opcheck():
@@ -179,18 +186,18 @@ def test_native_backend_that_cannot_be_built_is_an_error(broken_build, backend):
         resample(x, dy, dx)
 
 
-def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
-    """``torch.compile(fullgraph=True)``: the fused op traced through its fake, forward and backward equal eager."""
-    backend('native')
+def check_compiled_sampler_matches_eager(device: str) -> None:
+    """``torch.compile(fullgraph=True)`` of a sampler's down and up passes: one graph, the fused op traced through
+    its fake; forward and backward equal eager (aot_eager: the rest of the graph as eager ops)."""
     torch._dynamo.reset()
-    sampler = AdaptiveSampler(16, 5)
+    sampler = AdaptiveSampler(16, 5).to(device)
     torch.nn.init.normal_(sampler.saliency.weight, std=0.5)
 
     def block(x: torch.Tensor) -> torch.Tensor:
         z, state = sampler(x)
         return sampler.inverse_residual(z * 2.0, state, x, relu=True)
 
-    x = channels_last(torch.randn(2, 16, 11, 9))
+    x = channels_last(torch.randn(2, 16, 11, 9, device=device))
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = torch.compile(block, backend='aot_eager', fullgraph=True)
@@ -201,6 +208,11 @@ def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
     eager.square().sum().backward()
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
     assert counters['stats']['unique_graphs'] == 1
+
+
+def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
+    backend('native')
+    check_compiled_sampler_matches_eager('cpu')
 
 
 def test_kernel_builds_into_an_empty_cache_in_a_fresh_process(tmp_path):

@@ -23,8 +23,14 @@ import timm
 
 import timm_ssb.layers.native as native
 from ssb_reference import make_live
-from test_native import banded, channels_last, reference
-from timm_ssb.layers import AdaptiveSampler, resample, resample_reference, resample_residual, uniform_matrices
+from test_native import (
+    banded,
+    channels_last,
+    check_compiled_sampler_matches_eager,
+    check_op_against_reference,
+    reference,
+)
+from timm_ssb.layers import resample, resample_reference, resample_residual, uniform_matrices
 from timm_ssb.layers.native import ops, separable_resample_triton
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -57,28 +63,7 @@ def on_device(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize('with_residual,relu', [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_kernel_matches_reference_values_and_gradients(shape, with_residual, relu, dtype, no_tf32):
-    batch_size, channels, height, width, rows, cols = shape
-    x = on_device(channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)).requires_grad_()
-    a_y = on_device(banded(batch_size, rows, height)).requires_grad_()
-    a_x = on_device(banded(batch_size, cols, width)).requires_grad_()
-    residual = None
-    if with_residual:
-        residual = on_device(channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype))
-        residual.requires_grad_()
-    out = separable_resample_triton(x, a_y, a_x, residual, relu)
-    ref = reference(x, a_y, a_x, residual, relu)
-    assert out.dtype == dtype and out.device == x.device and out.is_contiguous(memory_format=torch.channels_last)
-    if relu:
-        assert (out == 0).any()
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
-    g = torch.randn(ref.shape, device=DEVICE)
-    inputs = [t for t in (x, a_y, a_x, residual) if t is not None]
-    grads = torch.autograd.grad(out, inputs, g.to(dtype))
-    grads_ref = torch.autograd.grad(ref, inputs, g)
-    for name, a, b in zip(['x', 'a_y', 'a_x', 'residual'], grads, grads_ref, strict=False):
-        assert a.dtype == b.dtype, name
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
+    check_op_against_reference(separable_resample_triton, shape, with_residual, relu, dtype, TOLERANCES, DEVICE)
 
 
 def test_kernel_reads_any_strides():
@@ -194,28 +179,8 @@ def test_without_triton_auto_warns_once_and_the_forced_backends_raise(triton_mis
 
 
 def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
-    """``torch.compile(fullgraph=True)`` with the Triton op traced through its fake; forward and backward equal
-    eager (aot_eager: inductor would compile the rest of the graph for the device)."""
     backend('triton')
-    torch._dynamo.reset()
-    sampler = AdaptiveSampler(16, 5).to(DEVICE)
-    torch.nn.init.normal_(sampler.saliency.weight, std=0.5)
-
-    def block(x: torch.Tensor) -> torch.Tensor:
-        z, state = sampler(x)
-        return sampler.inverse_residual(z * 2.0, state, x, relu=True)
-
-    x = on_device(channels_last(torch.randn(2, 16, 11, 9)))
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    compiled = torch.compile(block, backend='aot_eager', fullgraph=True)
-    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    eager, out = block(x_eager), compiled(x_comp)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    eager.square().sum().backward()
-    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
-    assert counters['stats']['unique_graphs'] == 1
+    check_compiled_sampler_matches_eager(DEVICE)
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ __all__ = [
     'run_benchmark',
     'machine_info',
     'run_record',
+    'write_json',
     'format_table',
     'stage_times',
     'model_parts',
@@ -410,10 +411,15 @@ def run_benchmark(models: Sequence[str], settings: BenchSettings, json_path: Opt
             'machine': machine,
             'results': [dict(asdict(r), gmacs_ratio=r.gmacs_ratio) for r in results],
         }
-        directory = os.path.dirname(json_path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        with open(json_path, 'w') as f:
-            json.dump(payload, f, indent=2)
-            f.write('\n')
+        write_json(json_path, payload)
     return results
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (making the folder), as every benchmark here does."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(payload, f, indent=2)
+        f.write('\n')
