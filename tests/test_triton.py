@@ -96,18 +96,30 @@ def test_nan_and_inf_pass_through_like_the_reference():
 
 
 def test_bad_inputs_are_clear_errors():
+    """The kernel does not bound its reads by the matrices' shapes: the op checks them, naming the argument."""
     x = on_device(channels_last(torch.randn(1, 3, 5, 4)))
     a_y, a_x = on_device(banded(1, 2, 5)), on_device(banded(1, 3, 4))
-    with pytest.raises(TypeError, match='x must be float32, bfloat16 or float16; got torch.float64'):
-        separable_resample_triton(x.double(), a_y, a_x, None, False)
     residual = on_device(channels_last(torch.randn(1, 3, 2, 3)))
-    with pytest.raises(TypeError, match="residual must have x's dtype torch.bfloat16; got torch.float32"):
-        separable_resample_triton(x.bfloat16(), a_y, a_x, residual, False)
+    cases = [
+        ((x.double(), a_y, a_x, None), TypeError, 'x must be float32, bfloat16 or float16; got torch.float64'),
+        ((x[0], a_y, a_x, None), ValueError, r'x must be a \(B, C, H, W\) map; got shape \[3, 5, 4\]'),
+        ((x, a_y[:, :, :4], a_x, None), ValueError, r'a_y must be \(1, n, 5\) for x of shape \[1, 3, 5, 4\]'),
+        ((x, a_y, a_x.expand(2, 3, 4), None), ValueError, r'a_x must be \(1, n, 4\)'),
+        ((x, a_y, a_x, residual[:, :2]), ValueError, r"residual must have the output's shape \[1, 3, 2, 3\]"),
+        ((x.bfloat16(), a_y, a_x, residual), TypeError, "residual must have x's dtype torch.bfloat16"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            separable_resample_triton(*args, False)
+    # a meta tensor among them would dispatch to the fake; the check itself, as a CUDA/CPU mix meets it
+    with pytest.raises(ValueError, match="a_x must be on x's device"):
+        ops._check_inputs(x, a_y, a_x.to('meta'), None)
 
 
-@pytest.mark.skipif(DEVICE != 'cpu', reason='on a CPU tensor without the interpreter')
 def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
-    monkeypatch.delenv('TRITON_INTERPRET')
+    """A kernel defined without the interpreter (TRITON_INTERPRET unset at its first use) is for GPUs only."""
+    assert ops.load_triton_kernels(), native.triton_error()
+    monkeypatch.setattr(ops._triton_state['module'], 'INTERPRETED', False)
     x = channels_last(torch.randn(1, 3, 5, 4))
     with pytest.raises(RuntimeError, match=r'CPU tensors only under Triton.s interpreter \(TRITON_INTERPRET=1'):
         separable_resample_triton(x, banded(1, 2, 5), banded(1, 3, 4), None, False)

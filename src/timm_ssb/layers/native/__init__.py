@@ -17,12 +17,18 @@ when a model runs (or is traced by ``torch.compile``: set the backend before com
 """
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .build import cache_dir, cpu_library_error, load_cpu_library
-from .ops import load_triton_kernels, separable_resample, separable_resample_triton, triton_error
+from .ops import (
+    TRITON_KERNEL_DTYPES,
+    load_triton_kernels,
+    separable_resample,
+    separable_resample_triton,
+    triton_error,
+)
 
 __all__ = [
     'SAMPLING_BACKENDS',
@@ -34,11 +40,11 @@ __all__ = [
     'cache_dir',
     'cpu_library_error',
     'triton_error',
+    'TRITON_KERNEL_DTYPES',
 ]
 
 SAMPLING_BACKENDS = ('auto', 'native', 'triton', 'reference')
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _config = {'backend': 'auto'}
 
@@ -55,35 +61,33 @@ def get_sampling_backend() -> str:
     return _config['backend']
 
 
-@torch.compiler.assume_constant_result
-def _native_cpu_ready() -> bool:
-    """Whether the native CPU kernel is to be used and is built; a constant to ``torch.compile``."""
+def _kernel_ready(
+    load: Callable[..., bool], error: Callable[[], Optional[str]], kernel: str, forced: Tuple[str, ...]
+) -> bool:
+    """Whether a kernel is to be used under the chosen backend and is built or loaded (``load(warn=...)``
+    warns once under ``'auto'``); a backend in ``forced`` that cannot have it is an error."""
     backend = _config['backend']
     if backend == 'reference':
         return False
-    if load_cpu_library(warn=backend == 'auto'):
+    if load(warn=backend == 'auto'):
         return True
-    if backend == 'native':
+    if backend in forced:
         raise RuntimeError(
-            f'TIMM_SSB_SAMPLING_BACKEND=native, but the native CPU sampling kernel could not be built or loaded: '
-            f'{cpu_library_error()}'
+            f'TIMM_SSB_SAMPLING_BACKEND={backend}, but the {kernel} could not be built or loaded: {error()}'
         )
     return False
+
+
+@torch.compiler.assume_constant_result
+def _native_cpu_ready() -> bool:
+    """Whether the native CPU kernel is to be used and is built; a constant to ``torch.compile``."""
+    return _kernel_ready(load_cpu_library, cpu_library_error, 'native CPU sampling kernel', ('native',))
 
 
 @torch.compiler.assume_constant_result
 def _triton_ready() -> bool:
     """Whether the Triton kernel is to be used on CUDA maps (or, backend ``'triton'``, on any) and is loaded."""
-    backend = _config['backend']
-    if backend == 'reference':
-        return False
-    if load_triton_kernels(warn=backend == 'auto'):
-        return True
-    if backend in ('native', 'triton'):
-        raise RuntimeError(
-            f'TIMM_SSB_SAMPLING_BACKEND={backend}, but the Triton sampling kernel could not be loaded: {triton_error()}'
-        )
-    return False
+    return _kernel_ready(load_triton_kernels, triton_error, 'Triton sampling kernel', ('native', 'triton'))
 
 
 @torch.compiler.assume_constant_result

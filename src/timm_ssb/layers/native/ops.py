@@ -18,7 +18,6 @@ are the same op again.
 
 import functools
 import importlib
-import os
 import warnings
 from typing import Optional
 
@@ -28,7 +27,13 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .build import load_cpu_library
 
-__all__ = ['separable_resample', 'separable_resample_triton', 'load_triton_kernels', 'triton_error']
+__all__ = [
+    'separable_resample',
+    'separable_resample_triton',
+    'TRITON_KERNEL_DTYPES',
+    'load_triton_kernels',
+    'triton_error',
+]
 
 
 @torch.library.custom_op('timm_ssb::separable_resample', mutates_args=(), device_types='cpu')
@@ -41,25 +46,50 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
 
 
+TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The map dtypes the Triton kernel takes (the matrices are float32)."""
+
+
 @torch.library.custom_op('timm_ssb::separable_resample_triton', mutates_args=())
 def separable_resample_triton(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     """``relu?(residual + a_y @ x @ a_x^T)`` in the Triton kernel: ``x (B, C, H, W)`` float32, bfloat16 or
-    float16, ``a_y (B, P, H)``, ``a_x (B, Q, W)`` contiguous float32, ``residual (B, C, P, Q)`` of ``x``'s dtype
-    or ``None``; the result is ``(B, C, P, Q)``, channels-last, in ``x``'s dtype."""
-    if x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
-        raise RuntimeError(
-            "timm_ssb: the Triton sampling kernel runs CPU tensors only under Triton's interpreter "
-            '(TRITON_INTERPRET=1 before the first call); on the CPU the sampling backend "auto" uses the C++ kernel'
-        )
+    float16, any strides, ``a_y (B, P, H)``, ``a_x (B, Q, W)``, ``residual (B, C, P, Q)`` of ``x``'s dtype or
+    ``None``, all on one device; the result is ``(B, C, P, Q)``, channels-last, in ``x``'s dtype. Inputs that do
+    not fit are a ``ValueError``/``TypeError`` naming the argument (the kernel does not check its reads)."""
     if not load_triton_kernels():
         raise RuntimeError(f'timm_ssb: the Triton sampling kernel is not available ({triton_error()})')
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    module = _triton_state['module']
+    if x.device.type == 'cpu' and not module.INTERPRETED:
+        raise RuntimeError(
+            "timm_ssb: the Triton sampling kernel runs CPU tensors only under Triton's interpreter "
+            '(TRITON_INTERPRET=1 before its first use); on the CPU the sampling backend "auto" uses the C++ kernel'
+        )
+    _check_inputs(x, a_y, a_x, residual)
+    return module.separable_resample(x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu)
+
+
+def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor]) -> None:
+    if x.dtype not in TRITON_KERNEL_DTYPES:
         raise TypeError(f'x must be float32, bfloat16 or float16; got {x.dtype}')
-    if residual is not None and residual.dtype != x.dtype:
-        raise TypeError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}")
-    return _triton_state['module'].separable_resample(
-        x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu
-    )
+    if x.dim() != 4:
+        raise ValueError(f'x must be a (B, C, H, W) map; got shape {list(x.shape)}')
+    batch_size, channels, height, width = x.shape
+    for name, matrix, length in (('a_y', a_y, height), ('a_x', a_x, width)):
+        if matrix.dim() != 3 or matrix.shape[0] != batch_size or matrix.shape[2] != length:
+            raise ValueError(
+                f'{name} must be ({batch_size}, n, {length}) for x of shape {list(x.shape)}; got {list(matrix.shape)}'
+            )
+    tensors = {'a_y': a_y, 'a_x': a_x}
+    if residual is not None:
+        expected = [batch_size, channels, a_y.shape[1], a_x.shape[1]]
+        if list(residual.shape) != expected:
+            raise ValueError(f"residual must have the output's shape {expected}; got {list(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}")
+        tensors['residual'] = residual
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
 
 
 _triton_state = {'module': None, 'error': None}

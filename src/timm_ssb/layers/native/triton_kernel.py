@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.jit import JITFunction
 
-__all__ = ['separable_resample']
+__all__ = ['separable_resample', 'INTERPRETED']
 
 
 @triton.jit
@@ -109,6 +110,11 @@ def _separable_resample_kernel(
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
     out = out_ptr + b * out_stride_b + p * out_stride_p
     tl.store(out + qs[:, None] * out_stride_q + cs[None, :] * out_stride_c, acc.to(out_ptr.dtype.element_ty), out_mask)
+
+
+INTERPRETED = not isinstance(_separable_resample_kernel, JITFunction)
+"""Whether Triton's interpreter defined the kernel (``TRITON_INTERPRET`` at this module's import): then it runs
+CPU tensors, as NumPy, and only then."""
 
 
 def _block(length: int, largest: int) -> int:
