@@ -6,10 +6,20 @@ import sys
 import warnings
 
 import pytest
+import timm
 import torch
 
 import timm_ssb.layers.native as native
-from timm_ssb.layers import AdaptiveSampler, resample, resample_reference, resample_residual, uniform_matrices
+from ssb_reference import make_live
+from timm_ssb.layers import (
+    AdaptiveSampler,
+    UniformSampler,
+    adaptive_matrices,
+    resample,
+    resample_reference,
+    resample_residual,
+    uniform_matrices,
+)
 from timm_ssb.layers.native import build, separable_resample, set_sampling_backend
 
 # (dtype, rtol, atol as a fraction of the reference's largest magnitude): bf16 maps in and out, fp32 inside
@@ -168,11 +178,12 @@ def broken_build(monkeypatch):
 def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(broken_build, backend):
     backend('auto')
     x = channels_last(torch.randn(2, 8, 14, 14))
-    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
     with pytest.warns(RuntimeWarning, match=r'native CPU sampling kernel could not be built .*no C\+\+ compiler'):
+        dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
         out = resample(x, dy, dx)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
+        uniform_matrices(x, 6, 1 / 12, 1 / 12)
         resample(x, dy, dx)
     torch.testing.assert_close(out, resample_reference(x, dy, dx), rtol=1e-5, atol=1e-6)
     assert native.cpu_library_error() == 'OSError: no C++ compiler found'
@@ -181,9 +192,11 @@ def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(
 def test_native_backend_that_cannot_be_built_is_an_error(broken_build, backend):
     backend('native')
     x = channels_last(torch.randn(2, 8, 14, 14))
-    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
     with pytest.raises(RuntimeError, match='TIMM_SSB_SAMPLING_BACKEND=native, but .* no C\\+\\+ compiler'):
-        resample(x, dy, dx)
+        uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    dy, dx = torch.eye(14).expand(2, 14, 14), torch.eye(14).expand(2, 14, 14)
+    with pytest.raises(RuntimeError, match='TIMM_SSB_SAMPLING_BACKEND=native, but .* no C\\+\\+ compiler'):
+        resample(x, dy, dx[:, :6])
 
 
 def check_compiled_sampler_matches_eager(device: str) -> None:
@@ -232,3 +245,134 @@ def test_kernel_builds_into_an_empty_cache_in_a_fresh_process(tmp_path):
     assert directory.startswith(str(tmp_path)) and any(p.suffix == '.so' for p in build.Path(directory).iterdir())
     second = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
+
+
+def reference_matrices(logits: torch.Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float):
+    """The adaptive sampler's matrices from the PyTorch ops (the reference), whatever the backend."""
+    saved = native.get_sampling_backend()
+    set_sampling_backend('reference')
+    try:
+        return adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+    finally:
+        set_sampling_backend(saved)
+
+
+# (B, H, W, size, logit scale, sigma_g): square and not, layer2-4 sizes, flat to peaked saliency, narrow attraction
+MATRIX_CASES = [
+    (3, 28, 28, 16, 3.0, 0.18),
+    (2, 14, 20, 8, 10.0, 0.18),
+    (4, 7, 7, 4, 1.0, 0.18),
+    (2, 9, 13, 5, 30.0, 0.05),
+    (2, 28, 28, 16, 100.0, 0.02),
+    (1, 5, 3, 2, 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize('batch_size,height,width,size,scale,sigma_g', MATRIX_CASES)
+def test_native_matrices_match_the_reference_values_and_gradients(batch_size, height, width, size, scale, sigma_g):
+    logits = torch.randn(batch_size, 1, height, width) * scale
+    sigma_down, sigma_up = 0.5 / size, 0.7 / size
+    ref_logits, nat_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = reference_matrices(ref_logits, size, sigma_g, sigma_down, sigma_up)
+    out = native.adaptive_matrices(nat_logits[:, 0], size, sigma_g, sigma_down, sigma_up)
+    for r, o in zip(ref, out, strict=True):
+        assert o.shape == r.shape and o.dtype == torch.float32
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        assert ((o == 0) != (r == 0)).float().mean() < 0.01  # the same taps cut, but for rounding at the cut
+    grads = [torch.randn_like(r) for r in ref]
+    torch.autograd.backward(ref, grads)
+    torch.autograd.backward(out, grads)
+    scale_of_grad = ref_logits.grad.abs().max()
+    torch.testing.assert_close(nat_logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-5 * scale_of_grad)
+
+
+def test_native_matrices_gradient_of_a_subset_of_the_matrices():
+    """Matrices that take no part in the loss get no gradient (``None`` to the backward op), as in the reference."""
+    logits = torch.randn(2, 1, 14, 11) * 2
+    ref_logits, nat_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = reference_matrices(ref_logits, 6, 0.18, 1 / 12, 1 / 12)
+    out = native.adaptive_matrices(nat_logits[:, 0], 6, 0.18, 1 / 12, 1 / 12)
+    (ref[1] * ref[1]).sum().backward()
+    (out[1] * out[1]).sum().backward()
+    torch.testing.assert_close(nat_logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('sigma_g', [0.18, 0.03])
+def test_native_matrices_gradcheck_in_float64(sigma_g):
+    """The hand-written backward against finite differences of the forward (the op computes in float64)."""
+    logits = (torch.randn(2, 7, 9, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: native.adaptive_matrices(t, 4, sigma_g, 0.125, 0.15), (logits,))
+
+
+def test_native_matrices_registrations_pass_opcheck():
+    logits = torch.randn(2, 9, 8).requires_grad_()
+    torch.library.opcheck(native.adaptive_matrices, (logits, 4, 0.18, 0.125, 0.125))
+    torch.library.opcheck(native.adaptive_matrices, (logits.detach().double(), 3, 0.1, 0.2, 0.2))
+
+
+def test_native_matrices_extreme_logits_like_the_reference():
+    """A hot pixel with a narrow attraction kernel (neighbourhoods computed in log space), a row of -inf logits,
+    and a sample with a NaN logit (all-NaN matrices for that sample only)."""
+    logits = torch.zeros(3, 1, 16, 16)
+    logits[0, 0, 1, 14] = 1000.0
+    logits[1, 0, 5] = float('-inf')
+    logits[1, 0, 9, 3] = 40.0
+    logits[2, 0, 7, 7] = float('nan')
+    ref = reference_matrices(logits, 6, 0.01, 1 / 12, 1 / 12)
+    out = native.adaptive_matrices(logits[:, 0].contiguous(), 6, 0.01, 1 / 12, 1 / 12)
+    for r, o in zip(ref, out, strict=True):
+        torch.testing.assert_close(o[:2], r[:2], rtol=1e-5, atol=1e-5)
+        assert o[2].isnan().all() and r[2].isnan().all()
+
+
+def test_native_matrices_bad_inputs_are_errors():
+    with pytest.raises(RuntimeError, match='size must be positive and smaller than both sides'):
+        native.adaptive_matrices(torch.randn(1, 8, 4), 4, 0.18, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match='logits must be float32 or float64'):
+        native.adaptive_matrices(torch.randn(1, 8, 8).bfloat16(), 4, 0.18, 0.1, 0.1)
+
+
+def count_matrix_calls(monkeypatch) -> list:
+    calls = []
+    op = torch.ops.timm_ssb_cpu.adaptive_matrices
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.timm_ssb_cpu, 'adaptive_matrices', counted)
+    return calls
+
+
+def test_samplers_build_matrices_natively_where_both_axes_are_resampled(backend, monkeypatch):
+    backend('auto')
+    calls = count_matrix_calls(monkeypatch)
+    sampler = AdaptiveSampler(8, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        sampler(torch.randn(2, 8, 10, 9))
+    UniformSampler(4)(torch.randn(2, 8, 6, 5))
+    assert calls == [(2, 10, 9), (2, 6, 5)]
+    sampler(torch.randn(2, 8, 10, 4))  # one axis not resampled: the reference
+    backend('reference')
+    sampler(torch.randn(2, 8, 10, 9))
+    assert len(calls) == 2
+
+
+def test_whole_model_on_the_native_ops_matches_the_reference_backend(backend):
+    """A live ``ssb_resnetd26`` forward and backward on the native CPU ops (matrices and resampling) against the
+    PyTorch backend: outputs and every parameter's gradient (in eval mode, as the Triton test explains)."""
+    model = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1)))
+    model = model.to(memory_format=torch.channels_last).eval()
+    x = channels_last(torch.randn(2, 3, 48, 48))
+    results = {}
+    for name in ('reference', 'native'):
+        backend(name)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[name] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out_ref, grads_ref), (out, grads) = results['reference'], results['native']
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4 * out_ref.abs().max().item())
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        assert (g - grads_ref[n]).norm().item() <= 1e-3 * max(grads_ref[n].norm().item(), 1e-4), n

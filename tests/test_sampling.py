@@ -1,4 +1,4 @@
-"""Properties that pin the sampling maths."""
+"""Properties that pin the sampling maths, for each of its CPU implementations."""
 
 import math
 
@@ -20,7 +20,18 @@ from timm_ssb.layers import (
     saliency_positions,
     uniform_matrices,
 )
+from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, pixel_centres, tailless_softmax
+
+
+@pytest.fixture(autouse=True, params=['auto', 'reference'])
+def sampling_backend(request):
+    """Every property holds for the native CPU ops (matrices, resampling) and for the PyTorch reference."""
+    saved = get_sampling_backend()
+    set_sampling_backend(request.param)
+    yield request.param
+    set_sampling_backend(saved)
+
 
 SIZES = [(28, 28, 16), (14, 9, 8), (7, 7, 4), (13, 20, 5)]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .native import native_op
+from .native import native_matrices_op, native_op
 
 __all__ = [
     'pixel_centres',
@@ -182,7 +182,18 @@ def separable_matrices(
 
 @register_notrace_function
 def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
-    """``[down_y, down_x, up_y, up_x]`` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels)."""
+    """``[down_y, down_x, up_y, up_x]`` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels).
+
+    Where :func:`adaptive_matrices` takes its native op, so does this, with constant saliency (whose positions are
+    the uniform grid exactly, whatever ``sigma_g``): a fresh adaptive sampler and the uniform one then give the
+    same matrices bit for bit, as they do in the reference.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if size < min(height, width) and not torch.jit.is_scripting() and not _exporting():
+        constant = torch.zeros(x.shape[0], 1, height, width, device=x.device, dtype=torch.float32)
+        native = _native_adaptive_matrices(constant, size, 1.0, sigma_down, sigma_up)
+        if native is not None:
+            return native
     return separable_matrices([x.shape[-2], x.shape[-1]], size, x.shape[0], x.device, None, sigma_down, sigma_up)
 
 
@@ -227,8 +238,16 @@ def adaptive_matrices(
         size: output side ``s``.
         sigma_g, sigma_down, sigma_up: kernel widths, see :func:`saliency_positions` and
             :func:`gaussian_matrices`.
+
+    Where both sides are resampled, the sampling backend allows it and the logits are on the CPU, one native op
+    builds the four matrices (:mod:`.native.matrices`; the same maths in double precision, its backward one more
+    call); else, and for export, tracing and TorchScript, the tensor ops below (the reference).
     """
     lengths = [saliency_logits.shape[-2], saliency_logits.shape[-1]]
+    if size < min(lengths) and not torch.jit.is_scripting() and not _exporting():
+        native = _native_adaptive_matrices(saliency_logits, size, sigma_g, sigma_down, sigma_up)
+        if native is not None:
+            return native
     positions = adaptive_positions(saliency_logits, size, sigma_g)
     mats = separable_matrices(
         lengths, size, saliency_logits.shape[0], saliency_logits.device, positions, sigma_down, sigma_up
@@ -240,6 +259,19 @@ def adaptive_matrices(
         zero = saliency_logits.float().sum() * 0.0
         mats = [m + zero if m.shape[-1] == m.shape[-2] else m for m in mats]
     return mats
+
+
+@torch.jit.unused
+def _native_adaptive_matrices(
+    saliency_logits: torch.Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Optional[List[torch.Tensor]]:
+    """:func:`adaptive_matrices` by the native op, or ``None`` where the backend or device has none."""
+    op = native_matrices_op(saliency_logits)
+    if op is None:
+        return None
+    batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
+    logits = saliency_logits.float().reshape(batch_size, height, width).contiguous()
+    return list(op(logits, size, sigma_g, sigma_down, sigma_up))
 
 
 def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> torch.Tensor:

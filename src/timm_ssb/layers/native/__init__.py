@@ -4,10 +4,12 @@ Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` 
 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
   (:mod:`.build`) for float32/bfloat16 CPU maps, the Triton kernel (:mod:`.triton_kernel`) for
-  float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning and PyTorch from then on;
+  float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning and PyTorch from then on.
+  On the CPU, the adaptive sampler's matrices are built by a C++ op too (:mod:`.matrices`);
 * ``'native'``: the same, but a kernel that cannot be built or loaded is an error;
 * ``'triton'``: the Triton kernel on every device: CUDA, and CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1``; slow, for testing the GPU kernel without a GPU); an error where it cannot run;
+  the matrices are built in PyTorch, as on CUDA;
 * ``'reference'``: PyTorch only (batched matrix products), never compiling anything.
 
 The kernels serve channels-last maps (the caller checks); other dtypes take PyTorch whatever the backend.
@@ -22,6 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .build import cache_dir, cpu_library_error, load_cpu_library
+from .matrices import adaptive_matrices
 from .ops import (
     TRITON_KERNEL_DTYPES,
     load_triton_kernels,
@@ -35,6 +38,8 @@ __all__ = [
     'get_sampling_backend',
     'set_sampling_backend',
     'native_op',
+    'native_matrices_op',
+    'adaptive_matrices',
     'separable_resample',
     'separable_resample_triton',
     'cache_dir',
@@ -104,6 +109,14 @@ def native_op(x: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
         return separable_resample
     if x.device.type == 'cuda' and x.dtype in TRITON_KERNEL_DTYPES and _triton_ready():
         return separable_resample_triton
+    return None
+
+
+def native_matrices_op(logits: torch.Tensor) -> Optional[Callable[..., Tuple[torch.Tensor, ...]]]:
+    """The native op that builds the adaptive sampler's matrices from ``logits`` under the chosen backend (the C++
+    one, for CPU logits), or ``None`` for PyTorch's ops."""
+    if logits.device.type == 'cpu' and not _triton_everywhere() and _native_cpu_ready():
+        return adaptive_matrices
     return None
 
 

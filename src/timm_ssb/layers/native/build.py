@@ -1,12 +1,14 @@
-"""Build the native CPU sampling kernel at first use, cache it, load it; or say once why not.
+"""Build the native CPU sampling kernels at first use, cache them, load them; or say once why not.
 
-The C++ source (``separable_resample_cpu.cpp``, shipped in the package) is compiled with the system's C++
-compiler through :func:`torch.utils.cpp_extension.load` the first time a fused sampling op runs on the CPU,
-into ``$TIMM_SSB_CACHE`` (default ``~/.cache/timm_ssb``) under a directory named by a hash of the source, the
+The C++ sources (:data:`SOURCES`, shipped in the package: the fused resampling, the adaptive sampler's
+matrices) are compiled into one library with the system's C++ compiler through
+:func:`torch.utils.cpp_extension.load` the first time a native sampling op runs on the CPU, into
+``$TIMM_SSB_CACHE`` (default ``~/.cache/timm_ssb``) under a directory named by a hash of the sources, the
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
 ``-march=native``). Later processes load the cached library. Nothing is compiled at ``pip install``.
 
-The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` (no pybind module, so nothing breaks a
+The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` and ``.adaptive_matrices`` (with its
+backward) (no pybind module, so nothing breaks a
 ``torch.compile`` graph). When it cannot be built (no compiler, a failed build), the first call warns once and
 the PyTorch implementation is used from then on.
 """
@@ -21,9 +23,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ['SOURCE', 'CFLAGS', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
+__all__ = ['SOURCES', 'CFLAGS', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
 
-SOURCE = Path(__file__).with_name('separable_resample_cpu.cpp')
+SOURCES = tuple(Path(__file__).with_name(name) for name in ('separable_resample_cpu.cpp', 'adaptive_matrices_cpu.cpp'))
 CFLAGS = ('-O3', '-march=native', '-fopenmp')
 
 _state = {'loaded': False, 'error': None}
@@ -40,9 +42,10 @@ def _cpu_signature() -> str:
 
 
 def cache_dir() -> Path:
-    """Where this source, torch version, flags and CPU's build lives."""
+    """Where this build of the sources, torch version, flags and CPU lives."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), ' '.join(CFLAGS).encode(), _cpu_signature().encode()):
+    sources = tuple(source.read_bytes() for source in SOURCES)
+    for part in (*sources, torch.__version__.encode(), ' '.join(CFLAGS).encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b'\0')
     root = Path(os.environ.get('TIMM_SSB_CACHE', Path.home() / '.cache' / 'timm_ssb'))
@@ -83,7 +86,7 @@ def cpu_library_error() -> Optional[str]:
 
 
 def _build_and_load() -> None:
-    if hasattr(torch.ops.timm_ssb_cpu, 'separable_resample'):  # loaded by other means in this process
+    if hasattr(torch.ops.timm_ssb_cpu, 'adaptive_matrices'):  # loaded by other means in this process
         return
     logger = logging.getLogger('torch.utils.cpp_extension')
     level = logger.level
@@ -96,7 +99,7 @@ def _build_and_load() -> None:
     build_directory.mkdir(parents=True, exist_ok=True)
     load(
         name=build_directory.name,
-        sources=[str(SOURCE)],
+        sources=[str(source) for source in SOURCES],
         extra_cflags=list(CFLAGS),
         extra_ldflags=['-fopenmp'],
         build_directory=str(build_directory),

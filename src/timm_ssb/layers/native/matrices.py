@@ -1,0 +1,85 @@
+"""The adaptive sampler's matrices as one native CPU op, with its fake and autograd registrations.
+
+``adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` computes what
+:func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the reference) computes from ``(B, H, W)`` saliency
+logits, for maps whose two sides are both longer than ``size``: one C++ call (``adaptive_matrices_cpu.cpp``, built
+with the resampling kernel by :mod:`.build`) instead of about a hundred small tensor ops, whose dispatch cost
+(some 0.7-1 ms per block on a 2-core CPU) was most of what building the matrices took; its backward is one more
+call, instead of as many small ops again. float32 and float64 logits; the matrices come out in their dtype.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .build import load_cpu_library
+
+__all__ = ['adaptive_matrices', 'adaptive_matrices_backward']
+
+
+def _library() -> None:
+    if not load_cpu_library():
+        raise RuntimeError('timm_ssb: the native CPU sampling kernels are not available (see the warning above)')
+
+
+@torch.library.custom_op('timm_ssb::adaptive_matrices', mutates_args=(), device_types='cpu')
+def adaptive_matrices(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(down_y (B, s, H), down_x (B, s, W), up_y (B, H, s), up_x (B, W, s))`` from contiguous ``(B, H, W)``
+    float32 or float64 logits, ``0 < size < min(H, W)``. Raises ``RuntimeError`` if the kernels are not built."""
+    _library()
+    down_y, down_x, up_y, up_x = torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+    return down_y, down_x, up_y, up_x
+
+
+@torch.library.custom_op('timm_ssb::adaptive_matrices_backward', mutates_args=(), device_types='cpu')
+def adaptive_matrices_backward(
+    logits: Tensor,
+    grad_down_y: Optional[Tensor],
+    grad_down_x: Optional[Tensor],
+    grad_up_y: Optional[Tensor],
+    grad_up_x: Optional[Tensor],
+    size: int,
+    sigma_g: float,
+    sigma_down: float,
+    sigma_up: float,
+) -> Tensor:
+    """The logits' gradient from the matrices' (``None``: zero); the forward is recomputed from the logits."""
+    _library()
+    return torch.ops.timm_ssb_cpu.adaptive_matrices_backward(
+        logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, size, sigma_g, sigma_down, sigma_up
+    )
+
+
+@adaptive_matrices.register_fake
+def _adaptive_matrices_fake(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch_size, height, width = logits.shape
+    return (
+        logits.new_empty(batch_size, size, height),
+        logits.new_empty(batch_size, size, width),
+        logits.new_empty(batch_size, height, size),
+        logits.new_empty(batch_size, width, size),
+    )
+
+
+@adaptive_matrices_backward.register_fake
+def _adaptive_matrices_backward_fake(logits: Tensor, *args) -> Tensor:
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, *ctx.args = inputs
+    ctx.save_for_backward(logits)
+
+
+def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
+    (logits,) = ctx.saved_tensors
+    grad = adaptive_matrices_backward(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
+    return grad, None, None, None, None
+
+
+adaptive_matrices.register_autograd(_backward, setup_context=_setup_context)
