@@ -4,6 +4,8 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), fp32, channels-last, this times
 
 * the saliency conv (1x1, C -> 1) on the full-resolution map;
+* building the adaptive sampler's four matrices from the ``(B, 1, H, W)`` saliency logits, forward, and
+  forward + backward (a training step's share);
 * ``resample``: the map down to ``s x s``;
 * ``resample_residual``: a result back up, plus the residual, then a ReLU;
 
@@ -33,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_ssb.benchmark import machine_info, write_json
-from timm_ssb.layers import resample, resample_residual, uniform_matrices
+from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
+from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
 
 STAGES = (('layer2', 512, 28), ('layer3', 1024, 14), ('layer4', 2048, 7))
@@ -51,6 +54,25 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def matrices_ms(batch_size: int, side: int, size: int, repeats: int) -> Dict[str, float]:
+    """Building the adaptive sampler's matrices from random logits: forward (no autograd), and forward + backward."""
+
+    def build(t: torch.Tensor) -> List[torch.Tensor]:
+        return adaptive_matrices(t, size, DEFAULT_SIGMA_G, 0.5 / size, 0.5 / size)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = torch.randn(batch_size, 1, side, side) * 2.0
+        grads = [torch.randn_like(m) for m in build(logits)]
+
+        def step() -> None:
+            torch.autograd.backward(build(logits.requires_grad_()), grads)
+
+        train_ms = median_ms(step, repeats)
+    with torch.no_grad():
+        forward_ms = median_ms(lambda: build(logits), repeats)
+    return {'matrices_ms': forward_ms, 'matrices_fwd_bwd_ms': train_ms}
+
+
 def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int) -> Dict[str, object]:
     x = torch.randn(batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
     down_y, down_x, up_y, up_x = uniform_matrices(x, size, 0.5 / size, 0.5 / size)
@@ -62,6 +84,7 @@ def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, 
     down_ms = median_ms(lambda: resample(x, down_y, down_x), repeats)
     up_ms = median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats)
     return {
+        **matrices_ms(batch_size, side, size, repeats),
         'stage': stage,
         'channels': channels,
         'side': side,
@@ -90,15 +113,15 @@ def references(repeats: int) -> Dict[str, float]:
 
 def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
     header = (
-        f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"down ms":>8} {"GMAC/s":>7} '
-        f'{"up+res+relu ms":>14} {"GMAC/s":>7}'
+        f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"matrices ms":>11} {"f+b ms":>7} '
+        f'{"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
         lines.append(
             f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["saliency_ms"]:>11.3f} '
-            f'{r["down_ms"]:>8.3f} {r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} '
-            f'{r["up_gmacs_per_s"]:>7.0f}'
+            f'{r["matrices_ms"]:>11.3f} {r["matrices_fwd_bwd_ms"]:>7.3f} {r["down_ms"]:>8.3f} '
+            f'{r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} {r["up_gmacs_per_s"]:>7.0f}'
         )
     lines.append(
         f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
