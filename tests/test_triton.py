@@ -19,14 +19,13 @@ import torch
 if sys.platform != 'linux':
     pytest.importorskip('triton', reason="Triton ships with PyTorch's Linux wheels only")
 
-import timm
 
 import timm_ssb.layers.native as native
-from ssb_reference import make_live
 from test_native import (
     banded,
     channels_last,
     check_compiled_sampler_matches_eager,
+    check_live_model_against_reference,
     check_op_against_reference,
     reference,
 )
@@ -197,26 +196,7 @@ def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
 
 @pytest.mark.slow
 def test_whole_model_on_the_triton_kernel_matches_the_reference_backend(backend, no_tf32):
-    """A live ``ssb_resnetd26`` (adaptive samplers) forward and backward: the Triton backend against PyTorch's,
-    outputs and every parameter's gradient. In eval mode: with batch statistics over maps this small, fp32
-    rounding alone moves the output by ~1e-3 (the C++ kernel's too), which would hide a kernel's error."""
-    torch.manual_seed(0)
-    model = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1)))
-    model = model.to(DEVICE).to(memory_format=torch.channels_last).eval()
-    x = on_device(channels_last(torch.randn(2, 3, 48, 48)))
-    results = {}
-    for name in ('reference', 'triton'):
-        backend(name)
-        model.zero_grad()
-        out = model(x)
-        out.square().sum().backward()
-        results[name] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (out_ref, grads_ref), (out, grads) = results['reference'], results['triton']
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4 * out_ref.abs().max().item())
-    assert grads.keys() == grads_ref.keys()
-    for n, g in grads.items():
-        scale = grads_ref[n].norm().item()
-        assert (g - grads_ref[n]).norm().item() <= 1e-3 * max(scale, 1e-4), n
+    check_live_model_against_reference(backend, 'triton', DEVICE)
 
 
 @pytest.mark.parametrize('arch', [90, 80])

@@ -141,36 +141,32 @@ void positions(const Axis& axis, const double* lm, AxisWork& work) {
   }
 }
 
-// Gaussian matrices at the positions: down (s, L) rows and up (L, s) rows are softmaxes of -a (u_i - c_j)^2,
-// tail cut at kKernelCut below the row's largest; exponentials only inside the cut.
+// row[k] = softmax_k(-a * squared(k)) over count entries, tail cut at kKernelCut below the largest; exponentials
+// only inside the cut.
+template <typename Squared>
+void gaussian_row(double a, int64_t count, Squared squared, double* row) {
+  double nearest = std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < count; ++k) nearest = std::min(nearest, squared(k));
+  double total = 0.0;
+  for (int64_t k = 0; k < count; ++k) {
+    const double z = -a * (squared(k) - nearest);
+    row[k] = z >= kKernelCut ? std::exp(z) : 0.0;
+    total += row[k];
+  }
+  for (int64_t k = 0; k < count; ++k) row[k] /= total;
+}
+
+// Gaussian matrices at the positions: down (s, L) rows over pixels j and up (L, s) rows over samples i are
+// softmaxes of -a (u_i - c_j)^2.
 void gaussian(const Axis& axis, AxisWork& work) {
   const int64_t s = axis.size, L = axis.length;
   const double* u = work.position.data();
+  const double* c = axis.centre.data();
   for (int64_t i = 0; i < s; ++i) {
-    double* row = work.down.data() + i * L;
-    double nearest = std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < L; ++j) nearest = std::min(nearest, (u[i] - axis.centre[j]) * (u[i] - axis.centre[j]));
-    double total = 0.0;
-    for (int64_t j = 0; j < L; ++j) {
-      const double d = u[i] - axis.centre[j];
-      const double z = -axis.a_down * (d * d - nearest);
-      row[j] = z >= kKernelCut ? std::exp(z) : 0.0;
-      total += row[j];
-    }
-    for (int64_t j = 0; j < L; ++j) row[j] /= total;
+    gaussian_row(axis.a_down, L, [&](int64_t j) { return (u[i] - c[j]) * (u[i] - c[j]); }, work.down.data() + i * L);
   }
   for (int64_t j = 0; j < L; ++j) {
-    double* row = work.up.data() + j * s;
-    double nearest = std::numeric_limits<double>::infinity();
-    for (int64_t i = 0; i < s; ++i) nearest = std::min(nearest, (u[i] - axis.centre[j]) * (u[i] - axis.centre[j]));
-    double total = 0.0;
-    for (int64_t i = 0; i < s; ++i) {
-      const double d = u[i] - axis.centre[j];
-      const double z = -axis.a_up * (d * d - nearest);
-      row[i] = z >= kKernelCut ? std::exp(z) : 0.0;
-      total += row[i];
-    }
-    for (int64_t i = 0; i < s; ++i) row[i] /= total;
+    gaussian_row(axis.a_up, s, [&](int64_t i) { return (u[i] - c[j]) * (u[i] - c[j]); }, work.up.data() + j * s);
   }
 }
 
