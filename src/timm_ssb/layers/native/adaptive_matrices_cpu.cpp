@@ -128,7 +128,6 @@ struct AxisWork {
 
 // Positions along the axis (unclamped and clamped to [0, 1]) from its log-marginal lm (L).
 void positions(const Axis& axis, const double* lm, AxisWork& work) {
-  const int64_t n = 3 * axis.length;
   const double top = *std::max_element(lm, lm + axis.length);
   for (int64_t l = 0; l < axis.length; ++l) {
     work.log_m[l] = lm[l] - top;
