@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from timm_ssb.benchmark import machine_info, write_json
+from timm_ssb.benchmark import machine_info, report
 from timm_ssb.layers import resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
@@ -122,11 +122,8 @@ def main() -> None:
     finally:
         set_sampling_backend(saved)
     machine = machine_info('cuda')
-    print(f'sampling on {machine.get("gpu")}, batch {args.batch_size}, {args.dtype}, channels_last')
-    print(format_rows(rows))
-    if args.json:
-        payload = {'settings': vars(args), 'machine': machine, 'results': rows}
-        write_json(args.json, payload)
+    header = f'sampling on {machine.get("gpu")}, batch {args.batch_size}, {args.dtype}, channels_last'
+    report(f'{header}\n{format_rows(rows)}', args.json, {'settings': vars(args), 'machine': machine, 'results': rows})
 
 
 if __name__ == '__main__':

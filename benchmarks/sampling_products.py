@@ -5,7 +5,7 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 
 * the saliency conv (1x1, C -> 1) on the full-resolution map;
 * building the adaptive sampler's four matrices from the ``(B, 1, H, W)`` saliency logits, forward, and
-  forward + backward (a training step's share);
+  forward + backward (a training step's share), and the same with PyTorch's ops (``ref``) in this process;
 * ``resample``: the map down to ``s x s``;
 * ``resample_residual``: a result back up, plus the residual, then a ReLU;
 
@@ -29,13 +29,14 @@ Usage:
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from timm_ssb.benchmark import machine_info, write_json
+from timm_ssb.benchmark import machine_info, report
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
+from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
 
@@ -55,8 +56,23 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def matrices_ms(batch_size: int, side: int, size: int, repeats: int) -> Dict[str, float]:
-    """Building the adaptive sampler's matrices from random logits: forward (no autograd), and forward + backward."""
+    """Building the adaptive sampler's matrices from random logits: forward (no autograd), and forward + backward;
+    in the backend chosen, and (``reference_`` keys) in PyTorch's, in this one process, each the median of its own
+    repeats."""
+    chosen = get_sampling_backend()
+    times = {}
+    try:
+        for prefix, backend in (('', chosen), ('reference_', 'reference')):
+            set_sampling_backend(backend)
+            forward, forward_backward = _matrices_times(batch_size, side, size, repeats)
+            times[f'{prefix}matrices_ms'] = forward
+            times[f'{prefix}matrices_fwd_bwd_ms'] = forward_backward
+    finally:
+        set_sampling_backend(chosen)
+    return times
 
+
+def _matrices_times(batch_size: int, side: int, size: int, repeats: int) -> Tuple[float, float]:
     def build(t: torch.Tensor) -> List[torch.Tensor]:
         return adaptive_matrices(t, size, DEFAULT_SIGMA_G, 0.5 / size, 0.5 / size)
 
@@ -67,10 +83,10 @@ def matrices_ms(batch_size: int, side: int, size: int, repeats: int) -> Dict[str
         def step() -> None:
             torch.autograd.backward(build(logits.requires_grad_()), grads)
 
-        train_ms = median_ms(step, repeats)
+        forward_backward = median_ms(step, repeats)
     with torch.no_grad():
-        forward_ms = median_ms(lambda: build(logits), repeats)
-    return {'matrices_ms': forward_ms, 'matrices_fwd_bwd_ms': train_ms}
+        forward = median_ms(lambda: build(logits), repeats)
+    return forward, forward_backward
 
 
 def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int) -> Dict[str, object]:
@@ -113,14 +129,15 @@ def references(repeats: int) -> Dict[str, float]:
 
 def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
     header = (
-        f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"matrices ms":>11} {"f+b ms":>7} '
-        f'{"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7}'
+        f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"matrices ms (ref)":>17} '
+        f'{"f+b ms (ref)":>13} {"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
         lines.append(
             f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["saliency_ms"]:>11.3f} '
-            f'{r["matrices_ms"]:>11.3f} {r["matrices_fwd_bwd_ms"]:>7.3f} {r["down_ms"]:>8.3f} '
+            f'{r["matrices_ms"]:>8.3f} ({r["reference_matrices_ms"]:.3f}) '
+            f'{r["matrices_fwd_bwd_ms"]:>6.3f} ({r["reference_matrices_fwd_bwd_ms"]:.3f}) {r["down_ms"]:>8.3f} '
             f'{r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} {r["up_gmacs_per_s"]:>7.0f}'
         )
     lines.append(
@@ -149,16 +166,14 @@ def main() -> None:
         refs = references(args.repeats)
     machine = machine_info('cpu')
     env = machine['allocator_env']
-    print(
+    header = (
         f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}), batch {args.batch_size}, '
         f'fp32, channels_last, '
         f'{args.threads} threads, median of {args.repeats}; environment: '
         f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
     )
-    print(format_rows(rows, refs))
-    if args.json:
-        payload = {'settings': vars(args), 'machine': machine, 'results': rows, 'references': refs}
-        write_json(args.json, payload)
+    payload = {'settings': vars(args), 'machine': machine, 'results': rows, 'references': refs}
+    report(f'{header}\n{format_rows(rows, refs)}', args.json, payload)
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from timm_ssb import BASELINES, SSBBottleneck
-from timm_ssb.benchmark import machine_info, model_parts, write_json
+from timm_ssb.benchmark import machine_info, model_parts, report
 from timm_ssb.complexity import count_gmacs
 
 CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.35, 'ssb_resnetd101': 1.6, 'ssb_resnetd152': 1.8, 'ssb_resnetrs152': 1.8}
@@ -180,17 +180,14 @@ def main() -> None:
     rows = [analyse(m, args.batch_size, args.img_size, args.rounds, amp_dtype) for m in args.models]
     machine = machine_info('cpu')
     env = machine['allocator_env']
-    print(
+    header = (
         f'inference on cpu ({machine["processor"]}), batch {args.batch_size}, {args.img_size}x{args.img_size}, '
         f'channels_last, {args.amp + " autocast" if args.amp else "fp32"}, eager, {args.threads} threads, '
         f'median of {args.rounds} rounds per part; '
         f'allocator: {" ".join(f"{k}={v}" for k, v in env.items()) or "glibc malloc defaults"}; '
         f'sampling backend: {machine["sampling_backend"]}'
     )
-    print(format_rows(rows))
-    if args.json:
-        payload = {'settings': vars(args), 'machine': machine, 'results': rows}
-        write_json(args.json, payload)
+    report(f'{header}\n{format_rows(rows)}', args.json, {'settings': vars(args), 'machine': machine, 'results': rows})
 
 
 if __name__ == '__main__':

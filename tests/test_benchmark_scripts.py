@@ -22,7 +22,7 @@ def run_script(name: str, *args: str) -> str:
 def test_sampling_products_writes_table_and_json(tmp_path):
     path = tmp_path / 'products.json'
     out = run_script('sampling_products.py', '--batch-size', '1', '--repeats', '1', '--json', str(path))
-    assert 'up+res+relu ms' in out and 'matrices ms' in out and 'torch.mm 2048^3 (MKL)' in out
+    assert 'up+res+relu ms' in out and 'matrices ms (ref)' in out and 'torch.mm 2048^3 (MKL)' in out
     payload = json.loads(path.read_text())
     assert [r['stage'] for r in payload['results']] == ['layer2', 'layer3', 'layer4']
     shapes = [(r['channels'], r['side'], r['size']) for r in payload['results']]
@@ -30,7 +30,8 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     layer2 = payload['results'][0]
     assert layer2['gmacs_each_way'] == pytest.approx(512 * 16 * 28 * (28 + 16) / 1e9)
     assert layer2['down_gmacs_per_s'] == pytest.approx(layer2['gmacs_each_way'] / layer2['down_ms'] * 1e3)
-    assert all(r['matrices_ms'] > 0 and r['matrices_fwd_bwd_ms'] > 0 for r in payload['results'])
+    keys = ('matrices_ms', 'matrices_fwd_bwd_ms', 'reference_matrices_ms', 'reference_matrices_fwd_bwd_ms')
+    assert all(r[k] > 0 for r in payload['results'] for k in keys)
     assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
     assert 'allocator_env' in payload['machine']
 

@@ -336,6 +336,10 @@ def test_native_matrices_bad_inputs_are_errors():
         native.adaptive_matrices(torch.randn(1, 8, 4), 4, 0.18, 0.1, 0.1)
     with pytest.raises(RuntimeError, match='logits must be float32 or float64'):
         native.adaptive_matrices(torch.randn(1, 8, 8).bfloat16(), 4, 0.18, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match='sigma_up must be a positive finite number; got 0'):
+        native.adaptive_matrices(torch.randn(1, 8, 8), 4, 0.18, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match='sigma_g must be a positive finite number; got inf'):
+        native.adaptive_matrices(torch.randn(1, 8, 8), 4, float('inf'), 0.1, 0.1)
 
 
 def test_samplers_build_matrices_natively_where_both_axes_are_resampled(backend, monkeypatch):

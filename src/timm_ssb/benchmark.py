@@ -43,6 +43,7 @@ __all__ = [
     'run_benchmark',
     'machine_info',
     'run_record',
+    'report',
     'write_json',
     'format_table',
     'stage_times',
@@ -404,15 +405,21 @@ def run_benchmark(models: Sequence[str], settings: BenchSettings, json_path: Opt
     for name in models:
         results.append(benchmark_pair(name, settings))
     machine = machine_info(settings.device)
-    print(format_table(results, settings, machine), flush=True)
-    if json_path:
-        payload = {
-            'settings': asdict(settings),
-            'machine': machine,
-            'results': [dict(asdict(r), gmacs_ratio=r.gmacs_ratio) for r in results],
-        }
-        write_json(json_path, payload)
+    payload = {
+        'settings': asdict(settings),
+        'machine': machine,
+        'results': [dict(asdict(r), gmacs_ratio=r.gmacs_ratio) for r in results],
+    }
+    report(format_table(results, settings, machine), json_path, payload)
     return results
+
+
+def report(text: str, json_path: Optional[str], payload: Dict[str, Any]) -> None:
+    """Print a benchmark's table and write ``payload`` as JSON to ``json_path`` if given: how every benchmark here
+    ends."""
+    print(text, flush=True)
+    if json_path:
+        write_json(json_path, payload)
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:

@@ -188,10 +188,8 @@ def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: fl
     the uniform grid exactly, whatever ``sigma_g``): a fresh adaptive sampler and the uniform one then give the
     same matrices bit for bit, as they do in the reference.
     """
-    height, width = x.shape[-2], x.shape[-1]
-    if size < min(height, width) and not torch.jit.is_scripting() and not _exporting():
-        constant = torch.zeros(x.shape[0], 1, height, width, device=x.device, dtype=torch.float32)
-        native = _native_adaptive_matrices(constant, size, 1.0, sigma_down, sigma_up)
+    if size < min(x.shape[-2], x.shape[-1]) and not torch.jit.is_scripting() and not _exporting():
+        native = _native_uniform_matrices(x, size, sigma_down, sigma_up)
         if native is not None:
             return native
     return separable_matrices([x.shape[-2], x.shape[-1]], size, x.shape[0], x.device, None, sigma_down, sigma_up)
@@ -272,6 +270,18 @@ def _native_adaptive_matrices(
     batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
     logits = saliency_logits.float().reshape(batch_size, height, width).contiguous()
     return list(op(logits, size, sigma_g, sigma_down, sigma_up))
+
+
+@torch.jit.unused
+def _native_uniform_matrices(
+    x: torch.Tensor, size: int, sigma_down: float, sigma_up: float
+) -> Optional[List[torch.Tensor]]:
+    """:func:`uniform_matrices` by the native op (constant saliency), or ``None`` where there is none."""
+    op = native_matrices_op(x)
+    if op is None:
+        return None
+    constant = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device, dtype=torch.float32)
+    return list(op(constant, size, 1.0, sigma_down, sigma_up))
 
 
 def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> torch.Tensor:

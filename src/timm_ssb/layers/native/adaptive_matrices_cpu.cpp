@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -273,18 +274,23 @@ void store(const std::vector<double>& src, T* dst) {
   for (size_t k = 0; k < src.size(); ++k) dst[k] = static_cast<T>(src[k]);
 }
 
-void check_logits(const at::Tensor& logits, int64_t size) {
+void check_arguments(const at::Tensor& logits, int64_t size, double sigma_g, double sigma_down, double sigma_up) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 3 && logits.is_contiguous(),
               "logits must be a contiguous (B, H, W) CPU tensor");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
               "logits must be float32 or float64");
   TORCH_CHECK(size > 0 && size < logits.size(1) && size < logits.size(2),
               "size must be positive and smaller than both sides of the map");
+  const std::pair<const char*, double> sigmas[3] = {{"sigma_g", sigma_g}, {"sigma_down", sigma_down},
+                                                    {"sigma_up", sigma_up}};
+  for (const auto& [name, sigma] : sigmas) {
+    TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, name, " must be a positive finite number; got ", sigma);
+  }
 }
 
 std::vector<at::Tensor> adaptive_matrices(const at::Tensor& logits, int64_t size, double sigma_g, double sigma_down,
                                           double sigma_up) {
-  check_logits(logits, size);
+  check_arguments(logits, size, sigma_g, sigma_down, sigma_up);
   const int64_t batch = logits.size(0), height = logits.size(1), width = logits.size(2);
   const Axis axis_y(height, size, sigma_g, sigma_down, sigma_up), axis_x(width, size, sigma_g, sigma_down, sigma_up);
   auto options = logits.options();
@@ -325,7 +331,7 @@ at::Tensor adaptive_matrices_backward(const at::Tensor& logits, const c10::optio
                                       const c10::optional<at::Tensor>& grad_up_y,
                                       const c10::optional<at::Tensor>& grad_up_x, int64_t size, double sigma_g,
                                       double sigma_down, double sigma_up) {
-  check_logits(logits, size);
+  check_arguments(logits, size, sigma_g, sigma_down, sigma_up);
   const int64_t batch = logits.size(0), height = logits.size(1), width = logits.size(2);
   const Axis axis_y(height, size, sigma_g, sigma_down, sigma_up), axis_x(width, size, sigma_g, sigma_down, sigma_up);
   const std::vector<int64_t> shapes[4] = {{batch, size, height}, {batch, size, width}, {batch, height, size},
