@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import timm_ssb.layers.native as native
 from ssb_reference import make_live
@@ -55,17 +56,25 @@ def reference(x, a_y, a_x, residual, relu):
     return torch.relu(out) if relu else out
 
 
-def check_op_against_reference(op, shape, with_residual: bool, relu: bool, dtype, tolerances, device='cpu') -> None:
+def check_op_against_reference(
+    op, shape, with_residual: bool, relu: bool, dtype, tolerances, device='cpu', needs_grad='xyzr'
+) -> None:
     """``op`` (a fused sampling op) against :func:`reference` on random banded matrices: the output's values,
-    dtype and layout, and the gradients of all four inputs; ``tolerances`` maps dtype to (rtol, atol as a
-    fraction of the reference's largest magnitude)."""
+    dtype and layout, and the gradients of the inputs named in ``needs_grad`` (``x``, ``y``: ``a_y``, ``z``: ``a_x``,
+    ``r``: the residual); ``tolerances`` maps dtype to (rtol, atol as a fraction of the reference's largest
+    magnitude)."""
     batch_size, channels, height, width, rows, cols = shape
-    x = channels_last(torch.randn(batch_size, channels, height, width)).to(device, dtype).requires_grad_()
-    a_y = banded(batch_size, rows, height).to(device).requires_grad_()
-    a_x = banded(batch_size, cols, width).to(device).requires_grad_()
+    x = (
+        channels_last(torch.randn(batch_size, channels, height, width))
+        .to(device, dtype)
+        .requires_grad_('x' in needs_grad)
+    )
+    a_y = banded(batch_size, rows, height).to(device).requires_grad_('y' in needs_grad)
+    a_x = banded(batch_size, cols, width).to(device).requires_grad_('z' in needs_grad)
     residual = None
     if with_residual:
-        residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(device, dtype).requires_grad_()
+        residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(device, dtype)
+        residual.requires_grad_('r' in needs_grad)
     out = op(x, a_y, a_x, residual, relu)
     ref = reference(x, a_y, a_x, residual, relu)
     assert out.dtype == dtype and out.device == x.device and out.is_contiguous(memory_format=torch.channels_last)
@@ -74,10 +83,11 @@ def check_op_against_reference(op, shape, with_residual: bool, relu: bool, dtype
     rtol, atol = tolerances[dtype]
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
     g = torch.randn(ref.shape, device=device)
-    inputs = [t for t in (x, a_y, a_x, residual) if t is not None]
-    grads = torch.autograd.grad(out, inputs, g.to(dtype))
-    grads_ref = torch.autograd.grad(ref, inputs, g)
-    for name, a, b in zip(['x', 'a_y', 'a_x', 'residual'], grads, grads_ref, strict=False):
+    named = {'x': x, 'a_y': a_y, 'a_x': a_x, 'residual': residual}
+    named = {name: t for name, t in named.items() if t is not None and t.requires_grad}
+    grads = torch.autograd.grad(out, list(named.values()), g.to(dtype))
+    grads_ref = torch.autograd.grad(ref, list(named.values()), g)
+    for name, a, b in zip(named, grads, grads_ref, strict=True):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
 
@@ -87,6 +97,52 @@ def check_op_against_reference(op, shape, with_residual: bool, relu: bool, dtype
 @pytest.mark.parametrize('shape', SHAPES)
 def test_op_matches_reference_values_and_gradients(shape, with_residual, relu, dtype):
     check_op_against_reference(separable_resample, shape, with_residual, relu, dtype, TOLERANCES)
+
+
+@pytest.mark.parametrize('needs_grad', ['x', 'y', 'z', 'r', 'xr', 'yz'])
+@pytest.mark.parametrize('shape', [SHAPES[1], SHAPES[2]])
+def test_op_gradients_of_some_of_the_inputs(shape, needs_grad):
+    """The backward computes what is asked for (only ``x``'s, only the matrices', ...) and gets it right."""
+    check_op_against_reference(separable_resample, shape, True, True, torch.float32, TOLERANCES, needs_grad=needs_grad)
+
+
+def test_backward_is_one_native_call_per_op(monkeypatch):
+    x = channels_last(torch.randn(2, 24, 12, 10)).requires_grad_()
+    a_y, a_x = banded(2, 5, 12).requires_grad_(), banded(2, 4, 10).requires_grad_()
+    out = separable_resample(x, a_y, a_x, None, False)
+    forward_calls = count_native_calls(monkeypatch)
+    backward_calls = count_calls(monkeypatch, 'separable_resample_backward', lambda args: tuple(args[-2:]))
+    out.sum().backward()
+    assert forward_calls == [] and backward_calls == [(True, True)]
+
+
+def test_backward_is_counted_as_the_dense_products_it_replaces():
+    """``FlopCounterMode`` counts the backward as the reference's (autograd of two matrix products) plus the
+    product ``a_y x`` it recomputes rather than keeps (the reference keeps it from the forward)."""
+    batch_size, channels, height, width, rows, cols = 2, 24, 12, 10, 5, 4
+    x = channels_last(torch.randn(batch_size, channels, height, width)).requires_grad_()
+    a_y, a_x = banded(batch_size, rows, height).requires_grad_(), banded(batch_size, cols, width).requires_grad_()
+    counted = []
+    for fn in (lambda: separable_resample(x, a_y, a_x, None, False), lambda: resample_reference(x, a_y, a_x)):
+        out = fn()
+        with FlopCounterMode(display=False) as counter:
+            out.backward(torch.ones_like(out))
+        counted.append(counter.get_total_flops())
+    assert counted[0] == counted[1] + 2 * batch_size * channels * rows * height * width
+
+
+def test_backward_op_passes_opcheck():
+    grad = channels_last(torch.randn(2, 20, 4, 5))
+    x = channels_last(torch.randn(2, 20, 9, 8))
+    a_y, a_x = banded(2, 4, 9), banded(2, 5, 8)
+    out = separable_resample(x, a_y, a_x, channels_last(torch.randn(2, 20, 4, 5)), True)
+    for mask, need_x, need_matrices in (
+        (out, True, True),
+        (None, True, False),
+        (None, False, True),
+        (out, False, False),
+    ):
+        torch.library.opcheck(native.separable_resample_backward, (grad, x, a_y, a_x, mask, need_x, need_matrices))
 
 
 def test_op_registrations_pass_opcheck():

@@ -29,6 +29,7 @@ from .ops import (
     TRITON_KERNEL_DTYPES,
     load_triton_kernels,
     separable_resample,
+    separable_resample_backward,
     separable_resample_triton,
     triton_error,
 )
@@ -41,6 +42,7 @@ __all__ = [
     'native_matrices_op',
     'adaptive_matrices',
     'separable_resample',
+    'separable_resample_backward',
     'separable_resample_triton',
     'cache_dir',
     'cpu_library_error',

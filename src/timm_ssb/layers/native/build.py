@@ -7,10 +7,9 @@ matrices) are compiled into one library with the system's C++ compiler through
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
 ``-march=native``). Later processes load the cached library. Nothing is compiled at ``pip install``.
 
-The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` and ``.adaptive_matrices`` (with its
-backward) (no pybind module, so nothing breaks a
-``torch.compile`` graph). When it cannot be built (no compiler, a failed build), the first call warns once and
-the PyTorch implementation is used from then on.
+The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` and ``.adaptive_matrices``, each with its
+backward (no pybind module, so nothing breaks a ``torch.compile`` graph). When it cannot be built (no compiler,
+a failed build), the first call warns once and the PyTorch implementation is used from then on.
 """
 
 import hashlib

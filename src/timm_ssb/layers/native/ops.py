@@ -12,14 +12,17 @@ transposed matrices -- computes the gradients of both. Two ops with that one sch
   (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
 
 Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` keeps each as one op (its fake gives
-the output's shape, dtype and layout) and autograd differentiates it through :func:`_backward`, whose products
-are the same op again.
+the output's shape, dtype and layout). Autograd differentiates the C++ op through
+``timm_ssb::separable_resample_backward`` (:func:`separable_resample_backward`: the whole backward, the ReLU's
+mask and the matrices' gradients included, in one C++ call that reads the full-resolution map once), the Triton op
+through :func:`_backward`, whose products are the same op again and ``torch.bmm``. Neither has a double backward
+on the C++ path.
 """
 
 import functools
 import importlib
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +32,7 @@ from .build import load_cpu_library
 
 __all__ = [
     'separable_resample',
+    'separable_resample_backward',
     'separable_resample_triton',
     'TRITON_KERNEL_DTYPES',
     'load_triton_kernels',
@@ -44,6 +48,47 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     if not load_cpu_library():
         raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
     return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
+
+
+@torch.library.custom_op('timm_ssb::separable_resample_backward', mutates_args=(), device_types='cpu')
+def separable_resample_backward(
+    grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :func:`separable_resample` from the output's gradient ``grad`` (channels-last, ``x``'s
+    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``. ``out`` is the forward's output where it applied the
+    ReLU (``masked_grad`` is then ``grad`` zeroed where ``out <= 0``: the residual's gradient) or ``None`` (then
+    ``masked_grad`` is empty); ``grad_x`` is empty unless ``need_x``, the matrices' float32 gradients unless
+    ``need_matrices``. Raises ``RuntimeError`` if the kernel is not built."""
+    if not load_cpu_library():
+        raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
+    return torch.ops.timm_ssb_cpu.separable_resample_backward(grad, x, a_y, a_x, out, need_x, need_matrices)
+
+
+@separable_resample_backward.register_fake
+def _backward_fake(
+    grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def result(like: Tensor, needed: bool, layout: torch.memory_format) -> Tensor:
+        if not needed:
+            return like.new_empty(0)
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=layout)
+
+    return (
+        result(x, need_x, torch.channels_last),
+        result(a_y, need_matrices, torch.contiguous_format),
+        result(a_x, need_matrices, torch.contiguous_format),
+        result(grad, out is not None, torch.channels_last),
+    )
+
+
+@register_flop_formula(torch.ops.timm_ssb.separable_resample_backward)
+def _backward_flops(grad_shape, x_shape, a_y_shape, a_x_shape, mask_shape, need_x, need_matrices, *args, **kwargs):
+    """The dense products of the backward: ``u = g a_x`` and, as needed, ``a_y^T u`` (``x``'s gradient),
+    ``a_y x`` and the two contractions that give the matrices' gradients."""
+    batch_size, channels, height, width = x_shape
+    rows, cols = a_y_shape[1], a_x_shape[1]
+    per_product = 2 * batch_size * channels * rows * width
+    return per_product * (cols + (height if need_x else 0) + (2 * height + cols if need_matrices else 0))
 
 
 TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,10 +190,27 @@ def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
     return torch.eye(length, dtype=torch.float32, device=like.device).expand(batch_size, length, length).contiguous()
 
 
+def _native_backward(ctx, grad: Tensor):
+    """The C++ op's backward: one call of :func:`separable_resample_backward`."""
+    x, a_y, a_x, out = ctx.saved_tensors
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    need_x, need_a_y, need_a_x, need_residual = ctx.needs_input_grad[:4]
+    grad_x, grad_a_y, grad_a_x, masked = separable_resample_backward(
+        grad, x, a_y, a_x, out, need_x, need_a_y or need_a_x
+    )
+    return (
+        grad_x if need_x else None,
+        grad_a_y if need_a_y else None,
+        grad_a_x if need_a_x else None,
+        (masked if ctx.relu else grad) if need_residual else None,
+        None,
+    )
+
+
 def _backward(op, ctx, grad: Tensor):
-    """With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets ``a_y^T g a_x`` (the same op,
-    transposed matrices), the residual ``g``; the matrices get products of ``g`` and ``x`` each resampled along
-    the other axis (``torch.bmm``), only when they need gradients (a learned sampler)."""
+    """The Triton op's backward. With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets
+    ``a_y^T g a_x`` (the same op, transposed matrices), the residual ``g``; the matrices get products of ``g`` and
+    ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned sampler)."""
     x, a_y, a_x, out = ctx.saved_tensors
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
@@ -176,10 +238,14 @@ def _backward(op, ctx, grad: Tensor):
     return grad_x, grad_a_y, grad_a_x, grad_residual, None
 
 
-for _op, _packet in (
-    (separable_resample, torch.ops.timm_ssb.separable_resample),
-    (separable_resample_triton, torch.ops.timm_ssb.separable_resample_triton),
+for _op, _packet, _op_backward in (
+    (separable_resample, torch.ops.timm_ssb.separable_resample, _native_backward),
+    (
+        separable_resample_triton,
+        torch.ops.timm_ssb.separable_resample_triton,
+        functools.partial(_backward, separable_resample_triton),
+    ),
 ):
     _op.register_fake(_fake)
     register_flop_formula(_packet)(_flops)
-    _op.register_autograd(functools.partial(_backward, _op), setup_context=_setup_context)
+    _op.register_autograd(_op_backward, setup_context=_setup_context)

@@ -8,6 +8,12 @@
 // stores -- the full-resolution map is read once and the output written once, with no intermediate tensor.
 // float32 and bfloat16 maps (bfloat16 in and out, float32 accumulation). The same op maps a result back up
 // (P = H of the block, x the small map) and, with transposed matrices, computes the gradients of both.
+//
+// separable_resample_backward is the whole backward in one call per sample: with g the output's gradient (zero
+// where the ReLU cut, written out once for the residual), u = g A_x (P, W, C) and v = A_y x (P, W, C), it computes
+// grad_x = A_y^T u, grad_A_y[p][h] = <u[p], x[h]> and grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>. The
+// full-resolution map (g when mapping up, x when mapping down) is read twice, one sample at a time and back to
+// back, so that the second read can come from cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -16,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -185,18 +192,155 @@ void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* re
   });
 }
 
-at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
-                              const c10::optional<at::Tensor>& residual, bool relu) {
+// out[i * out_stride + j] += <a[i], b[j]> for i < I, j < J, over `segments` runs of n values (run s of a row
+// starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers (4 x 4: sixteen
+// vectors) and are reduced once, each load of a row serving all the sums it enters.
+template <typename T, int I, int J>
+inline void dot_tile(const T* const* a, const float* const* b, int64_t segments, int64_t n, int64_t a_step,
+                     int64_t b_step, float* out, int64_t out_stride) {
+  f32x16 acc[I][J];
+  float tail[I][J] = {};
+  for (int i = 0; i < I; ++i)
+    for (int j = 0; j < J; ++j) acc[i][j] = f32x16{};
+  for (int64_t s = 0; s < segments; ++s) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+      f32x16 a_k[I], b_k[J];
+      for (int i = 0; i < I; ++i) a_k[i] = load16(a[i] + s * a_step + k);
+      for (int j = 0; j < J; ++j) b_k[j] = load16(b[j] + s * b_step + k);
+      for (int i = 0; i < I; ++i)
+        for (int j = 0; j < J; ++j) acc[i][j] += a_k[i] * b_k[j];
+    }
+    for (; k < n; ++k)
+      for (int i = 0; i < I; ++i)
+        for (int j = 0; j < J; ++j) tail[i][j] += load1(a[i] + s * a_step + k) * b[j][s * b_step + k];
+  }
+  for (int i = 0; i < I; ++i) {
+    for (int j = 0; j < J; ++j) {
+      float sum = tail[i][j];
+      for (int l = 0; l < 16; ++l) sum += acc[i][j][l];
+      out[i * out_stride + j] += sum;
+    }
+  }
+}
+
+// out[i * out_stride + j] += <a[i], b[j]> for i < rows_a, j < rows_b over the runs of dot_tile, in 4 x 4 tiles.
+template <typename T>
+void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_t rows_b, int64_t segments,
+                int64_t n, int64_t a_step, int64_t b_step, float* out, int64_t out_stride) {
+  auto tile = [&](auto rows_i, auto rows_j, int64_t i, int64_t j) {
+    dot_tile<T, decltype(rows_i)::value, decltype(rows_j)::value>(a + i, b + j, segments, n, a_step, b_step,
+                                                                   out + i * out_stride + j, out_stride);
+  };
+  using one = std::integral_constant<int, 1>;
+  using four = std::integral_constant<int, 4>;
+  int64_t i = 0;
+  for (; i + 4 <= rows_a; i += 4) {
+    int64_t j = 0;
+    for (; j + 4 <= rows_b; j += 4) tile(four{}, four{}, i, j);
+    for (; j < rows_b; ++j) tile(four{}, one{}, i, j);
+  }
+  for (; i < rows_a; ++i) {
+    int64_t j = 0;
+    for (; j + 4 <= rows_b; j += 4) tile(one{}, four{}, i, j);
+    for (; j < rows_b; ++j) tile(one{}, one{}, i, j);
+  }
+}
+
+// (cols, rows) copy of a (rows, cols) matrix.
+std::vector<float> transposed(const float* m, int64_t rows, int64_t cols) {
+  std::vector<float> t(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
+// dst = sum_k w[k] * src[k] over n values for the k in [lo, hi) (R = 1 of weighted_rows_range).
+template <typename T, typename D>
+inline void weighted_sum(const float* w, const T* const* src, int64_t lo, int64_t hi, int64_t n, D* dst) {
+  D* const dst_rows[1] = {dst};
+  weighted_rows_range<T, D, 1>(w + lo, 0, src + lo, hi - lo, 0, n, dst_rows, nullptr, false);
+}
+
+template <typename T>
+void resample_backward_kernel(const T* grad, const T* out, const T* x, const float* a_y, const float* a_x,
+                              T* masked, T* grad_x, float* grad_a_y, float* grad_a_x, int64_t batch,
+                              int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
+  const int64_t row_len = width * channels;  // one (W, C) row of x, u and v
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(out_h * row_len), v(grad_a_y ? out_h * row_len : 0), dots(grad_a_y ? height * out_h : 0);
+    std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width);
+    std::vector<const float*> u_rows(out_h), v_rows(width);
+    std::vector<const T*> x_rows(height), g_rows(out_w);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* m_y = a_y + b * out_h * height;
+      const std::vector<float> m_yt = transposed(m_y, out_h, height), m_xt = transposed(a_x + b * out_w * width,
+                                                                                          out_w, width);
+      nonzero_bands(m_y, out_h, height, y_lo.data(), y_hi.data());
+      nonzero_bands(m_yt.data(), height, out_h, yt_lo.data(), yt_hi.data());
+      nonzero_bands(m_xt.data(), width, out_w, xt_lo.data(), xt_hi.data());
+      const T* x_b = x + b * height * row_len;
+      const int64_t g_offset = b * out_h * out_w * channels;
+      const T* g_b = out ? masked + g_offset : grad + g_offset;
+      for (int64_t h = 0; h < height; ++h) x_rows[h] = x_b + h * row_len;
+      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u.data() + p * row_len;
+      // u[p] = g[p] A_x, g[p] first masked by the ReLU (and written out) where there is one.
+      for (int64_t p = 0; p < out_h; ++p) {
+        const int64_t n = out_w * channels, start = g_offset + p * n;
+        if (out) {
+          int64_t i = 0;
+          for (; i + 16 <= n; i += 16) {
+            const f32x16 kept = load16(out + start + i) > 0.0f ? load16(grad + start + i) : f32x16{};
+            store16(masked + start + i, kept);
+          }
+          for (; i < n; ++i) store1(masked + start + i, load1(out + start + i) > 0.0f ? load1(grad + start + i) : 0.0f);
+        }
+        if (!grad_x && !grad_a_y) continue;  // only the residual's gradient asked for
+        for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + (p * out_w + q) * channels;
+        for (int64_t w = 0; w < width; ++w)
+          weighted_sum<T, float>(m_xt.data() + w * out_w, g_rows.data(), xt_lo[w], xt_hi[w], channels,
+                                 u.data() + p * row_len + w * channels);
+      }
+      // grad_x[h] = sum_p A_y[p][h] u[p]; grad_A_y[p][h] = <x[h], u[p]>.
+      if (grad_x)
+        for (int64_t h = 0; h < height; ++h)
+          weighted_sum<float, T>(m_yt.data() + h * out_h, u_rows.data(), yt_lo[h], yt_hi[h], row_len,
+                                 grad_x + (b * height + h) * row_len);
+      if (!grad_a_y) continue;
+      std::fill(dots.begin(), dots.end(), 0.0f);
+      dot_matrix<T>(x_rows.data(), height, u_rows.data(), out_h, 1, row_len, 0, 0, dots.data(), out_h);
+      for (int64_t p = 0; p < out_h; ++p)
+        for (int64_t h = 0; h < height; ++h) grad_a_y[(b * out_h + p) * height + h] = dots[h * out_h + p];
+      // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
+      for (int64_t p = 0; p < out_h; ++p)
+        weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v.data() + p * row_len);
+      for (int64_t w = 0; w < width; ++w) v_rows[w] = v.data() + w * channels;
+      for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
+      float* g_a_x = grad_a_x + b * out_w * width;
+      std::fill(g_a_x, g_a_x + out_w * width, 0.0f);
+      dot_matrix<T>(g_rows.data(), out_w, v_rows.data(), width, out_h, channels, out_w * channels, row_len, g_a_x,
+                    width);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "x must be a 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels-last contiguous");
   TORCH_CHECK(a_y.scalar_type() == at::kFloat && a_x.scalar_type() == at::kFloat, "matrices must be float32");
   TORCH_CHECK(a_y.dim() == 3 && a_x.dim() == 3 && a_y.is_contiguous() && a_x.is_contiguous(),
               "matrices must be contiguous (B, P, H) and (B, Q, W)");
+  TORCH_CHECK(a_y.size(0) == x.size(0) && a_y.size(2) == x.size(2) && a_x.size(0) == x.size(0) &&
+                  a_x.size(2) == x.size(3),
+              "matrix shapes do not fit x");
+}
+
+at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+                              const c10::optional<at::Tensor>& residual, bool relu) {
+  check_inputs(x, a_y, a_x);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
-  TORCH_CHECK(a_y.size(0) == batch && a_y.size(2) == height && a_x.size(0) == batch && a_x.size(2) == width,
-              "matrix shapes do not fit x");
   auto out = at::empty({batch, channels, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor* res = nullptr;
   if (residual.has_value()) {
@@ -219,9 +363,62 @@ at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const 
   return out;
 }
 
+void check_backward_input(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype");
+  TORCH_CHECK(t.sizes() == sizes && t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be channels-last with the output's shape");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+    const c10::optional<at::Tensor>& out, bool need_x, bool need_matrices) {
+  check_inputs(x, a_y, a_x);
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
+  const std::vector<int64_t> out_sizes = {batch, channels, out_h, out_w};
+  check_backward_input(grad, x, out_sizes, "grad");
+  const at::Tensor* mask = nullptr;
+  if (out.has_value()) {
+    mask = &out.value();
+    check_backward_input(*mask, x, out_sizes, "out");
+  }
+  const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  const auto none = x.options();
+  at::Tensor masked = mask ? at::empty(out_sizes, cl) : at::empty({0}, none);
+  at::Tensor grad_x = need_x ? at::empty(x.sizes(), cl) : at::empty({0}, none);
+  const auto f32 = a_y.options();
+  at::Tensor grad_a_y = need_matrices ? at::empty(a_y.sizes(), f32) : at::empty({0}, f32);
+  at::Tensor grad_a_x = need_matrices ? at::empty(a_x.sizes(), f32) : at::empty({0}, f32);
+  if (x.numel() == 0 || grad.numel() == 0) {
+    if (masked.numel()) masked.zero_();
+    if (grad_x.numel()) grad_x.zero_();
+    if (need_matrices) grad_a_y.zero_(), grad_a_x.zero_();
+    return {grad_x, grad_a_y, grad_a_x, masked};
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    resample_backward_kernel<T>(grad.data_ptr<T>(), mask ? mask->data_ptr<T>() : nullptr, x.data_ptr<T>(),
+                                a_y.data_ptr<float>(), a_x.data_ptr<float>(), mask ? masked.data_ptr<T>() : nullptr,
+                                need_x ? grad_x.data_ptr<T>() : nullptr,
+                                need_matrices ? grad_a_y.data_ptr<float>() : nullptr,
+                                need_matrices ? grad_a_x.data_ptr<float>() : nullptr, batch, channels, height,
+                                width, out_h, out_w);
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(c10::BFloat16{});
+  }
+  return {grad_x, grad_a_y, grad_a_x, masked};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(timm_ssb_cpu, m) {
   m.def("separable_resample(Tensor x, Tensor a_y, Tensor a_x, Tensor? residual, bool relu) -> Tensor");
   m.impl("separable_resample", c10::DispatchKey::CPU, TORCH_FN(separable_resample));
+  m.def(
+      "separable_resample_backward(Tensor grad, Tensor x, Tensor a_y, Tensor a_x, Tensor? out, bool need_x, "
+      "bool need_matrices) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.impl("separable_resample_backward", c10::DispatchKey::CPU, TORCH_FN(separable_resample_backward));
 }
