@@ -8,6 +8,8 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
   forward + backward (a training step's share), and the same with PyTorch's ops (``ref``) in this process;
 * ``resample``: the map down to ``s x s``;
 * ``resample_residual``: a result back up, plus the residual, then a ReLU;
+* the down and up passes' forward + backward with learned matrices (a training step's share: the map's, the
+  residual's and the matrices' gradients), and the same with PyTorch's ops (``ref``) in this process;
 
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
 ``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place);
@@ -89,6 +91,34 @@ def _matrices_times(batch_size: int, side: int, size: int, repeats: int) -> Tupl
     return forward, forward_backward
 
 
+def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats: int) -> Dict[str, float]:
+    """Forward + backward of the way down (``x`` and its two matrices need gradients) and of the way back up with
+    the residual and ReLU (the small map, the residual ``x`` and the two matrices), in the backend chosen and
+    (``reference_`` keys) in PyTorch's, in this one process."""
+    chosen = get_sampling_backend()
+    times = {}
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.clone().requires_grad_()
+        down_y, down_x, up_y, up_x = (m.clone().requires_grad_() for m in matrices)
+        z = resample(x, down_y, down_x).detach().requires_grad_()
+        grad_z, grad_out = torch.randn_like(z), torch.randn_like(x)
+
+        def down() -> None:
+            torch.autograd.backward(resample(x, down_y, down_x), grad_z)
+
+        def up() -> None:
+            torch.autograd.backward(resample_residual(z, up_y, up_x, x, relu=True), grad_out)
+
+        try:
+            for prefix, backend in (('', chosen), ('reference_', 'reference')):
+                set_sampling_backend(backend)
+                times[f'{prefix}down_fwd_bwd_ms'] = median_ms(down, repeats)
+                times[f'{prefix}up_fwd_bwd_ms'] = median_ms(up, repeats)
+        finally:
+            set_sampling_backend(chosen)
+    return times
+
+
 def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int) -> Dict[str, object]:
     x = torch.randn(batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
     down_y, down_x, up_y, up_x = uniform_matrices(x, size, 0.5 / size, 0.5 / size)
@@ -101,6 +131,7 @@ def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, 
     up_ms = median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats)
     return {
         **matrices_ms(batch_size, side, size, repeats),
+        **resample_training_ms(x, [down_y, down_x, up_y, up_x], repeats),
         'stage': stage,
         'channels': channels,
         'side': side,
@@ -130,7 +161,8 @@ def references(repeats: int) -> Dict[str, float]:
 def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
     header = (
         f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"matrices ms (ref)":>17} '
-        f'{"f+b ms (ref)":>13} {"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7}'
+        f'{"f+b ms (ref)":>13} {"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7} '
+        f'{"down f+b ms (ref)":>17} {"up f+b ms (ref)":>17}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
@@ -138,7 +170,9 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
             f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["saliency_ms"]:>11.3f} '
             f'{r["matrices_ms"]:>8.3f} ({r["reference_matrices_ms"]:.3f}) '
             f'{r["matrices_fwd_bwd_ms"]:>6.3f} ({r["reference_matrices_fwd_bwd_ms"]:.3f}) {r["down_ms"]:>8.3f} '
-            f'{r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} {r["up_gmacs_per_s"]:>7.0f}'
+            f'{r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} {r["up_gmacs_per_s"]:>7.0f} '
+            f'{r["down_fwd_bwd_ms"]:>8.3f} ({r["reference_down_fwd_bwd_ms"]:.3f}) '
+            f'{r["up_fwd_bwd_ms"]:>8.3f} ({r["reference_up_fwd_bwd_ms"]:.3f})'
         )
     lines.append(
         f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
