@@ -437,3 +437,98 @@ def check_live_model_against_reference(backend, name: str, device: str = 'cpu') 
 def test_whole_model_on_the_native_ops_matches_the_reference_backend(backend):
     """Both native CPU ops (matrices and resampling) in a whole model."""
     check_live_model_against_reference(backend, 'native')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 70, 8, 8, 28, 28), (1, 33, 5, 5, 9, 11), (3, 130, 6, 5, 12, 10)])
+def test_saliency_op_is_the_resampling_and_a_1x1_conv_of_it(shape, dtype):
+    batch_size, channels, height, width, rows, cols = shape
+    x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)
+    residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype)
+    a_y, a_x = banded(batch_size, rows, height), banded(batch_size, cols, width)
+    weight, bias = torch.randn(channels), torch.randn(1)
+    out, logits = native.separable_resample_saliency(x, a_y, a_x, residual, True, weight, bias)
+    assert torch.equal(out, separable_resample(x, a_y, a_x, residual, True))
+    expected = torch.nn.functional.conv2d(out.float(), weight.view(1, -1, 1, 1), bias)
+    assert logits.dtype == torch.float32 and logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.library.opcheck(native.separable_resample_saliency, (x, a_y, a_x, residual, True, weight, bias))
+    with pytest.raises(RuntimeError, match=f"saliency_weight must be a contiguous float32 tensor of x's {channels}"):
+        native.separable_resample_saliency(x, a_y, a_x, residual, True, torch.randn(channels + 1), bias)
+
+
+def live_ssb_resnetd50() -> torch.nn.Module:
+    """A live ``ssb_resnetd50`` whose 96 x 96 input is resampled in every SSB block: stage 2-4 maps of 12, 6, 3 to
+    sizes 4, 2, 2; 7 SSB blocks followed by another SSB block (2 + 4 + 1), 3 that start a stage's SSB blocks."""
+    torch.manual_seed(0)
+    model = make_live(timm.create_model('ssb_resnetd50', num_classes=5, ssb_sizes=(4, 2, 2)))
+    return model.to(memory_format=torch.channels_last).eval()
+
+
+X_96 = channels_last(torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1)))
+
+
+def count_saliency_passes(monkeypatch) -> list:
+    return count_calls(monkeypatch, 'separable_resample_saliency', lambda args: tuple(args[0].shape))
+
+
+def test_stages_pass_the_next_saliency_logits_in_inference(monkeypatch):
+    """Without autograd, each SSB block followed by an adaptive SSB block computes that block's saliency logits in
+    its way back up; the output equals the blocks run one by one up to float32 rounding."""
+    model = live_ssb_resnetd50()
+    with torch.enable_grad():
+        expected = model(X_96).detach()  # autograd on: the blocks one by one
+    passes = count_saliency_passes(monkeypatch)
+    with torch.no_grad():
+        out = model(X_96)
+    assert len(passes) == 7
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(X_96), out, rtol=0, atol=0)
+    assert len(passes) == 14
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out_bf16 = model(X_96)
+    assert len(passes) == 21
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        expected_bf16 = model(X_96).detach()
+    torch.testing.assert_close(out_bf16, expected_bf16, rtol=0.05, atol=0.05 * expected_bf16.abs().max().item())
+
+
+def test_stages_run_blocks_one_by_one_where_passing_does_not_apply(monkeypatch, backend):
+    """Hooks on a block or on a saliency conv still fire (those blocks are called as modules), the reference
+    backend and ssbify's stages as well; the outputs stay the same."""
+    model = live_ssb_resnetd50()
+    passes = count_saliency_passes(monkeypatch)
+    with torch.no_grad():
+        expected = model(X_96)
+        block_calls, saliency_calls = [], []
+        block_hook = model.layer3[2].register_forward_hook(lambda *args: block_calls.append(1))
+        saliency_hook = model.layer2[2].sampler.saliency.register_forward_hook(lambda *args: saliency_calls.append(1))
+        passes.clear()
+        out = model(X_96)
+        # layer3[2] is called, so neither it nor layer3[1] passes logits; layer2[1] does not compute layer2[2]'s
+        assert (block_calls, saliency_calls, len(passes)) == ([1], [1], 4)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        block_hook.remove()
+        saliency_hook.remove()
+        backend('reference')
+        passes.clear()
+        torch.testing.assert_close(model(X_96), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        assert passes == []
+
+
+def test_ssbify_gives_stages_that_pass_saliency_and_keeps_stage_hooks(monkeypatch):
+    from timm_ssb import ssbify
+    from timm_ssb.models.ssb_resnet import SSBStage
+
+    source = timm.create_model('resnet50d', num_classes=5)
+    stage_calls = []
+    source.layer3.register_forward_hook(lambda *args: stage_calls.append(1))
+    model = ssbify(source, sizes=(4, 2, 2), inplace=True)
+    assert all(type(getattr(model, name)) is SSBStage for name in ('layer2', 'layer3', 'layer4'))
+    assert type(model.layer1) is torch.nn.Sequential
+    model = make_live(model).to(memory_format=torch.channels_last).eval()
+    passes = count_saliency_passes(monkeypatch)
+    with torch.no_grad():
+        model(X_96)
+    assert (len(passes), stage_calls) == (7, [1])

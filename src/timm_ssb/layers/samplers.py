@@ -28,6 +28,7 @@ from .sampling_matrices import (
     bilinear_matrices,
     resample,
     resample_residual,
+    resample_residual_saliency,
     uniform_matrices,
 )
 
@@ -140,6 +141,17 @@ class MatrixSampler(SpatialSampler):
     ) -> torch.Tensor:
         return apply_sampling_residual(y, state[2], state[3], residual, relu)
 
+    @torch.jit.unused
+    def inverse_residual_saliency(
+        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool, saliency: nn.Conv2d
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`inverse_residual` and ``saliency`` (a 1x1 conv to one channel, e.g. the next block's) of its
+        result in one pass, for inference: ``(out, logits)``; ``None`` where that does not apply (an axis not
+        resampled, a map the native kernel does not serve)."""
+        if _is_identity(state[2], state[3]):
+            return None
+        return resample_residual_saliency(y, state[2], state[3], residual, relu, saliency)
+
     def extra_repr(self) -> str:
         return f'size={self.size}'
 
@@ -207,7 +219,19 @@ class AdaptiveSampler(GaussianSampler):
         return self.saliency(x)
 
     def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return adaptive_matrices(self.saliency_logits(x), self.size, self.sigma_g, self.sigma_down, self.sigma_up)
+        return self.matrices_from_logits(self.saliency_logits(x))
+
+    def matrices_from_logits(self, saliency_logits: torch.Tensor) -> List[torch.Tensor]:
+        """:meth:`matrices` from the map's saliency logits, computed elsewhere (e.g. fused into the block before)."""
+        return adaptive_matrices(saliency_logits, self.size, self.sigma_g, self.sigma_down, self.sigma_up)
+
+    @torch.jit.unused
+    def forward_with_logits(
+        self, x: torch.Tensor, saliency_logits: torch.Tensor
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``self(x)`` given ``x``'s saliency logits."""
+        mats = self.matrices_from_logits(saliency_logits)
+        return apply_sampling(x, mats[0], mats[1]), mats
 
     def extra_repr(self) -> str:
         return f'size={self.size}, sigma_g={self.sigma_g}'

@@ -18,13 +18,14 @@ Every function is registered with timm as an FX leaf (``register_notrace_functio
 on shapes and layouts, which symbolic tracing cannot follow, and they hold no parameters.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+from torch import nn
 
-from .native import native_matrices_op, native_op
+from .native import native_matrices_op, native_op, separable_resample, separable_resample_saliency
 
 __all__ = [
     'pixel_centres',
@@ -502,6 +503,33 @@ def resample_residual(
         if out is not None:
             return out
     return add_residual(resample_reference(x, matrix_y, matrix_x), residual, relu)
+
+
+@torch.jit.unused
+def resample_residual_saliency(
+    x: torch.Tensor,
+    matrix_y: torch.Tensor,
+    matrix_x: torch.Tensor,
+    residual: torch.Tensor,
+    relu: bool,
+    saliency: nn.Conv2d,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`resample_residual` and ``saliency`` (a 1x1 conv to one channel) of its result in one pass of the
+    native CPU kernel: ``(out, logits)``, the logits float32. For inference (the op has no backward); ``None`` where
+    the kernel does not serve these maps (then the caller runs the two separately)."""
+    if _exporting() or not (_is_channels_last(x) and _is_channels_last(residual)):
+        return None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device_type))
+    if residual.dtype != x.dtype or native_op(x) is not separable_resample:
+        return None
+    weight = saliency.weight.float().reshape(-1).contiguous()
+    bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)
+    with torch.autocast(device_type, enabled=False):
+        return separable_resample_saliency(
+            x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu, weight, bias
+        )
 
 
 def add_residual(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:

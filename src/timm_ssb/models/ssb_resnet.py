@@ -36,14 +36,20 @@ from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_samp
 __all__ = [
     'SSBResNet',
     'SSBBottleneck',
+    'SSBStage',
+    'SSB_STAGES',
     'DEFAULT_SSB_SIZES',
     'BASELINES',
     'HUB_ORG',
     'WARM_START_SOURCES',
     'add_missing_sampler_tensors',
     'check_ssb_args',
+    'use_ssb_stages',
     'warm_start_tag',
 ]
+
+SSB_STAGES = ('layer2', 'layer3', 'layer4')
+"""The stages whose stride-1 blocks are SSB blocks."""
 
 DEFAULT_SSB_SIZES = (16, 8, 4)
 """Sampled sides of stages 2, 3 and 4 (for their 28, 14 and 7 pixel maps at a 224 x 224 input)."""
@@ -170,6 +176,26 @@ class SSBBottleneck(Bottleneck):
             z = self.se(z)
         return z
 
+    @torch.jit.unused
+    def forward_passing_saliency(
+        self, x: torch.Tensor, saliency_logits: Optional[torch.Tensor], next_saliency: Optional[nn.Conv2d]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`forward` for :class:`SSBStage`'s inference path, with ReLU as ``act3`` and no drop path in use:
+        takes ``x``'s saliency logits when the block before computed them (else ``None``), and returns with the
+        output ``next_saliency`` (the next block's 1x1 saliency conv) of it where that is fused into the way back up
+        (else ``None``)."""
+        shortcut = x
+        if saliency_logits is None:
+            z, state = self.sampler(x)
+        else:
+            z, state = self.sampler.forward_with_logits(x, saliency_logits)
+        z = self.residual_branch(z)
+        if next_saliency is not None:
+            fused = self.sampler.inverse_residual_saliency(z, state, shortcut, True, next_saliency)
+            if fused is not None:
+                return fused
+        return self.sampler.inverse_residual(z, state, shortcut, relu=True), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         z, state = self.sampler(x)
@@ -181,6 +207,82 @@ class SSBBottleneck(Bottleneck):
         y = self.drop_path(self.sampler.inverse(z, state, shortcut))
         y += shortcut
         return self.act3(y)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _passes_saliency(block: nn.Module) -> bool:
+    """Whether ``block`` can run :meth:`SSBBottleneck.forward_passing_saliency` in place of a call: an SSB block
+    whose forward it equals (ReLU as ``act3``, no drop path in use) and that has no hooks it would skip."""
+    return (
+        isinstance(block, SSBBottleneck)
+        and isinstance(block.act3, nn.ReLU)
+        and (block.drop_path is None or not block.training)
+        and not _has_hooks(block)
+    )
+
+
+def _saliency_to_fuse(block: nn.Module) -> Optional[nn.Conv2d]:
+    """The 1x1 saliency conv of ``block`` that the block before it may compute, or ``None``."""
+    if not _passes_saliency(block) or not isinstance(block.sampler, AdaptiveSampler):
+        return None
+    saliency = block.sampler.saliency
+    if saliency.kernel_size != (1, 1) or _has_hooks(block.sampler) or _has_hooks(saliency):
+        return None
+    return saliency
+
+
+class SSBStage(nn.Sequential):
+    """A stage of blocks: timm's ``nn.Sequential``, except that in eager inference (autograd off) each SSB block
+    whose next block is an adaptive SSB block with a 1x1 saliency conv computes that conv of its output in its way
+    back up (:func:`~timm_ssb.layers.sampling_matrices.resample_residual_saliency`), while each output pixel is
+    in cache, sparing the next block a read of the whole map. Elsewhere (training, TorchScript, FX, export,
+    ``torch.compile``, blocks or samplers with hooks) it runs its blocks one after the other, as ``nn.Sequential``.
+    The fused logits equal the conv's up to float32 rounding (another order of the sum over channels).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._passing_saliency_applies(x):
+            return self._forward_passing_saliency(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _passing_saliency_applies(self, x: torch.Tensor) -> bool:
+        return (
+            not torch.is_grad_enabled()
+            and type(x) is torch.Tensor
+            and x.device.type == 'cpu'
+            and not torch.compiler.is_compiling()
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            and not torch.jit.is_tracing()
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks
+        )
+
+    @torch.jit.unused
+    def _forward_passing_saliency(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        logits = None
+        for i, block in enumerate(blocks):
+            if _passes_saliency(block):
+                next_saliency = _saliency_to_fuse(blocks[i + 1]) if i + 1 < len(blocks) else None
+                x, logits = block.forward_passing_saliency(x, logits, next_saliency)
+            else:
+                x, logits = block(x), None
+        return x
+
+
+def use_ssb_stages(model: nn.Module) -> None:
+    """Make the SSB stages (``layer2``-``layer4``) of a ResNet into :class:`SSBStage` modules, in place: the same
+    module objects, hooks and state, only their class changes."""
+    for name in SSB_STAGES:
+        stage = getattr(model, name)
+        if type(stage) is nn.Sequential:
+            stage.__class__ = SSBStage
 
 
 class SSBStageBlock:
@@ -309,6 +411,7 @@ class SSBResNet(ResNet):
             SSBStageBlock(ssb_sampler, size, ssb_saliency_kernel, ssb_sampler_args) for size in stage_sizes
         )
         super().__init__(block=blocks, layers=layers, **kwargs)
+        use_ssb_stages(self)
         self.ssb_sizes = sizes
         self.ssb_sampler = ssb_sampler
         self.ssb_saliency_kernel = ssb_saliency_kernel

@@ -30,20 +30,20 @@ from timm.models.resnet import Bottleneck, ResNet
 
 from .ssb_resnet import (
     SOURCE_DATA_CFG_KEYS,
+    SSB_STAGES,
     SSBBottleneck,
     _cfg,
     _why_not_loaded,
     add_missing_sampler_tensors,
     check_ssb_args,
     source_weights_hint,
+    use_ssb_stages,
 )
 
 __all__ = ['ssbify', 'DEFAULT_SSB_SOURCE']
 
 DEFAULT_SSB_SOURCE = 'resnet50d'
 """``ssb_source`` of the ``ssb_resnet`` model when none is given (the paper's SSB-ResNet-D-50)."""
-
-SSB_STAGES = ('layer2', 'layer3', 'layer4')
 
 
 def _check_convertible(model: nn.Module) -> None:
@@ -137,6 +137,7 @@ def _convert(
             stage[index] = SSBBottleneck.from_bottleneck(
                 stage[index], sampler, size, saliency_kernel=saliency_kernel, sampler_args=sampler_args
             )
+    use_ssb_stages(model)
     model.ssb_sizes = sizes  # as on SSBResNet
     model.ssb_sampler = sampler
     model.ssb_saliency_kernel = saliency_kernel

@@ -30,6 +30,7 @@ from .ops import (
     load_triton_kernels,
     separable_resample,
     separable_resample_backward,
+    separable_resample_saliency,
     separable_resample_triton,
     triton_error,
 )
@@ -43,6 +44,7 @@ __all__ = [
     'adaptive_matrices',
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_saliency',
     'separable_resample_triton',
     'cache_dir',
     'cpu_library_error',

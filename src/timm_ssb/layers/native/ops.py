@@ -33,6 +33,7 @@ from .build import load_cpu_library
 __all__ = [
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_saliency',
     'separable_resample_triton',
     'TRITON_KERNEL_DTYPES',
     'load_triton_kernels',
@@ -48,6 +49,33 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     if not load_cpu_library():
         raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
     return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
+
+
+@torch.library.custom_op('timm_ssb::separable_resample_saliency', mutates_args=(), device_types='cpu')
+def separable_resample_saliency(
+    x: Tensor,
+    a_y: Tensor,
+    a_x: Tensor,
+    residual: Optional[Tensor],
+    relu: bool,
+    saliency_weight: Tensor,
+    saliency_bias: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`separable_resample`, and a 1x1 conv of its output to one channel (``saliency_weight (C,)``,
+    ``saliency_bias (1,)``, float32): ``(out, logits (B, 1, P, Q) float32)``, the conv computed from each output pixel
+    while it is in cache. Inference only (no autograd). Raises ``RuntimeError`` if the kernel is not built."""
+    if not load_cpu_library():
+        raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
+    out, logits = torch.ops.timm_ssb_cpu.separable_resample_saliency(
+        x, a_y, a_x, residual, relu, saliency_weight, saliency_bias
+    )
+    return out, logits
+
+
+@separable_resample_saliency.register_fake
+def _saliency_fake(x, a_y, a_x, residual, relu, saliency_weight, saliency_bias) -> Tuple[Tensor, Tensor]:
+    out = _fake(x, a_y, a_x, residual, relu)
+    return out, a_y.new_empty(x.shape[0], 1, a_y.shape[1], a_x.shape[1])
 
 
 @torch.library.custom_op('timm_ssb::separable_resample_backward', mutates_args=(), device_types='cpu')

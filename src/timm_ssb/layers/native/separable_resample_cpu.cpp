@@ -8,6 +8,8 @@
 // stores -- the full-resolution map is read once and the output written once, with no intermediate tensor.
 // float32 and bfloat16 maps (bfloat16 in and out, float32 accumulation). The same op maps a result back up
 // (P = H of the block, x the small map) and, with transposed matrices, computes the gradients of both.
+// separable_resample_saliency also computes a 1x1 conv of the output to one channel (the next block's saliency
+// logits) while each output pixel is still in cache, sparing the next block a read of the whole map.
 //
 // separable_resample_backward is the whole backward in one call per sample: with g the output's gradient (zero
 // where the ReLU cut, written out once for the residual), u = g A_x (P, W, C) and v = A_y x (P, W, C), it computes
@@ -126,9 +128,65 @@ void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, 
   }
 }
 
+// out[i * out_stride + j] += <a[i], b[j]> for i < I, j < J, over `segments` runs of n values (run s of a row
+// starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers (4 x 4: sixteen
+// vectors) and are reduced once, each load of a row serving all the sums it enters.
+template <typename T, int I, int J>
+inline void dot_tile(const T* const* a, const float* const* b, int64_t segments, int64_t n, int64_t a_step,
+                     int64_t b_step, float* out, int64_t out_stride) {
+  f32x16 acc[I][J];
+  float tail[I][J] = {};
+  for (int i = 0; i < I; ++i)
+    for (int j = 0; j < J; ++j) acc[i][j] = f32x16{};
+  for (int64_t s = 0; s < segments; ++s) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+      f32x16 a_k[I], b_k[J];
+      for (int i = 0; i < I; ++i) a_k[i] = load16(a[i] + s * a_step + k);
+      for (int j = 0; j < J; ++j) b_k[j] = load16(b[j] + s * b_step + k);
+      for (int i = 0; i < I; ++i)
+        for (int j = 0; j < J; ++j) acc[i][j] += a_k[i] * b_k[j];
+    }
+    for (; k < n; ++k)
+      for (int i = 0; i < I; ++i)
+        for (int j = 0; j < J; ++j) tail[i][j] += load1(a[i] + s * a_step + k) * b[j][s * b_step + k];
+  }
+  for (int i = 0; i < I; ++i) {
+    for (int j = 0; j < J; ++j) {
+      float sum = tail[i][j];
+      for (int l = 0; l < 16; ++l) sum += acc[i][j][l];
+      out[i * out_stride + j] += sum;
+    }
+  }
+}
+
+// out[i * out_stride + j] += <a[i], b[j]> for i < rows_a, j < rows_b over the runs of dot_tile, in 4 x 4 tiles.
+template <typename T>
+void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_t rows_b, int64_t segments,
+                int64_t n, int64_t a_step, int64_t b_step, float* out, int64_t out_stride) {
+  auto tile = [&](auto rows_i, auto rows_j, int64_t i, int64_t j) {
+    dot_tile<T, decltype(rows_i)::value, decltype(rows_j)::value>(a + i, b + j, segments, n, a_step, b_step,
+                                                                   out + i * out_stride + j, out_stride);
+  };
+  using one = std::integral_constant<int, 1>;
+  using four = std::integral_constant<int, 4>;
+  int64_t i = 0;
+  for (; i + 4 <= rows_a; i += 4) {
+    int64_t j = 0;
+    for (; j + 4 <= rows_b; j += 4) tile(four{}, four{}, i, j);
+    for (; j < rows_b; ++j) tile(four{}, one{}, i, j);
+  }
+  for (; i < rows_a; ++i) {
+    int64_t j = 0;
+    for (; j + 4 <= rows_b; j += 4) tile(one{}, four{}, i, j);
+    for (; j < rows_b; ++j) tile(one{}, one{}, i, j);
+  }
+}
+
 template <typename T>
 void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* residual, bool relu, T* out,
-                     int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
+                     const float* saliency_w, float saliency_b, float* saliency, int64_t batch, int64_t channels,
+                     int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
   std::vector<int64_t> y_lo(batch * out_h), y_hi(batch * out_h), x_lo(batch * out_w), x_hi(batch * out_w);
   nonzero_bands(a_y, batch * out_h, height, y_lo.data(), y_hi.data());
   nonzero_bands(a_x, batch * out_w, width, x_lo.data(), x_hi.data());
@@ -186,65 +244,18 @@ void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* re
           weighted_rows_range<float, T, kRows>(mx.data() + (b * pad_w + q0) * width + band.first, width,
                                                t_rows.data() + band.first, band.second - band.first, 0, channels,
                                                out_dst, residual ? res_src : nullptr, relu);
+          // A 1x1 conv of the output to one channel (the next block's saliency logits), from the pixels just
+          // written, which are still in cache.
+          for (int r = 0; saliency && r < kRows && q0 + r < out_w; ++r) {
+            float logit = saliency_b;
+            const T* pixel[1] = {out_dst[r]};
+            dot_tile<T, 1, 1>(pixel, &saliency_w, 1, channels, 0, 0, &logit, 1);
+            saliency[(b * out_h + p) * out_w + q0 + r] = logit;
+          }
         }
       }
     }
   });
-}
-
-// out[i * out_stride + j] += <a[i], b[j]> for i < I, j < J, over `segments` runs of n values (run s of a row
-// starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers (4 x 4: sixteen
-// vectors) and are reduced once, each load of a row serving all the sums it enters.
-template <typename T, int I, int J>
-inline void dot_tile(const T* const* a, const float* const* b, int64_t segments, int64_t n, int64_t a_step,
-                     int64_t b_step, float* out, int64_t out_stride) {
-  f32x16 acc[I][J];
-  float tail[I][J] = {};
-  for (int i = 0; i < I; ++i)
-    for (int j = 0; j < J; ++j) acc[i][j] = f32x16{};
-  for (int64_t s = 0; s < segments; ++s) {
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-      f32x16 a_k[I], b_k[J];
-      for (int i = 0; i < I; ++i) a_k[i] = load16(a[i] + s * a_step + k);
-      for (int j = 0; j < J; ++j) b_k[j] = load16(b[j] + s * b_step + k);
-      for (int i = 0; i < I; ++i)
-        for (int j = 0; j < J; ++j) acc[i][j] += a_k[i] * b_k[j];
-    }
-    for (; k < n; ++k)
-      for (int i = 0; i < I; ++i)
-        for (int j = 0; j < J; ++j) tail[i][j] += load1(a[i] + s * a_step + k) * b[j][s * b_step + k];
-  }
-  for (int i = 0; i < I; ++i) {
-    for (int j = 0; j < J; ++j) {
-      float sum = tail[i][j];
-      for (int l = 0; l < 16; ++l) sum += acc[i][j][l];
-      out[i * out_stride + j] += sum;
-    }
-  }
-}
-
-// out[i * out_stride + j] += <a[i], b[j]> for i < rows_a, j < rows_b over the runs of dot_tile, in 4 x 4 tiles.
-template <typename T>
-void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_t rows_b, int64_t segments,
-                int64_t n, int64_t a_step, int64_t b_step, float* out, int64_t out_stride) {
-  auto tile = [&](auto rows_i, auto rows_j, int64_t i, int64_t j) {
-    dot_tile<T, decltype(rows_i)::value, decltype(rows_j)::value>(a + i, b + j, segments, n, a_step, b_step,
-                                                                   out + i * out_stride + j, out_stride);
-  };
-  using one = std::integral_constant<int, 1>;
-  using four = std::integral_constant<int, 4>;
-  int64_t i = 0;
-  for (; i + 4 <= rows_a; i += 4) {
-    int64_t j = 0;
-    for (; j + 4 <= rows_b; j += 4) tile(four{}, four{}, i, j);
-    for (; j < rows_b; ++j) tile(four{}, one{}, i, j);
-  }
-  for (; i < rows_a; ++i) {
-    int64_t j = 0;
-    for (; j + 4 <= rows_b; j += 4) tile(one{}, four{}, i, j);
-    for (; j < rows_b; ++j) tile(one{}, one{}, i, j);
-  }
 }
 
 // (cols, rows) copy of a (rows, cols) matrix.
@@ -336,8 +347,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& 
               "matrix shapes do not fit x");
 }
 
-at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
-                              const c10::optional<at::Tensor>& residual, bool relu) {
+// out = relu?(residual + a_y x a_x^T), and, given a 1x1 conv's (C,) weight and (1,) bias, that conv of out.
+std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+                                                 const c10::optional<at::Tensor>& residual, bool relu,
+                                                 const at::Tensor* saliency_w, const at::Tensor* saliency_b) {
   check_inputs(x, a_y, a_x);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
@@ -349,18 +362,44 @@ at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const 
     TORCH_CHECK(res->sizes() == out.sizes() && res->is_contiguous(at::MemoryFormat::ChannelsLast),
                 "residual must be channels-last with the output's shape");
   }
-  if (out.numel() == 0) return out;
-  if (x.scalar_type() == at::kFloat) {
-    resample_kernel<float>(x.data_ptr<float>(), a_y.data_ptr<float>(), a_x.data_ptr<float>(),
-                           res ? res->data_ptr<float>() : nullptr, relu, out.data_ptr<float>(), batch, channels,
-                           height, width, out_h, out_w);
-  } else {
-    using bf16 = c10::BFloat16;
-    resample_kernel<bf16>(x.data_ptr<bf16>(), a_y.data_ptr<float>(), a_x.data_ptr<float>(),
-                          res ? res->data_ptr<bf16>() : nullptr, relu, out.data_ptr<bf16>(), batch, channels,
-                          height, width, out_h, out_w);
+  at::Tensor saliency;
+  float bias = 0.0f;
+  if (saliency_w) {
+    TORCH_CHECK(saliency_w->scalar_type() == at::kFloat && saliency_w->is_contiguous() &&
+                    saliency_w->numel() == channels,
+                "saliency_weight must be a contiguous float32 tensor of x's ", channels, " channels");
+    TORCH_CHECK(saliency_b->scalar_type() == at::kFloat && saliency_b->numel() == 1,
+                "saliency_bias must be a float32 tensor of one value");
+    saliency = at::empty({batch, 1, out_h, out_w}, a_y.options());
+    bias = saliency_b->item<float>();
   }
-  return out;
+  if (out.numel() == 0) return {out, saliency};
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    resample_kernel<T>(x.data_ptr<T>(), a_y.data_ptr<float>(), a_x.data_ptr<float>(), res ? res->data_ptr<T>() : nullptr,
+                       relu, out.data_ptr<T>(), saliency_w ? saliency_w->data_ptr<float>() : nullptr, bias,
+                       saliency_w ? saliency.data_ptr<float>() : nullptr, batch, channels, height, width, out_h,
+                       out_w);
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(c10::BFloat16{});
+  }
+  return {out, saliency};
+}
+
+at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+                              const c10::optional<at::Tensor>& residual, bool relu) {
+  return std::get<0>(resample_impl(x, a_y, a_x, residual, relu, nullptr, nullptr));
+}
+
+std::tuple<at::Tensor, at::Tensor> separable_resample_saliency(const at::Tensor& x, const at::Tensor& a_y,
+                                                               const at::Tensor& a_x,
+                                                               const c10::optional<at::Tensor>& residual, bool relu,
+                                                               const at::Tensor& saliency_weight,
+                                                               const at::Tensor& saliency_bias) {
+  return resample_impl(x, a_y, a_x, residual, relu, &saliency_weight, &saliency_bias);
 }
 
 void check_backward_input(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, const char* name) {
@@ -417,6 +456,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_ba
 TORCH_LIBRARY(timm_ssb_cpu, m) {
   m.def("separable_resample(Tensor x, Tensor a_y, Tensor a_x, Tensor? residual, bool relu) -> Tensor");
   m.impl("separable_resample", c10::DispatchKey::CPU, TORCH_FN(separable_resample));
+  m.def(
+      "separable_resample_saliency(Tensor x, Tensor a_y, Tensor a_x, Tensor? residual, bool relu, "
+      "Tensor saliency_weight, Tensor saliency_bias) -> (Tensor, Tensor)");
+  m.impl("separable_resample_saliency", c10::DispatchKey::CPU, TORCH_FN(separable_resample_saliency));
   m.def(
       "separable_resample_backward(Tensor grad, Tensor x, Tensor a_y, Tensor a_x, Tensor? out, bool need_x, "
       "bool need_matrices) -> (Tensor, Tensor, Tensor, Tensor)");
