@@ -36,6 +36,17 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert 'allocator_env' in payload['machine']
 
 
+def test_saliency_pass_writes_table_and_json(tmp_path):
+    path = tmp_path / 'pass.json'
+    out = run_script(
+        'saliency_pass.py', '--models', 'ssb_resnetd26', '--batch-size', '1', '--rounds', '2', '--json', str(path)
+    )
+    assert 'passing ms' in out and 'ssb_resnetd26' in out
+    (row,) = json.loads(path.read_text())['results']
+    assert row['speedup'] == pytest.approx(row['plain_ms'] / row['passing_ms'])
+    assert len(row['times_s']['passing']) == len(row['times_s']['plain']) == 2
+
+
 @pytest.mark.slow
 def test_time_ceiling_writes_table_and_json(tmp_path):
     path = tmp_path / 'ceiling.json'

@@ -131,6 +131,18 @@ def test_backward_is_counted_as_the_dense_products_it_replaces():
     assert counted[0] == counted[1] + 2 * batch_size * channels * rows * height * width
 
 
+def test_backward_op_bad_inputs_are_errors_naming_them():
+    x = channels_last(torch.randn(2, 20, 9, 8))
+    a_y, a_x = banded(2, 4, 9), banded(2, 5, 8)
+    grad = channels_last(torch.randn(2, 20, 4, 5))
+    with pytest.raises(RuntimeError, match="grad must be channels-last with the output's shape"):
+        native.separable_resample_backward(grad[:, :, :3], x, a_y, a_x, None, True, True)
+    with pytest.raises(RuntimeError, match="out must have x's dtype"):
+        native.separable_resample_backward(grad, x, a_y, a_x, grad.double(), True, True)
+    with pytest.raises(RuntimeError, match='matrix shapes do not fit x'):
+        native.separable_resample_backward(grad, x, a_y[:, :, :8].contiguous(), a_x, None, True, True)
+
+
 def test_backward_op_passes_opcheck():
     grad = channels_last(torch.randn(2, 20, 4, 5))
     x = channels_last(torch.randn(2, 20, 9, 8))
@@ -515,6 +527,19 @@ def test_stages_run_blocks_one_by_one_where_passing_does_not_apply(monkeypatch, 
         passes.clear()
         torch.testing.assert_close(model(X_96), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
         assert passes == []
+
+
+def test_saliency_pass_is_refused_where_autograd_needs_a_backward():
+    from timm_ssb.layers.sampling_matrices import resample_residual_saliency
+
+    x = channels_last(torch.randn(2, 16, 3, 3))
+    residual = channels_last(torch.randn(2, 16, 7, 7))
+    a = banded(2, 7, 3)
+    saliency = torch.nn.Conv2d(16, 1, 1)  # its parameters require grad
+    assert resample_residual_saliency(x, a, a, residual, True, saliency) is None
+    with torch.no_grad():
+        out, logits = resample_residual_saliency(x, a, a, residual, True, saliency)
+    torch.testing.assert_close(logits, saliency(out), rtol=1e-5, atol=1e-5)
 
 
 def test_ssbify_gives_stages_that_pass_saliency_and_keeps_stage_hooks(monkeypatch):

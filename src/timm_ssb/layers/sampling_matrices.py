@@ -426,8 +426,7 @@ def _resample_channels_last(
     A residual of another dtype than the products' is left to the reference (its add promotes).
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(device_type))
+    x = _in_autocast_dtype(x)
     if residual is not None and residual.dtype != x.dtype:
         return None
     with torch.autocast(device_type, enabled=False):
@@ -435,6 +434,15 @@ def _resample_channels_last(
         if op is not None:
             return op(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
         return _ChannelsLastResample.apply(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
+
+
+@torch.jit.unused
+def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's dtype where autocast is on for its device (the fast paths' products run in it)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
 
 
 @torch.jit.unused
@@ -515,18 +523,20 @@ def resample_residual_saliency(
     saliency: nn.Conv2d,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """:func:`resample_residual` and ``saliency`` (a 1x1 conv to one channel) of its result in one pass of the
-    native CPU kernel: ``(out, logits)``, the logits float32. For inference (the op has no backward); ``None`` where
-    the kernel does not serve these maps (then the caller runs the two separately)."""
+    native CPU kernel: ``(out, logits)``, the logits float32. For inference: ``None`` where autograd would need the
+    op's backward (it has none) or the kernel does not serve these maps (then the caller runs the two separately)."""
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual, saliency.weight, saliency.bias)
+    ):
+        return None
     if _exporting() or not (_is_channels_last(x) and _is_channels_last(residual)):
         return None
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(device_type))
+    x = _in_autocast_dtype(x)
     if residual.dtype != x.dtype or native_op(x) is not separable_resample:
         return None
     weight = saliency.weight.float().reshape(-1).contiguous()
     bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return separable_resample_saliency(
             x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu, weight, bias
         )

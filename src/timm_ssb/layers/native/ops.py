@@ -14,9 +14,11 @@ transposed matrices -- computes the gradients of both. Two ops with that one sch
 Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` keeps each as one op (its fake gives
 the output's shape, dtype and layout). Autograd differentiates the C++ op through
 ``timm_ssb::separable_resample_backward`` (:func:`separable_resample_backward`: the whole backward, the ReLU's
-mask and the matrices' gradients included, in one C++ call that reads the full-resolution map once), the Triton op
-through :func:`_backward`, whose products are the same op again and ``torch.bmm``. Neither has a double backward
-on the C++ path.
+mask and the matrices' gradients included, in one C++ call that reads the full-resolution map from memory once
+per sample and a second time, back to back, where it can come from cache), which has no backward of its own (no
+double backward); the Triton op through :func:`_backward`, whose products are the same op again and ``torch.bmm``.
+``timm_ssb::separable_resample_saliency`` (:func:`separable_resample_saliency`) is the C++ op plus a 1x1 conv of
+its output, for inference only (no autograd registration).
 """
 
 import functools

@@ -347,6 +347,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& 
               "matrix shapes do not fit x");
 }
 
+// A map of the output's shape and x's dtype, channels-last: the residual, the output's gradient, the output.
+void check_output_shaped(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype");
+  TORCH_CHECK(t.sizes() == sizes && t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be channels-last with the output's shape");
+}
+
 // out = relu?(residual + a_y x a_x^T), and, given a 1x1 conv's (C,) weight and (1,) bias, that conv of out.
 std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
                                                  const c10::optional<at::Tensor>& residual, bool relu,
@@ -358,9 +365,7 @@ std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::
   const at::Tensor* res = nullptr;
   if (residual.has_value()) {
     res = &residual.value();
-    TORCH_CHECK(res->scalar_type() == x.scalar_type(), "residual must have x's dtype");
-    TORCH_CHECK(res->sizes() == out.sizes() && res->is_contiguous(at::MemoryFormat::ChannelsLast),
-                "residual must be channels-last with the output's shape");
+    check_output_shaped(*res, x, out.sizes(), "residual");
   }
   at::Tensor saliency;
   float bias = 0.0f;
@@ -402,12 +407,6 @@ std::tuple<at::Tensor, at::Tensor> separable_resample_saliency(const at::Tensor&
   return resample_impl(x, a_y, a_x, residual, relu, &saliency_weight, &saliency_bias);
 }
 
-void check_backward_input(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, const char* name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype");
-  TORCH_CHECK(t.sizes() == sizes && t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
-              " must be channels-last with the output's shape");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
     const c10::optional<at::Tensor>& out, bool need_x, bool need_matrices) {
@@ -415,11 +414,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_ba
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
   const std::vector<int64_t> out_sizes = {batch, channels, out_h, out_w};
-  check_backward_input(grad, x, out_sizes, "grad");
+  check_output_shaped(grad, x, out_sizes, "grad");
   const at::Tensor* mask = nullptr;
   if (out.has_value()) {
     mask = &out.value();
-    check_backward_input(*mask, x, out_sizes, "out");
+    check_output_shaped(*mask, x, out_sizes, "out");
   }
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   const auto none = x.options();
