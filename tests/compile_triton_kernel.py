@@ -28,11 +28,11 @@ def compile_all(arch: int) -> dict:
         constants = dict(
             HAS_RESIDUAL=has_residual,
             RELU=relu,
-            DOT_PRECISION='ieee' if dtype == 'fp32' else 'tf32',
-            BLOCK_H=16,
-            BLOCK_W=64,
-            BLOCK_Q=64,
-            BLOCK_C=32,
+            DOT_IN_MAP_DTYPE=dtype != 'fp32',
+            DOT_PRECISION='ieee',
+            BLOCK_M=128,
+            BLOCK_K=32,
+            BLOCK_C=128,
             **dict.fromkeys(ones, 1),
         )
         pointers = {'x_ptr': dtype, 'a_y_ptr': 'fp32', 'a_x_ptr': 'fp32', 'residual_ptr': dtype, 'out_ptr': dtype}
