@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 if sys.platform != 'linux':
@@ -21,6 +22,7 @@ if sys.platform != 'linux':
 
 
 import timm_ssb.layers.native as native
+from ssb_reference import make_live
 from test_native import (
     banded,
     channels_last,
@@ -29,7 +31,7 @@ from test_native import (
     check_op_against_reference,
     reference,
 )
-from timm_ssb.layers import resample, resample_reference, resample_residual, uniform_matrices
+from timm_ssb.layers import adaptive_matrices, resample, resample_reference, resample_residual, uniform_matrices
 from timm_ssb.layers.native import ops, separable_resample_triton
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -203,7 +205,8 @@ def test_whole_model_on_the_triton_kernel_matches_the_reference_backend(backend,
 def test_kernel_compiles_for_gpus_without_one(arch):
     """The interpreter runs the kernel as Python and NumPy; the compiler type-checks it and lowers ``tl.dot`` for
     real. Compiled in a fresh process (the interpreter, once it has run, changes how ``triton.language``
-    traces): every specialisation the launcher makes, to a cubin, tensor cores for 16-bit maps."""
+    traces): every specialisation the resampling's launcher makes, to a cubin, tensor cores for 16-bit maps; and
+    the matrices' kernel."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     script = Path(__file__).with_name('compile_triton_kernel.py')
     done = subprocess.run(
@@ -211,7 +214,73 @@ def test_kernel_compiles_for_gpus_without_one(arch):
     )
     assert done.returncode == 0, done.stderr
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 3
+    assert len(compiled) == 4
     for name, info in compiled.items():
         assert info['cubin_bytes'] > 0, name
-        assert info['tensor_cores'] == (not name.startswith('fp32')), name
+        assert info['tensor_cores'] == (name.startswith('bf16') or name.startswith('fp16')), name
+
+
+# (B, H, W, s): the three stages of a ResNet-D at 224 x 224, a non-square map, and a short side
+MATRIX_SHAPES = [(3, 28, 28, 16), (2, 14, 14, 8), (2, 7, 7, 4), (2, 9, 13, 5), (1, 5, 40, 3)]
+
+
+@pytest.mark.parametrize('shape', MATRIX_SHAPES)
+def test_matrices_kernel_matches_the_reference(shape, backend):
+    """Peaked saliency (the positions move away from the uniform grid), against PyTorch's ops."""
+    batch_size, height, width, size = shape
+    logits = torch.randn(batch_size, height, width) * 3
+    backend('reference')
+    expected = adaptive_matrices(logits[:, None], size, 0.18, 0.5 / size, 0.5 / size)
+    got = native.adaptive_matrices_triton(on_device(logits), size, 0.18, 0.5 / size, 0.5 / size)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-5, atol=1e-5)
+    uniform = uniform_matrices(torch.empty(batch_size, 1, height, width), size, 0.5 / size, 0.5 / size)
+    assert (expected[0] - uniform[0]).abs().max() > 1e-2
+
+
+def test_matrices_kernel_samples_uniformly_under_constant_saliency():
+    """As the reference: a fresh (zero-initialised) saliency conv gives the uniform sampler's matrices."""
+    got = native.adaptive_matrices_triton(on_device(torch.full((2, 14, 14), 0.3)), 8, 0.18, 0.5 / 8, 0.5 / 8)
+    uniform = uniform_matrices(torch.empty(2, 1, 14, 14), 8, 0.5 / 8, 0.5 / 8)
+    for u, g in zip(uniform, got, strict=True):
+        torch.testing.assert_close(g.cpu(), u, rtol=1e-6, atol=1e-6)
+
+
+def test_matrices_kernel_serves_only_where_no_gradient_is_needed(backend):
+    """It has no backward: logits that need a gradient take PyTorch's ops, as do maps too large for it."""
+    backend('triton')
+    logits = on_device(torch.randn(2, 1, 14, 14))
+    assert native.native_matrices_op(logits) is native.adaptive_matrices_triton
+    logits.requires_grad_()
+    assert native.native_matrices_op(logits) is None
+    with torch.no_grad():
+        assert native.native_matrices_op(logits) is native.adaptive_matrices_triton
+    assert native.native_matrices_op(on_device(torch.zeros(1, 1, 129, 129))) is None
+
+
+def test_matrices_kernel_bad_inputs_are_clear_errors():
+    logits = on_device(torch.randn(1, 6, 6))
+    with pytest.raises(ValueError, match='logits must be contiguous float32'):
+        native.adaptive_matrices_triton(logits.double(), 3, 0.18, 0.1, 0.1)
+    with pytest.raises(ValueError, match=r'size must be in \(0, 6\)'):
+        native.adaptive_matrices_triton(logits, 6, 0.18, 0.1, 0.1)
+
+
+def test_whole_model_inference_on_the_triton_kernels_matches_the_reference_backend(backend, monkeypatch, no_tf32):
+    """A live model under ``torch.no_grad()``: both Triton kernels (matrices and resampling) serve every SSB block."""
+    torch.manual_seed(0)
+    model = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1)))
+    model = model.to(DEVICE).to(memory_format=torch.channels_last).eval()
+    x = on_device(channels_last(torch.randn(2, 3, 48, 48)))
+    launches = []
+    assert native.ops.load_triton_kernels()
+    matrices_module = native.ops._triton_state['matrices_module']
+    launcher = matrices_module.adaptive_matrices
+    monkeypatch.setattr(matrices_module, 'adaptive_matrices', lambda *a: launches.append(1) or launcher(*a))
+    outputs = {}
+    for name in ('reference', 'triton'):
+        backend(name)
+        with torch.no_grad():
+            outputs[name] = model(x)
+    torch.testing.assert_close(outputs['triton'], outputs['reference'], rtol=1e-4, atol=1e-4)
+    assert len(launches) == 3  # one per SSB block: the second block of layers 2, 3 and 4

@@ -238,9 +238,10 @@ def adaptive_matrices(
         sigma_g, sigma_down, sigma_up: kernel widths, see :func:`saliency_positions` and
             :func:`gaussian_matrices`.
 
-    Where both sides are resampled, the sampling backend allows it and the logits are on the CPU, one native op
-    builds the four matrices (:mod:`.native.matrices`; the same maths in double precision, its backward one more
-    call); else, and for export, tracing and TorchScript, the tensor ops below (the reference).
+    Where both sides are resampled and the sampling backend allows it, one native op builds the four matrices
+    (:mod:`.native.matrices`): on the CPU in C++ (the same maths in double precision, its backward one more call),
+    on a GPU in Triton where no gradient is needed (float32); else, and for export, tracing and TorchScript, the
+    tensor ops below (the reference).
     """
     lengths = [saliency_logits.shape[-2], saliency_logits.shape[-1]]
     if size < min(lengths) and not torch.jit.is_scripting() and not _exporting():
@@ -278,10 +279,10 @@ def _native_uniform_matrices(
     x: torch.Tensor, size: int, sigma_down: float, sigma_up: float
 ) -> Optional[List[torch.Tensor]]:
     """:func:`uniform_matrices` by the native op (constant saliency), or ``None`` where there is none."""
-    op = native_matrices_op(x)
+    constant = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device, dtype=torch.float32)
+    op = native_matrices_op(constant)  # the constant needs no gradient, even where x does
     if op is None:
         return None
-    constant = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device, dtype=torch.float32)
     return list(op(constant, size, 1.0, sigma_down, sigma_up))
 
 

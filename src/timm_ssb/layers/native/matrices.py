@@ -1,4 +1,4 @@
-"""The adaptive sampler's matrices as one native CPU op, with its fake and autograd registrations.
+"""The adaptive sampler's matrices as one native op: C++ on the CPU, Triton (inference) on a GPU.
 
 ``adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` computes what
 :func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the reference) computes from ``(B, H, W)`` saliency
@@ -6,6 +6,10 @@ logits, for maps whose two sides are both longer than ``size``: one C++ call (``
 with the resampling kernel by :mod:`.build`) instead of about a hundred small tensor ops, whose dispatch cost
 (some 0.7-1 ms per block on a 2-core CPU) was most of what building the matrices took; its backward is one more
 call, instead of as many small ops again. float32 and float64 logits; the matrices come out in their dtype.
+
+``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton_matrices`, two launches
+instead of about 140 ops, whose launches set an eager GPU model's pace), without a backward: the sampler takes it
+only where no gradient is needed (inference), and PyTorch's ops otherwise.
 """
 
 from typing import Optional, Tuple
@@ -14,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .build import load_cpu_library
+from .ops import _triton_state, load_triton_kernels, triton_error
 
-__all__ = ['adaptive_matrices', 'adaptive_matrices_backward']
+__all__ = ['adaptive_matrices', 'adaptive_matrices_backward', 'adaptive_matrices_triton', 'triton_matrices_fit']
 
 
 def _library() -> None:
@@ -83,3 +88,28 @@ def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
 
 
 adaptive_matrices.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op('timm_ssb::adaptive_matrices_triton', mutates_args=())
+def adaptive_matrices_triton(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`adaptive_matrices` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
+    W)`` that :func:`triton_matrices_fit`; on CUDA, or on CPU tensors under Triton's interpreter. No backward."""
+    if not load_triton_kernels():
+        raise RuntimeError(f'timm_ssb: the Triton sampling kernels are not available ({triton_error()})')
+    if logits.device.type == 'cpu' and not _triton_state['module'].INTERPRETED:
+        raise RuntimeError("timm_ssb: the Triton matrices kernel runs CPU tensors only under Triton's interpreter")
+    if logits.dtype != torch.float32 or logits.dim() != 3 or not logits.is_contiguous():
+        raise ValueError(f'logits must be contiguous float32 (B, H, W); got {logits.dtype} {list(logits.shape)}')
+    if not 0 < size < min(logits.shape[1:]):
+        raise ValueError(f'size must be in (0, {min(logits.shape[1:])}) for logits of shape {list(logits.shape)}')
+    return _triton_state['matrices_module'].adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+
+
+adaptive_matrices_triton.register_fake(_adaptive_matrices_fake)
+
+
+def triton_matrices_fit(height: int, width: int) -> bool:
+    """Whether :func:`adaptive_matrices_triton` takes ``(B, height, width)`` logits (one program holds an axis)."""
+    return load_triton_kernels() and _triton_state['matrices_module'].fits(height, width)

@@ -167,18 +167,20 @@ def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor
             raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
 
 
-_triton_state = {'module': None, 'error': None}
+_triton_state = {'module': None, 'matrices_module': None, 'error': None}
 
 
 def load_triton_kernels(warn: bool = False) -> bool:
-    """Import the Triton kernel (once; Triton is optional). A failure is remembered and, with ``warn``, warned
-    about once; returns whether the kernel is available."""
+    """Import the Triton kernels (once; Triton is optional): the resampling's and the matrices'. A failure is
+    remembered and, with ``warn``, warned about once; returns whether the kernels are available."""
     if _triton_state['module'] is not None:
         return True
     if _triton_state['error'] is not None:
         return False
     try:
-        _triton_state['module'] = importlib.import_module(f'{__package__}.triton_kernel')
+        module = importlib.import_module(f'{__package__}.triton_kernel')
+        _triton_state['matrices_module'] = importlib.import_module(f'{__package__}.triton_matrices')
+        _triton_state['module'] = module
     except Exception as e:  # ImportError without Triton; anything Triton raises while defining the kernel
         _triton_state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
         if warn:
