@@ -2,9 +2,8 @@
 
 Every specialisation the resampling's launcher makes (float32 with residual and ReLU; bfloat16 with sizes of 1,
 which Triton turns into constants; float16 with a unit channel stride), and the matrices' kernel, compiled to a
-cubin. Prints, as JSON on its last line,
-each one's cubin size and whether its ``tl.dot`` uses tensor cores (``mma``). Run by ``test_triton.py`` in a process
-without ``TRITON_INTERPRET``.
+cubin. Prints, as JSON on its last line, each one's cubin size and whether its ``tl.dot`` uses tensor cores
+(``mma``). Run by ``test_triton.py`` in a process without ``TRITON_INTERPRET``.
 """
 
 import json
@@ -30,11 +29,11 @@ def compile_all(arch: int) -> dict:
         constants = dict(
             HAS_RESIDUAL=has_residual,
             RELU=relu,
-            DOT_IN_MAP_DTYPE=dtype != 'fp32',
-            DOT_PRECISION='ieee',
-            BLOCK_M=128,
-            BLOCK_K=32,
-            BLOCK_C=128,
+            DOT_PRECISION='ieee' if dtype == 'fp32' else 'tf32',
+            BLOCK_H=16,
+            BLOCK_W=64,
+            BLOCK_Q=64,
+            BLOCK_C=32,
             **dict.fromkeys(ones, 1),
         )
         pointers = {'x_ptr': dtype, 'a_y_ptr': 'fp32', 'a_x_ptr': 'fp32', 'residual_ptr': dtype, 'out_ptr': dtype}
