@@ -6,7 +6,9 @@
 # 2. the sampling ops alone, Triton against PyTorch and against a copy of the map, bf16 and fp32 (gpu_sampling_*);
 # 3. eager inference and training step against the timm baselines: bf16 autocast, channels_last, batch 256,
 #    with peak memory (gpu_{inference,train}_eager);
-# 4. the same with torch.compile (gpu_{inference,train}_compile).
+# 4. the same with torch.compile (gpu_{inference,train}_compile);
+# 5. where the time goes (gpu_profile.py): wall vs device-busy time, launches and top kernels per step of
+#    SSB-ResNet-D-50 and resnet50d, eager and compiled inference, eager training step (gpu_profile_*).
 # MODELS (default: the four SSB models) narrows steps 3-4, e.g. MODELS="ssb_resnetd50 ssb_resnetd152";
 # PYTHON (default: python3) is the interpreter that has torch, timm and this package (or PYTHONPATH=src).
 set -euo pipefail
@@ -30,4 +32,11 @@ for mode in eager compile; do
         tee "$out/gpu_inference_$mode.txt"
     "$py" -m timm_ssb.cli bench "${common[@]}" "${flag[@]}" --train --json "$out/gpu_train_$mode.json" |
         tee "$out/gpu_train_$mode.txt"
+done
+for mode in eager compile train; do
+    flag=()
+    [ "$mode" = compile ] && flag=(--compile)
+    [ "$mode" = train ] && flag=(--train)
+    "$py" benchmarks/gpu_profile.py --models ssb_resnetd50 resnet50d "${flag[@]}" --json "$out/gpu_profile_$mode.json" |
+        tee "$out/gpu_profile_$mode.txt"
 done
