@@ -1,7 +1,7 @@
 """Compile the Triton sampling kernel for a GPU architecture without a GPU: ``python compile_triton_kernel.py 90``.
 
 Every specialisation the resampling's launcher makes (float32 with residual and ReLU; bfloat16 with sizes of 1,
-which Triton turns into constants; float16 with a unit channel stride), and the matrices' kernel, compiled to a
+which Triton turns into constants; float16 with a unit channel stride), and the matrices' kernels, compiled to a
 cubin. Prints, as JSON on its last line, each one's cubin size and whether its ``tl.dot`` uses tensor cores
 (``mma``). Run by ``test_triton.py`` in a process without ``TRITON_INTERPRET``.
 """
@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from timm_ssb.layers.native.triton_kernel import _separable_resample_kernel
-from timm_ssb.layers.native.triton_matrices import _axis_matrices_kernel
+from timm_ssb.layers.native.triton_matrices import _axis_matrices_kernel, _matrices_backward_kernel
 
 SPECIALISATIONS = {
     'fp32, residual, relu': ('fp32', True, True, ()),
@@ -44,18 +44,34 @@ def compile_all(arch: int) -> dict:
         source = ASTSource(fn=_separable_resample_kernel, signature=signature, constexprs=constants)
         compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32))
         results[name] = {'cubin_bytes': len(compiled.asm['cubin']), 'tensor_cores': 'mma' in compiled.asm['ptx']}
-    # The matrices' kernel (layer2 of a ResNet-D at 224 x 224: 28 -> 16); no matrix products, no tensor cores.
-    constants = dict(BLOCK_EXTENDED=128, BLOCK_ACROSS=32, BLOCK_LENGTH=32, BLOCK_SIZE=16)
-    floats = ('sigma_g', 'sigma_down', 'sigma_up')
-    signature = {
-        n: 'constexpr' if n in constants else 'fp32' if n in floats else '*fp32' if n.endswith('_ptr') else 'i32'
-        for n in _axis_matrices_kernel.arg_names
+    # The matrices' kernels, forward and backward (layer2 of a ResNet-D at 224 x 224: 28 -> 16); no matrix units.
+    matrices = {
+        'matrices': (_axis_matrices_kernel, dict(BLOCK_EXTENDED=128, BLOCK_ACROSS=32, BLOCK_LENGTH=32, BLOCK_SIZE=16)),
+        'matrices backward': (
+            _matrices_backward_kernel,
+            dict(
+                HAS_GRAD_DOWN_Y=True,
+                HAS_GRAD_DOWN_X=False,
+                HAS_GRAD_UP_Y=True,
+                HAS_GRAD_UP_X=True,
+                BLOCK_EXTENDED_Y=128,
+                BLOCK_EXTENDED_X=128,
+                BLOCK_H=32,
+                BLOCK_W=32,
+                BLOCK_SIZE=16,
+            ),
+        ),
     }
-    compiled = triton.compile(
-        ASTSource(fn=_axis_matrices_kernel, signature=signature, constexprs=constants),
-        target=GPUTarget('cuda', arch, 32),
-    )
-    results['matrices'] = {'cubin_bytes': len(compiled.asm['cubin']), 'tensor_cores': 'mma' in compiled.asm['ptx']}
+    floats = ('sigma_g', 'sigma_down', 'sigma_up')
+    for name, (kernel, constants) in matrices.items():
+        signature = {
+            n: 'constexpr' if n in constants else 'fp32' if n in floats else '*fp32' if n.endswith('_ptr') else 'i32'
+            for n in kernel.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget('cuda', arch, 32)
+        )
+        results[name] = {'cubin_bytes': len(compiled.asm['cubin']), 'tensor_cores': 'mma' in compiled.asm['ptx']}
     return results
 
 

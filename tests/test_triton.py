@@ -206,7 +206,7 @@ def test_kernel_compiles_for_gpus_without_one(arch):
     """The interpreter runs the kernel as Python and NumPy; the compiler type-checks it and lowers ``tl.dot`` for
     real. Compiled in a fresh process (the interpreter, once it has run, changes how ``triton.language``
     traces): every specialisation the resampling's launcher makes, to a cubin, tensor cores for 16-bit maps; and
-    the matrices' kernel."""
+    the matrices' kernels."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     script = Path(__file__).with_name('compile_triton_kernel.py')
     done = subprocess.run(
@@ -214,7 +214,7 @@ def test_kernel_compiles_for_gpus_without_one(arch):
     )
     assert done.returncode == 0, done.stderr
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 4
+    assert len(compiled) == 5
     for name, info in compiled.items():
         assert info['cubin_bytes'] > 0, name
         assert info['tensor_cores'] == (name.startswith('bf16') or name.startswith('fp16')), name
@@ -246,15 +246,50 @@ def test_matrices_kernel_samples_uniformly_under_constant_saliency():
         torch.testing.assert_close(g.cpu(), u, rtol=1e-6, atol=1e-6)
 
 
-def test_matrices_kernel_serves_only_where_no_gradient_is_needed(backend):
-    """It has no backward: logits that need a gradient take PyTorch's ops, as do maps too large for it."""
+@pytest.mark.parametrize('shape', MATRIX_SHAPES)
+def test_matrices_kernel_gradient_matches_the_reference(shape, backend):
+    """The logits' gradient from random gradients of all four matrices, and of some of them (``None`` for the
+    others, as autograd passes them), against autograd through PyTorch's ops."""
+    batch_size, height, width, size = shape
+    logits = torch.randn(batch_size, height, width) * 3
+    args = (size, 0.18, 0.5 / size, 0.5 / size)
+    backend('reference')
+    reference_logits = logits.clone().requires_grad_()
+    expected = adaptive_matrices(reference_logits[:, None], *args)
+    grads = [torch.randn_like(m) for m in expected]
+    for chosen in ((0, 1, 2, 3), (0, 3), (2,)):
+        (want,) = torch.autograd.grad(
+            [expected[k] for k in chosen], reference_logits, [grads[k] for k in chosen], retain_graph=True
+        )
+        got = native.adaptive_matrices_triton_backward(
+            on_device(logits), *[on_device(grads[k]) if k in chosen else None for k in range(4)], *args
+        )
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_matrices_kernel_autograd_and_opcheck(backend):
+    """Autograd reaches the backward kernel (the saliency conv learns on a GPU through it), and ``torch.library``'s
+    checks of schema, fake tensor and autograd registration pass."""
     backend('triton')
-    logits = on_device(torch.randn(2, 1, 14, 14))
+    logits = on_device(torch.randn(2, 1, 14, 14) * 3).requires_grad_()
     assert native.native_matrices_op(logits) is native.adaptive_matrices_triton
-    logits.requires_grad_()
-    assert native.native_matrices_op(logits) is None
-    with torch.no_grad():
-        assert native.native_matrices_op(logits) is native.adaptive_matrices_triton
+    matrices = adaptive_matrices(logits, 8, 0.18, 0.5 / 8, 0.5 / 8)
+    (grad,) = torch.autograd.grad(sum(m.square().sum() for m in matrices), logits)
+    backend('reference')
+    reference_logits = logits.detach().clone().requires_grad_()
+    expected = adaptive_matrices(reference_logits, 8, 0.18, 0.5 / 8, 0.5 / 8)
+    (want,) = torch.autograd.grad(sum(m.square().sum() for m in expected), reference_logits)
+    torch.testing.assert_close(grad.cpu(), want.cpu(), rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.library.opcheck(
+        native.adaptive_matrices_triton,
+        (logits.detach().reshape(2, 14, 14).contiguous().requires_grad_(), 8, 0.18, 0.1, 0.1),
+    )
+
+
+def test_matrices_kernel_serves_maps_that_fit(backend):
+    """Maps too large for one program per axis take PyTorch's ops."""
+    backend('triton')
+    assert native.native_matrices_op(on_device(torch.randn(2, 1, 14, 14))) is native.adaptive_matrices_triton
     assert native.native_matrices_op(on_device(torch.zeros(1, 1, 129, 129))) is None
 
 
@@ -267,7 +302,8 @@ def test_matrices_kernel_bad_inputs_are_clear_errors():
 
 
 def test_whole_model_inference_on_the_triton_kernels_matches_the_reference_backend(backend, monkeypatch, no_tf32):
-    """A live model under ``torch.no_grad()``: both Triton kernels (matrices and resampling) serve every SSB block."""
+    """A live model's inference: both Triton kernels (matrices and resampling) serve every SSB block. (Training:
+    the whole-model test above, with gradients.)"""
     torch.manual_seed(0)
     model = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1)))
     model = model.to(DEVICE).to(memory_format=torch.channels_last).eval()

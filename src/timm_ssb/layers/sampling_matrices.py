@@ -240,7 +240,7 @@ def adaptive_matrices(
 
     Where both sides are resampled and the sampling backend allows it, one native op builds the four matrices
     (:mod:`.native.matrices`): on the CPU in C++ (the same maths in double precision, its backward one more call),
-    on a GPU in Triton where no gradient is needed (float32); else, and for export, tracing and TorchScript, the
+    on a GPU in Triton (float32; its backward one more launch); else, and for export, tracing and TorchScript, the
     tensor ops below (the reference).
     """
     lengths = [saliency_logits.shape[-2], saliency_logits.shape[-1]]
@@ -280,7 +280,7 @@ def _native_uniform_matrices(
 ) -> Optional[List[torch.Tensor]]:
     """:func:`uniform_matrices` by the native op (constant saliency), or ``None`` where there is none."""
     constant = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device, dtype=torch.float32)
-    op = native_matrices_op(constant)  # the constant needs no gradient, even where x does
+    op = native_matrices_op(constant)
     if op is None:
         return None
     return list(op(constant, size, 1.0, sigma_down, sigma_up))

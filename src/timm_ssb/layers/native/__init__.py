@@ -5,8 +5,8 @@ Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
   (:mod:`.build`) for float32/bfloat16 CPU maps, the Triton kernel (:mod:`.triton_kernel`) for
   float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning and PyTorch from then on.
-  The adaptive sampler's matrices are built by a native op too (:mod:`.matrices`): C++ on the CPU; Triton on
-  CUDA where no gradient is needed (inference), PyTorch's ops where one is;
+  The adaptive sampler's matrices are built by a native op too (:mod:`.matrices`): C++ on the CPU, Triton on
+  CUDA;
 * ``'native'``: the same, but a kernel that cannot be built or loaded is an error;
 * ``'triton'``: the Triton kernel on every device: CUDA, and CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1``; slow, for testing the GPU kernel without a GPU); an error where it cannot run;
@@ -25,7 +25,12 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .build import cache_dir, cpu_library_error, load_cpu_library
-from .matrices import adaptive_matrices, adaptive_matrices_triton, triton_matrices_fit
+from .matrices import (
+    adaptive_matrices,
+    adaptive_matrices_triton,
+    adaptive_matrices_triton_backward,
+    triton_matrices_fit,
+)
 from .ops import (
     TRITON_KERNEL_DTYPES,
     load_triton_kernels,
@@ -44,6 +49,7 @@ __all__ = [
     'native_matrices_op',
     'adaptive_matrices',
     'adaptive_matrices_triton',
+    'adaptive_matrices_triton_backward',
     'separable_resample',
     'separable_resample_backward',
     'separable_resample_saliency',
@@ -121,13 +127,10 @@ def native_op(x: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
 def native_matrices_op(logits: torch.Tensor) -> Optional[Callable[..., Tuple[torch.Tensor, ...]]]:
     """The native op that builds the adaptive sampler's matrices from ``(B, [1,] H, W)`` ``logits`` under the chosen
     backend, or ``None`` for PyTorch's ops: the C++ one for CPU logits; the Triton one for CUDA logits (any logits
-    under backend ``'triton'``) where no gradient is needed, as it has no backward, and the map is not too large
-    for it."""
+    under backend ``'triton'``) where the map is not too large for it."""
     if logits.device.type == 'cpu' and not _triton_everywhere() and _native_cpu_ready():
         return adaptive_matrices
     if logits.device.type != 'cuda' and not _triton_everywhere():
-        return None
-    if torch.is_grad_enabled() and logits.requires_grad:
         return None
     if _triton_ready() and triton_matrices_fit(logits.shape[-2], logits.shape[-1]):
         return adaptive_matrices_triton

@@ -7,9 +7,8 @@ with the resampling kernel by :mod:`.build`) instead of about a hundred small te
 (some 0.7-1 ms per block on a 2-core CPU) was most of what building the matrices took; its backward is one more
 call, instead of as many small ops again. float32 and float64 logits; the matrices come out in their dtype.
 
-``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton_matrices`, two launches
-instead of about 140 ops, whose launches set an eager GPU model's pace), without a backward: the sampler takes it
-only where no gradient is needed (inference), and PyTorch's ops otherwise.
+``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton_matrices`: two launches
+instead of about 140 ops, whose launches set an eager GPU model's pace), its backward one more launch.
 """
 
 from typing import Optional, Tuple
@@ -20,7 +19,13 @@ from torch import Tensor
 from .build import load_cpu_library
 from .ops import _triton_state, load_triton_kernels, triton_error
 
-__all__ = ['adaptive_matrices', 'adaptive_matrices_backward', 'adaptive_matrices_triton', 'triton_matrices_fit']
+__all__ = [
+    'adaptive_matrices',
+    'adaptive_matrices_backward',
+    'adaptive_matrices_triton',
+    'adaptive_matrices_triton_backward',
+    'triton_matrices_fit',
+]
 
 
 def _library() -> None:
@@ -90,24 +95,63 @@ def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
 adaptive_matrices.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op('timm_ssb::adaptive_matrices_triton', mutates_args=())
-def adaptive_matrices_triton(
-    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`adaptive_matrices` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
-    W)`` that :func:`triton_matrices_fit`; on CUDA, or on CPU tensors under Triton's interpreter. No backward."""
+def _triton_matrices_module():
     if not load_triton_kernels():
         raise RuntimeError(f'timm_ssb: the Triton sampling kernels are not available ({triton_error()})')
+    return _triton_state['matrices_module']
+
+
+def _check_triton_logits(logits: Tensor, size: int) -> None:
     if logits.device.type == 'cpu' and not _triton_state['module'].INTERPRETED:
         raise RuntimeError("timm_ssb: the Triton matrices kernel runs CPU tensors only under Triton's interpreter")
     if logits.dtype != torch.float32 or logits.dim() != 3 or not logits.is_contiguous():
         raise ValueError(f'logits must be contiguous float32 (B, H, W); got {logits.dtype} {list(logits.shape)}')
     if not 0 < size < min(logits.shape[1:]):
         raise ValueError(f'size must be in (0, {min(logits.shape[1:])}) for logits of shape {list(logits.shape)}')
-    return _triton_state['matrices_module'].adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+
+
+@torch.library.custom_op('timm_ssb::adaptive_matrices_triton', mutates_args=())
+def adaptive_matrices_triton(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`adaptive_matrices` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
+    W)`` that :func:`triton_matrices_fit`; on CUDA, or on CPU tensors under Triton's interpreter."""
+    module = _triton_matrices_module()
+    _check_triton_logits(logits, size)
+    return module.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+
+
+@torch.library.custom_op('timm_ssb::adaptive_matrices_triton_backward', mutates_args=())
+def adaptive_matrices_triton_backward(
+    logits: Tensor,
+    grad_down_y: Optional[Tensor],
+    grad_down_x: Optional[Tensor],
+    grad_up_y: Optional[Tensor],
+    grad_up_x: Optional[Tensor],
+    size: int,
+    sigma_g: float,
+    sigma_down: float,
+    sigma_up: float,
+) -> Tensor:
+    """The logits' gradient from the matrices' (``None``: zero), in one Triton launch that recomputes the
+    forward."""
+    module = _triton_matrices_module()
+    _check_triton_logits(logits, size)
+    grads = (grad_down_y, grad_down_x, grad_up_y, grad_up_x)
+    return module.adaptive_matrices_backward(logits, grads, size, sigma_g, sigma_down, sigma_up)
 
 
 adaptive_matrices_triton.register_fake(_adaptive_matrices_fake)
+adaptive_matrices_triton_backward.register_fake(_adaptive_matrices_backward_fake)
+
+
+def _triton_backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
+    (logits,) = ctx.saved_tensors
+    grad = adaptive_matrices_triton_backward(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
+    return grad, None, None, None, None
+
+
+adaptive_matrices_triton.register_autograd(_triton_backward, setup_context=_setup_context)
 
 
 def triton_matrices_fit(height: int, width: int) -> bool:
