@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import timm
 import torch
 
-from timm_ssb.benchmark import BenchSettings, run_benchmark
+from timm_ssb.benchmark import BenchSettings, run_benchmark, stage_times
 from timm_ssb.cli import main
 
 
@@ -35,6 +36,23 @@ def test_benchmark_stage_times(capsys):
     assert set(result.stages_ms) == {'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'}
     assert all(v > 0 for v in result.baseline_stages_ms.values())
     assert 'inference ms per part' in capsys.readouterr().out
+
+
+def test_stage_times_run_under_the_benchmark_s_autocast_and_compile(monkeypatch):
+    """With ``--amp`` the parts run under autocast and with ``--compile`` each is compiled on its own, as the
+    whole-model timings are; else eager and in fp32."""
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda module: compiled.append(module) or module)
+    model = timm.create_model('resnet10t', num_classes=3)
+    seen = []
+    model.layer2.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled('cpu')))
+    x = torch.randn(1, 3, 32, 32)
+    times = stage_times(model, x, rounds=1, amp_dtype=torch.bfloat16, compile=True)
+    assert set(times) == {'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'} and seen == [True, True]
+    assert len(compiled) == 6 and compiled[2] is model.layer2
+    seen.clear()
+    stage_times(model, x, rounds=1)
+    assert seen == [False, False] and len(compiled) == 6
 
 
 def test_bench_cli_rejects_bad_arguments():

@@ -253,16 +253,25 @@ def model_parts(model: nn.Module, blocks: bool = False) -> List[Tuple[str, Calla
     return parts + [('head', model.forward_head)]
 
 
-def stage_times(model: nn.Module, x: torch.Tensor, rounds: int = 5) -> Dict[str, float]:
+def stage_times(
+    model: nn.Module,
+    x: torch.Tensor,
+    rounds: int = 5,
+    amp_dtype: Optional[torch.dtype] = None,
+    compile: bool = False,
+) -> Dict[str, float]:
     """Median inference milliseconds of each part of a timm ResNet: stem, layer1-4, head.
 
     Shows where time goes: the stem and layer1 are identical in an SSB model and its baseline, so
-    they bound how much faster the SSB model can be, whatever its GMACs.
+    they bound how much faster the SSB model can be, whatever its GMACs. Under autocast to ``amp_dtype`` if
+    given; with ``compile``, each part compiled on its own (``torch.compile``; inductor then cannot fuse across
+    the parts' boundaries, as it can in a whole compiled model), the first round, which compiles, discarded.
     """
-    parts = model_parts(model)
+    parts = [(name, torch.compile(part) if compile else part) for name, part in model_parts(model)]
     times: Dict[str, List[float]] = {p: [] for p, _ in parts}
     model.eval()
-    with torch.inference_mode():
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    with torch.inference_mode(), autocast:
         for _ in range(rounds + 1):
             t = x
             for name, part in parts:
@@ -319,7 +328,10 @@ def benchmark_pair(name: str, settings: BenchSettings, baseline: Optional[str] =
             if before is not None and after is not None:
                 faults[n].append((after - before) / settings.iters)
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
-    stages = {n: stage_times(m, x, settings.rounds) for n, m in models.items()} if settings.stages else {}
+    amp_dtype = getattr(torch, settings.amp_dtype) if settings.amp_dtype else None
+    stages = {}
+    if settings.stages:
+        stages = {n: stage_times(m, x, settings.rounds, amp_dtype, settings.compile) for n, m in models.items()}
     return BenchResult(
         model=name,
         baseline=baseline,
@@ -391,7 +403,8 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
             + ', '.join(f'{r.model} {r.page_faults:.0f} / {r.baseline_page_faults:.0f}' for r in results)
         )
     if settings.stages:
-        lines.append('inference ms per part (SSB / baseline):')
+        each = ', each part compiled on its own' if settings.compile else ''
+        lines.append(f'inference ms per part (SSB / baseline{each}):')
         lines.append(f'{"model":<16} ' + ' '.join(f'{p:>15}' for p in STAGES))
         for r in results:
             cells = [f'{r.stages_ms[p]:.1f} / {r.baseline_stages_ms[p]:.1f}' for p in STAGES]

@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--rounds', type=_positive_int, default=7, help='interleaved rounds (median is reported)')
     bench.add_argument('--iters', type=_positive_int, default=2, help='steps per model per round')
     bench.add_argument('--warmup', type=_positive_int, default=2, help='untimed steps per model first')
-    bench.add_argument('--stages', action='store_true', help='also time stem, layer1-4 and head (inference)')
+    bench.add_argument(
+        '--stages',
+        action='store_true',
+        help='also time stem, layer1-4 and head (inference; with --compile, each part compiled on its own)',
+    )
     bench.add_argument('--json', default=None, metavar='PATH', help='also write the results and settings here')
     bench.set_defaults(func=_cmd_bench)
 
