@@ -1,10 +1,10 @@
 """What passing the saliency logits between SSB blocks saves in inference.
 
-For each model (live saliency convs, so the samplers do not sample uniformly), this times a batch's eager forward
-under ``torch.inference_mode()`` with the SSB stages as :class:`~timm_ssb.models.ssb_resnet.SSBStage` (each SSB
-block computes the next block's 1x1 saliency conv in its way back up) and as plain ``nn.Sequential`` (every block
-runs its own saliency conv), switching between the two in one process, in interleaved rounds; the table gives the
-median of each and their ratio.
+For each model (live saliency convs, so the samplers do not sample uniformly), this times a batch's forward
+(eager, or with ``--compile`` compiled) under ``torch.inference_mode()`` with the SSB stages as
+:class:`~timm_ssb.models.ssb_resnet.SSBStage` (each SSB block computes the next block's 1x1 saliency conv in its
+way back up) and as plain ``nn.Sequential`` (every block runs its own saliency conv), switching between the two in
+one process, in interleaved rounds; the table gives the median of each and their ratio.
 
 Usage:
 
@@ -29,7 +29,7 @@ def set_stage_class(model: nn.Module, stage_class: type) -> None:
         getattr(model, name).__class__ = stage_class
 
 
-def time_model(name: str, batch_size: int, rounds: int) -> Dict[str, object]:
+def time_model(name: str, batch_size: int, rounds: int, compile: bool = False) -> Dict[str, object]:
     torch.manual_seed(0)
     model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
     for module in model.modules():
@@ -38,15 +38,17 @@ def time_model(name: str, batch_size: int, rounds: int) -> Dict[str, object]:
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     times: Dict[str, List[float]] = {'passing': [], 'plain': []}
     classes = {'passing': SSBStage, 'plain': nn.Sequential}
+    run = torch.compile(model) if compile else model  # one compiled graph per stage class, both kept
     with torch.inference_mode():
-        for kind in times:  # warm-up
+        for kind in times:  # warm-up (and, with compile, compiling)
             set_stage_class(model, classes[kind])
-            model(x)
+            run(x)
+            run(x)
         for i in range(rounds):
             for kind in ('passing', 'plain') if i % 2 == 0 else ('plain', 'passing'):
                 set_stage_class(model, classes[kind])
                 start = time.perf_counter()
-                model(x)
+                run(x)
                 times[kind].append(time.perf_counter() - start)
     set_stage_class(model, SSBStage)
     passing, plain = (statistics.median(times[k]) * 1e3 for k in ('passing', 'plain'))
@@ -59,17 +61,19 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--rounds', type=int, default=8)
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (inductor, default mode)')
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     for flag in ('batch_size', 'threads', 'rounds'):
         if getattr(args, flag) <= 0:
             parser.error(f'--{flag.replace("_", "-")} must be positive')
     torch.set_num_threads(args.threads)
-    rows = [time_model(name, args.batch_size, args.rounds) for name in args.models]
+    rows = [time_model(name, args.batch_size, args.rounds, args.compile) for name in args.models]
     machine = machine_info('cpu')
     lines = [
         f'saliency logits passed between SSB blocks, inference on cpu ({machine["processor"]}), batch '
-        f'{args.batch_size}, 224x224, fp32, channels_last, {args.threads} threads, median of {args.rounds} '
+        f'{args.batch_size}, 224x224, fp32, channels_last, {"torch.compile" if args.compile else "eager"}, '
+        f'{args.threads} threads, median of {args.rounds} '
         f'interleaved rounds; sampling backend: {machine["sampling_backend"]}',
         f'{"model":<16} {"passing ms":>10} {"plain ms":>9} {"speedup":>8}',
     ]

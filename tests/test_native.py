@@ -529,6 +529,24 @@ def test_stages_run_blocks_one_by_one_where_passing_does_not_apply(monkeypatch, 
         assert passes == []
 
 
+def test_compiled_inference_passes_the_saliency_logits_too():
+    """``torch.compile(fullgraph=True)`` keeps the fused saliency op in its one graph (7 blocks pass logits, as in
+    eager), and the output equals eager's."""
+    model = live_ssb_resnetd50()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        expected = model(X_96)
+        out = torch.compile(model, backend=backend, fullgraph=True)(X_96)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert len(graphs) == 1 and targets.count('timm_ssb.separable_resample_saliency.default') == 7
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_saliency_pass_is_refused_where_autograd_needs_a_backward():
     from timm_ssb.layers.sampling_matrices import resample_residual_saliency
 

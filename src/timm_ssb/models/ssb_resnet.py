@@ -235,11 +235,12 @@ def _saliency_to_fuse(block: nn.Module) -> Optional[nn.Conv2d]:
 
 
 class SSBStage(nn.Sequential):
-    """A stage of blocks: timm's ``nn.Sequential``, except that in eager inference (autograd off) each SSB block
-    whose next block is an adaptive SSB block with a 1x1 saliency conv computes that conv of its output in its way
-    back up (:func:`~timm_ssb.layers.sampling_matrices.resample_residual_saliency`), while each output pixel is
-    in cache, sparing the next block a read of the whole map. Elsewhere (training, TorchScript, FX, export,
-    ``torch.compile``, blocks or samplers with hooks) it runs its blocks one after the other, as ``nn.Sequential``.
+    """A stage of blocks: timm's ``nn.Sequential``, except that in inference on the CPU (autograd off; eager or
+    ``torch.compile``) each SSB block whose next block is an adaptive SSB block with a 1x1 saliency conv computes
+    that conv of its output in its way back up (:func:`~timm_ssb.layers.sampling_matrices.resample_residual_saliency`),
+    while each output pixel is in cache, sparing the next block a read of the whole map. Elsewhere (training,
+    TorchScript, FX, export, blocks or samplers with hooks) it runs its blocks one after the other, as
+    ``nn.Sequential``.
     The fused logits equal the conv's up to float32 rounding (another order of the sum over channels).
     """
 
@@ -256,7 +257,7 @@ class SSBStage(nn.Sequential):
             not torch.is_grad_enabled()
             and type(x) is torch.Tensor
             and x.device.type == 'cpu'
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
             and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
             and not torch.jit.is_tracing()
             and not torch.nn.modules.module._global_forward_hooks
