@@ -6,7 +6,9 @@ autocast, channels-last, batch 256 by default), then profiles a few steps and re
 * the wall time (synchronised) and the device's busy time (the sum of its kernels' and copies' times): a wall time
   well above the busy time means the host, launching one kernel after another, sets the pace, not the device;
 * the number of kernels launched;
-* the kernels that take the most device time.
+* the kernels that take the most device time;
+* with ``--shapes``, the operators (and their input shapes) whose kernels take the most device time: which op a
+  kernel serves, e.g. in a compiled graph.
 
 On the CPU (for testing the script) the profiler records CPU operators instead of kernels.
 
@@ -63,7 +65,7 @@ def profile_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
     wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
 
     activity = ProfilerActivity.CUDA if device.type == 'cuda' else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    with profile(activities=[activity], record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step()
         synchronize()
@@ -75,6 +77,25 @@ def profile_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
         busy = [e.self_cpu_time_total for e in events]
     order = sorted(range(len(events)), key=lambda i: busy[i], reverse=True)
     total_us = sum(busy)
+    operators = []
+    if args.shapes:  # the operators by the time of the kernels they launched (on the CPU: their own time)
+        by_shape = [
+            e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(('aten::', 'timm_ssb::'))
+        ]
+
+        def spent(e) -> float:
+            return e.device_time_total if device.type == 'cuda' else e.cpu_time_total
+
+        by_shape.sort(key=spent, reverse=True)
+        operators = [
+            {
+                'name': e.key,
+                'shapes': str(e.input_shapes),
+                'ms': spent(e) / 1e3 / args.steps,
+                'calls': e.count / args.steps,
+            }
+            for e in by_shape[: args.top]
+        ]
     return {
         'model': name,
         'wall_ms': wall_ms,
@@ -89,6 +110,7 @@ def profile_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
             }
             for i in order[: args.top]
         ],
+        'operators': operators,
     }
 
 
@@ -104,6 +126,9 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=4)
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--top', type=int, default=15, help='kernels listed per model')
+    parser.add_argument(
+        '--shapes', action='store_true', help='also list the top operators by input shapes (which op a kernel serves)'
+    )
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     for option in ('batch_size', 'img_size', 'steps', 'top'):
@@ -126,6 +151,10 @@ def main() -> None:
             lines.append(
                 f'  {kernel["ms"]:8.3f} ms {kernel["share"]:6.1%} {kernel["calls"]:6.0f}x  {kernel["name"][:90]}'
             )
+        if row['operators']:
+            lines.append('  operators by the time of their kernels (input shapes):')
+        for op in row['operators']:
+            lines.append(f'  {op["ms"]:8.3f} ms {op["calls"]:6.0f}x  {op["name"]} {op["shapes"][:120]}')
     report('\n'.join(lines), args.json, {'settings': vars(args), 'machine': machine_info(args.device), 'results': rows})
 
 

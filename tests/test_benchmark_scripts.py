@@ -111,9 +111,13 @@ def test_gpu_profile_writes_table_and_json(tmp_path):
     """On the CPU (the profiler then records operators, not kernels): a row per model with its top entries."""
     path = tmp_path / 'profile.json'
     args = ['--device', 'cpu', '--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '64']
-    out = run_script('gpu_profile.py', *args, '--warmup', '0', '--steps', '1', '--top', '3', '--json', str(path))
-    assert 'ssb_resnetd26:' in out and 'launches per step' in out
+    out = run_script(
+        'gpu_profile.py', *args, '--warmup', '0', '--steps', '1', '--top', '3', '--shapes', '--json', str(path)
+    )
+    assert 'ssb_resnetd26:' in out and 'launches per step' in out and '(input shapes)' in out
     (row,) = json.loads(path.read_text())['results']
     assert row['wall_ms'] > 0 and row['busy_ms'] > 0 and row['launches'] >= len(row['top']) == 3
     assert sum(k['ms'] for k in row['top']) <= row['busy_ms'] + 1e-9
     assert row['top'][0]['ms'] >= row['top'][-1]['ms']
+    assert len(row['operators']) == 3 and row['operators'][0]['ms'] >= row['operators'][-1]['ms'] > 0
+    assert all(op['shapes'].startswith('[') for op in row['operators'])
