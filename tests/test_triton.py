@@ -286,6 +286,28 @@ def test_matrices_kernel_autograd_and_opcheck(backend):
     )
 
 
+@pytest.mark.filterwarnings('ignore:All-NaN slice:RuntimeWarning', 'ignore:invalid value:RuntimeWarning')
+def test_matrices_kernel_passes_nan_and_inf_on_like_the_reference(backend):
+    """A NaN or +inf logit makes a sample's matrices and gradient all NaN, as in PyTorch (its log-softmax is NaN);
+    a -inf logit is a saliency of zero, and the other samples are untouched. (The interpreter's NumPy warns of the
+    NaNs it computes with; a GPU does not.)"""
+    logits = torch.randn(4, 14, 14)
+    logits[0, 3, 4], logits[1, 0, 0], logits[2, 5, 5] = float('nan'), float('inf'), float('-inf')
+    args = (8, 0.18, 1 / 16, 1 / 16)
+    backend('reference')
+    reference_logits = logits.clone().requires_grad_()
+    expected = adaptive_matrices(reference_logits[:, None], *args)
+    grads = [torch.randn_like(m) for m in expected]  # (all ones would give a zero gradient: rows sum to one)
+    (want,) = torch.autograd.grad(expected, reference_logits, grads)
+    got = native.adaptive_matrices_triton(on_device(logits), *args)
+    grad = native.adaptive_matrices_triton_backward(on_device(logits), *map(on_device, grads), *args).cpu()
+    for e, g in zip(expected, got, strict=True):
+        assert e[:2].isnan().all() and g[:2].isnan().all()
+        torch.testing.assert_close(g[2:].cpu(), e[2:], rtol=1e-5, atol=1e-5)
+    assert want[:2].isnan().all() and grad[:2].isnan().all()
+    torch.testing.assert_close(grad[2:], want[2:], rtol=1e-4, atol=1e-5 * want[2:].abs().max().item())
+
+
 def test_matrices_kernel_serves_maps_that_fit(backend):
     """Maps too large for one program per axis take PyTorch's ops."""
     backend('triton')

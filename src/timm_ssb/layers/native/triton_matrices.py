@@ -65,6 +65,9 @@ def _axis_positions(
     mask = j_in[:, None] & (ks < across)[None, :]
     values = tl.load(logits + rows[:, None] * stride_along + ks[None, :] * stride_across, mask=mask, other=0.0)
     values = tl.where(mask, values, float('-inf'))
+    # A NaN or +inf logit makes the reference's log-softmax NaN for the whole sample: so its matrices here.
+    not_finite = mask & ((values != values) | (values == float('inf')))
+    poisoned = tl.sum(tl.sum(not_finite.to(tl.int32), axis=1), axis=0) > 0
     # The log marginal along the axis less its largest, as the reference has it (logsumexp across; the
     # log-softmax's normaliser, which the reference subtracts first, cancels in that difference).
     row_peak = tl.max(values, axis=1)
@@ -82,8 +85,9 @@ def _axis_positions(
     weights = _tailless_softmax(log_marginal[None, :] + kernel, 1, POSITIONS_CUT)
     uniform_weights = _tailless_softmax(kernel, 1, POSITIONS_CUT)
     shift = tl.sum(tl.where(j_in[None, :], (weights - uniform_weights) * extended[None, :], 0.0), axis=1)
-    unclamped = targets + shift
-    return weights, extended, unclamped, tl.minimum(tl.maximum(unclamped, 0.0), 1.0)
+    unclamped = tl.where(poisoned, float('nan'), targets + shift)
+    positions = tl.where(poisoned, float('nan'), tl.minimum(tl.maximum(unclamped, 0.0), 1.0))  # (min/max drop NaN)
+    return weights, extended, unclamped, positions
 
 
 @triton.jit
