@@ -9,13 +9,15 @@ sampling backend (``triton``: the fused kernel; ``reference``: PyTorch's batched
 * ``resample_residual``: a result back up, plus the residual, then a ReLU (the floor: reading the residual
   and writing the output once, a copy's traffic);
 * both of them forward and backward (gradients of the map, the sampled map and the residual);
+* the adaptive sampler's four matrices from the saliency logits (``triton``: one kernel per axis, its backward
+  one more; ``reference``: about 140 small ops each way), forward, and forward and backward;
 
 and, as the floor, a copy of the full-resolution map (``Tensor.copy_``: one read, one write), timed on the same
 GPU: the down-sampling cannot take less than half of it, the way back not less than all of it.
 
 Usage (a CUDA GPU):
 
-    python benchmarks/gpu_sampling.py --amp bfloat16 --json benchmarks/results/gpu_sampling_bf16.json
+    python benchmarks/gpu_sampling.py --dtype bfloat16 --json benchmarks/results/gpu_sampling_bfloat16.json
 """
 
 import argparse
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List
 import torch
 
 from timm_ssb.benchmark import machine_info, report
-from timm_ssb.layers import resample, resample_residual, uniform_matrices
+from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
 
@@ -67,6 +69,8 @@ def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Na
     with torch.no_grad():
         row['saliency_ms'] = median_ms(lambda: saliency(x), args.repeats)
         z = resample(x, down_y, down_x)
+        logits = saliency(x).float()  # a randomly initialised conv's: not the uniform sampler's constant logits
+    logits_grad = logits.detach().requires_grad_()
     x_grad = x.detach().requires_grad_()
     for backend in BACKENDS:
         set_sampling_backend(backend)
@@ -79,24 +83,36 @@ def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Na
             resample_residual(z, up_y, up_x, x_grad, True).sum().backward()
 
         row[f'{backend}_forward_backward_ms'] = median_ms(forward_backward, args.repeats)
+
+        def matrices_forward_backward() -> None:
+            matrices = adaptive_matrices(logits_grad, size, 0.18, 0.5 / size, 0.5 / size)
+            sum(m.sum() for m in matrices).backward()
+
+        with torch.no_grad():
+            row[f'{backend}_matrices_ms'] = median_ms(
+                lambda: adaptive_matrices(logits, size, 0.18, 0.5 / size, 0.5 / size), args.repeats
+            )
+        row[f'{backend}_matrices_forward_backward_ms'] = median_ms(matrices_forward_backward, args.repeats)
     return row
 
 
 def format_rows(rows: List[Dict[str, object]]) -> str:
     header = f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"map MB":>7} {"copy ms":>8} {"saliency":>9} ' + ' '.join(
-        f'{f"{b} down":>12} {f"{b} up":>10} {f"{b} f+b":>11}' for b in BACKENDS
+        f'{f"{b} down":>12} {f"{b} up":>10} {f"{b} f+b":>11} {f"{b} mat":>11} {f"{b} mat f+b":>15}' for b in BACKENDS
     )
     lines = [header, '-' * len(header)]
     for r in rows:
         cells = ' '.join(
-            f'{r[f"{b}_down_ms"]:>12.3f} {r[f"{b}_up_ms"]:>10.3f} {r[f"{b}_forward_backward_ms"]:>11.3f}'
+            f'{r[f"{b}_down_ms"]:>12.3f} {r[f"{b}_up_ms"]:>10.3f} {r[f"{b}_forward_backward_ms"]:>11.3f} '
+            f'{r[f"{b}_matrices_ms"]:>11.3f} {r[f"{b}_matrices_forward_backward_ms"]:>15.3f}'
             for b in BACKENDS
         )
         lines.append(
             f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["map_mb"]:>7.1f} '
             f'{r["copy_ms"]:>8.3f} {r["saliency_ms"]:>9.3f} {cells}'
         )
-    lines.append('ms, median; floors: down >= copy / 2 (one read of the map), up >= copy (one read, one write)')
+    lines.append('ms, median; floors: down >= copy / 2 (one read of the map), up >= copy (one read, one write);')
+    lines.append('mat: the adaptive matrices from the saliency logits, forward (no grad) and forward + backward')
     return '\n'.join(lines)
 
 

@@ -3,7 +3,8 @@
 #     bash benchmarks/run_gpu.sh [OUT_DIR]          (default OUT_DIR: benchmarks/results)
 # In order of what matters if time runs out, each step writing its files as it finishes:
 # 1. the Triton kernels' tests and the CUDA model tests (no host syncs, CUDA-graph capture), natively (gpu_tests.txt);
-# 2. the sampling ops alone, Triton against PyTorch and against a copy of the map, bf16 (gpu_sampling_bfloat16);
+# 2. the sampling ops alone (resampling and the adaptive matrices), Triton against PyTorch and against a copy of
+#    the map, bf16 (gpu_sampling_bfloat16);
 # 3. eager inference (with each part's time) and training step against the timm baselines: bf16 autocast,
 #    channels_last, batch 256, with peak memory (gpu_{inference,train}_eager);
 # 4. where the time goes (gpu_profile.py): wall vs device-busy time, launches, top kernels and the operators

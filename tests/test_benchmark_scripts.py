@@ -86,7 +86,8 @@ def test_gpu_sampling_writes_table_and_json(tmp_path):
     assert 'triton down' in out and 'reference f+b' in out
     rows = json.loads(path.read_text())['results']
     assert [r['stage'] for r in rows] == ['layer2', 'layer3', 'layer4']
-    assert all(r[f'{b}_{op}_ms'] > 0 for r in rows for b in ('triton', 'reference') for op in ('down', 'up'))
+    ops = ('down', 'up', 'forward_backward', 'matrices', 'matrices_forward_backward')
+    assert all(r[f'{b}_{op}_ms'] > 0 for r in rows for b in ('triton', 'reference') for op in ops)
 
 
 def test_subnormal_products_counts_subnormals_and_records_the_run(tmp_path):
