@@ -37,11 +37,7 @@ def profile_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
     forward = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    amp = (
-        torch.autocast(device.type, getattr(torch, args.amp))
-        if args.amp
-        else torch.autocast(device.type, enabled=False)
-    )
+    amp = torch.autocast(device.type, getattr(torch, args.amp))
 
     def step() -> None:
         with amp, torch.set_grad_enabled(args.train):
@@ -136,6 +132,10 @@ def main() -> None:
             parser.error(f'--{option.replace("_", "-")} must be positive')
     if args.warmup < 0:
         parser.error('--warmup must be zero or more')
+    if args.device not in ('cpu', 'cuda') and not args.device.startswith('cuda:'):
+        parser.error(f'--device must be cpu or cuda[:N]; got {args.device!r}')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error('--device cuda needs a CUDA GPU (none here); --device cpu profiles CPU operators')
 
     rows: List[Dict[str, object]] = []
     mode = f'{"training step" if args.train else "inference"}, {"compiled" if args.compile else "eager"}'

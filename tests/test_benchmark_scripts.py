@@ -108,6 +108,21 @@ def test_subnormal_products_counts_subnormals_and_records_the_run(tmp_path):
     assert bad.returncode == 2 and '--rounds must be a positive int' in bad.stderr
 
 
+def test_gpu_profile_checks_its_arguments():
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(BENCHMARKS / 'gpu_profile.py'), *args], capture_output=True, text=True
+        )
+
+    result = run('--steps', '0')
+    assert result.returncode == 2 and '--steps must be positive' in result.stderr
+    result = run('--device', 'tpu')
+    assert result.returncode == 2 and "--device must be cpu or cuda[:N]; got 'tpu'" in result.stderr
+    if not torch.cuda.is_available():
+        result = run('--device', 'cuda')
+        assert result.returncode == 2 and '--device cuda needs a CUDA GPU' in result.stderr
+
+
 def test_gpu_profile_writes_table_and_json(tmp_path):
     """On the CPU (the profiler then records operators, not kernels): a row per model with its top entries."""
     path = tmp_path / 'profile.json'

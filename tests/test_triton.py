@@ -316,11 +316,19 @@ def test_matrices_kernel_serves_maps_that_fit(backend):
 
 
 def test_matrices_kernel_bad_inputs_are_clear_errors():
+    """The kernels do not bound their reads: dtype, size, widths and the gradients' shapes are checked first."""
     logits = on_device(torch.randn(1, 6, 6))
     with pytest.raises(ValueError, match='logits must be contiguous float32'):
         native.adaptive_matrices_triton(logits.double(), 3, 0.18, 0.1, 0.1)
     with pytest.raises(ValueError, match=r'size must be in \(0, 6\)'):
         native.adaptive_matrices_triton(logits, 6, 0.18, 0.1, 0.1)
+    with pytest.raises(ValueError, match='sigma_down must be a positive finite number; got 0.0'):
+        native.adaptive_matrices_triton(logits, 3, 0.18, 0.0, 0.1)
+    grad = on_device(torch.randn(1, 3, 6))
+    with pytest.raises(ValueError, match=r'grad_up_x must be \[1, 6, 3\]'):
+        native.adaptive_matrices_triton_backward(logits, grad, None, None, grad, 3, 0.18, 0.1, 0.1)
+    with pytest.raises(ValueError, match='sigma_g must be a positive finite number; got nan'):
+        native.adaptive_matrices_triton_backward(logits, grad, None, None, None, 3, float('nan'), 0.1, 0.1)
 
 
 def test_whole_model_inference_on_the_triton_kernels_matches_the_reference_backend(backend, monkeypatch, no_tf32):

@@ -1,4 +1,4 @@
-"""The adaptive sampler's matrices as one native op: C++ on the CPU, Triton (inference) on a GPU.
+"""The adaptive sampler's matrices as one native op: C++ on the CPU, Triton on a GPU.
 
 ``adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` computes what
 :func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the reference) computes from ``(B, H, W)`` saliency
@@ -11,6 +11,7 @@ call, instead of as many small ops again. float32 and float64 logits; the matric
 instead of about 140 ops, whose launches set an eager GPU model's pace), its backward one more launch.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -101,13 +102,31 @@ def _triton_matrices_module():
     return _triton_state['matrices_module']
 
 
-def _check_triton_logits(logits: Tensor, size: int) -> None:
+def _check_triton_arguments(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float, **grads: Optional[Tensor]
+) -> None:
+    """The Triton kernels do not bound their reads: the arguments are checked here, each error naming one."""
     if logits.device.type == 'cpu' and not _triton_state['module'].INTERPRETED:
         raise RuntimeError("timm_ssb: the Triton matrices kernel runs CPU tensors only under Triton's interpreter")
     if logits.dtype != torch.float32 or logits.dim() != 3 or not logits.is_contiguous():
         raise ValueError(f'logits must be contiguous float32 (B, H, W); got {logits.dtype} {list(logits.shape)}')
-    if not 0 < size < min(logits.shape[1:]):
-        raise ValueError(f'size must be in (0, {min(logits.shape[1:])}) for logits of shape {list(logits.shape)}')
+    batch_size, height, width = logits.shape
+    if not 0 < size < min(height, width):
+        raise ValueError(f'size must be in (0, {min(height, width)}) for logits of shape {list(logits.shape)}')
+    for name, sigma in (('sigma_g', sigma_g), ('sigma_down', sigma_down), ('sigma_up', sigma_up)):
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f'{name} must be a positive finite number; got {sigma}')
+    shapes = {
+        'grad_down_y': [batch_size, size, height],
+        'grad_down_x': [batch_size, size, width],
+        'grad_up_y': [batch_size, height, size],
+        'grad_up_x': [batch_size, width, size],
+    }
+    for name, grad in grads.items():
+        if grad is not None and (list(grad.shape) != shapes[name] or grad.device != logits.device):
+            raise ValueError(
+                f'{name} must be {shapes[name]} on {logits.device}; got {list(grad.shape)} on {grad.device}'
+            )
 
 
 @torch.library.custom_op('timm_ssb::adaptive_matrices_triton', mutates_args=())
@@ -117,7 +136,7 @@ def adaptive_matrices_triton(
     """:func:`adaptive_matrices` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
     W)`` that :func:`triton_matrices_fit`; on CUDA, or on CPU tensors under Triton's interpreter."""
     module = _triton_matrices_module()
-    _check_triton_logits(logits, size)
+    _check_triton_arguments(logits, size, sigma_g, sigma_down, sigma_up)
     return module.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
 
 
@@ -136,7 +155,17 @@ def adaptive_matrices_triton_backward(
     """The logits' gradient from the matrices' (``None``: zero), in one Triton launch that recomputes the
     forward."""
     module = _triton_matrices_module()
-    _check_triton_logits(logits, size)
+    _check_triton_arguments(
+        logits,
+        size,
+        sigma_g,
+        sigma_down,
+        sigma_up,
+        grad_down_y=grad_down_y,
+        grad_down_x=grad_down_x,
+        grad_up_y=grad_up_y,
+        grad_up_x=grad_up_x,
+    )
     grads = (grad_down_y, grad_down_x, grad_up_y, grad_up_x)
     return module.adaptive_matrices_backward(logits, grads, size, sigma_g, sigma_down, sigma_up)
 

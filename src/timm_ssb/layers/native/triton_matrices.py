@@ -1,4 +1,4 @@
-"""The Triton kernel of the adaptive sampler's matrices, for inference on a GPU.
+"""The Triton kernels of the adaptive sampler's matrices on a GPU, forward and backward.
 
 Built from the saliency logits in PyTorch, the four matrices take about 140 small tensor ops per SSB block. On a
 GPU each is a kernel launch of a few microseconds of work, and the host, launching them one after another, sets
@@ -8,9 +8,8 @@ float32 maths, in registers): the log-saliency marginal along the axis, the posi
 samples to (:func:`~timm_ssb.layers.sampling_matrices.saliency_positions`, with its replicate-padded extension of
 the marginal) and the two Gaussian matrices at those positions
 (:func:`~timm_ssb.layers.sampling_matrices.gaussian_matrices`). Two launches (one per axis) replace the 140 ops.
-
-It has no backward: the sampler uses it only where no gradient is needed, and PyTorch's ops otherwise.
-Imported with the resampling kernel (:func:`.ops.load_triton_kernels`).
+The backward is one more launch, one program per sample: it recomputes both axes and takes the matrices'
+gradients back to the logits. Imported with the resampling kernel (:func:`.ops.load_triton_kernels`).
 """
 
 from typing import Optional, Tuple
@@ -20,9 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ['adaptive_matrices', 'adaptive_matrices_backward', 'fits']
-
 from ..sampling_matrices import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
+
+__all__ = ['adaptive_matrices', 'adaptive_matrices_backward', 'fits']
 
 # The softmax cuts, as the kernel reads globals: the saliency positions' and the Gaussian matrices'.
 POSITIONS_CUT = tl.constexpr(SMALLEST_WEIGHT_LOG)
