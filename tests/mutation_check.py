@@ -77,21 +77,21 @@ MUTATIONS = [
     ),
     (
         'fused end without its ReLU',
-        LAYERS / 'sampling_matrices.py',
+        LAYERS / 'native' / 'batched_products.py',
         '        if relu:\n            out.relu_()',
         '        if False:\n            out.relu_()',
     ),
     (
         'fused end drops the residual gradient',
-        LAYERS / 'sampling_matrices.py',
+        LAYERS / 'native' / 'batched_products.py',
         'grad_residual = grad_out if ctx.needs_input_grad[3] else None',
         'grad_residual = None',
     ),
     (
         'fused backward: x gradient of the wrong matrix',
-        LAYERS / 'sampling_matrices.py',
-        'grad_rows = _x_product(matrix_x_t, grad_t) if ctx.x_first else _y_product(matrix_y_t, grad_t)',
-        'grad_rows = _x_product(matrix_x_t, grad_t) if ctx.x_first else _y_product(matrix_y_t, grad_t) * 1.001',
+        LAYERS / 'native' / 'batched_products.py',
+        'grad_rows = x_product(matrix_x_t, grad_t) if ctx.x_first else y_product(matrix_y_t, grad_t)',
+        'grad_rows = x_product(matrix_x_t, grad_t) if ctx.x_first else y_product(matrix_y_t, grad_t) * 1.001',
     ),
     (
         'bilinear weights of the wrong neighbour',

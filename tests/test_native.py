@@ -1,5 +1,6 @@
 """The native CPU sampling kernel against the PyTorch reference, and how the sampling chooses its backend."""
 
+import json
 import os
 import subprocess
 import sys
@@ -202,9 +203,22 @@ def count_native_calls(monkeypatch) -> list:
     return count_calls(monkeypatch, 'separable_resample', lambda args: args[0].dtype)
 
 
+def measured_faster(monkeypatch, faster: bool) -> list:
+    """Make this machine's calibration say the native resampling is (or is not) the faster; the questions asked."""
+    asked = []
+
+    def answer(dtype, training):
+        asked.append((dtype, training))
+        return faster
+
+    monkeypatch.setattr(native, 'native_resample_is_faster', answer)
+    return asked
+
+
 @pytest.mark.parametrize('name', ['auto', 'native'])
 def test_resample_runs_the_native_kernel_on_channels_last_cpu_maps(name, backend, monkeypatch):
     backend(name)
+    measured_faster(monkeypatch, True)
     x = channels_last(torch.randn(2, 8, 14, 14))
     dy, dx, uy, ux = uniform_matrices(x, 6, 1 / 12, 1 / 12)
     calls = count_native_calls(monkeypatch)
@@ -216,6 +230,52 @@ def test_resample_runs_the_native_kernel_on_channels_last_cpu_maps(name, backend
     resample(x.contiguous(), dy, dx)  # NCHW: the reference
     resample(x.double(), dy, dx)  # float64: the batched products
     assert len(calls) == 3
+
+
+def test_auto_backend_takes_pytorch_where_the_kernel_was_measured_slower(backend, monkeypatch):
+    asked = measured_faster(monkeypatch, False)
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, uy, ux = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    calls = count_native_calls(monkeypatch)
+    backend('auto')
+    out = resample(x, dy, dx)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        resample(x, dy, dx)
+    resample_residual(out.requires_grad_(), uy, ux, x, True).sum().backward()
+    assert calls == []
+    assert asked == [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+    backend('native')  # forced: the kernel, without asking
+    resample(x, dy, dx)
+    assert calls == [torch.float32] and len(asked) == 3
+
+
+def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp_path):
+    import timm_ssb.layers.native.calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
+    monkeypatch.setattr(calibration_module, '_memory', {})
+    measured = []
+    measure = calibration_module._measure
+
+    def counted(dtype, training):
+        measured.append((dtype, training))
+        return measure(dtype, training)
+
+    monkeypatch.setattr(calibration_module, '_measure', counted)
+    entry = native.calibrate(torch.float32, False)
+    assert entry['native_ms'] > 0 and entry['reference_ms'] > 0
+    assert entry['shape'] == list(calibration_module.CALIBRATION_SHAPE)
+    kept = json.loads((tmp_path / calibration_module.CALIBRATION_FILE).read_text())
+    assert kept == {f'float32/inference/{torch.get_num_threads()}': entry}
+    monkeypatch.setattr(calibration_module, '_memory', {})  # a new process: read from the file, not measured
+    assert native.calibrate(torch.float32, False) == entry
+    assert measured == [(torch.float32, False)]
+    (tmp_path / calibration_module.CALIBRATION_FILE).write_text('{"float32/inference/')  # cut short: measure again
+    monkeypatch.setattr(calibration_module, '_memory', {})
+    native.calibrate(torch.float32, False)
+    native.calibrate(torch.bfloat16, True)
+    assert measured == [(torch.float32, False), (torch.float32, False), (torch.bfloat16, True)]
+    assert len(json.loads((tmp_path / calibration_module.CALIBRATION_FILE).read_text())) == 2
 
 
 def test_reference_backend_never_runs_the_kernel(backend, monkeypatch):

@@ -3,11 +3,14 @@
 Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` at run time):
 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
-  (:mod:`.build`) for float32/bfloat16 CPU maps, the Triton kernel (:mod:`.triton_kernel`) for
-  float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning and PyTorch from then on.
+  (:mod:`.build`) for float32/bfloat16 CPU maps where it was measured faster than PyTorch's products on this
+  machine for that dtype and mode (inference or training; :mod:`.calibration`), the Triton kernel
+  (:mod:`.triton_kernel`) for float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning
+  and PyTorch from then on.
   The adaptive sampler's matrices are built by a native op too (:mod:`.matrices`): C++ on the CPU, Triton on
   CUDA;
-* ``'native'``: the same, but a kernel that cannot be built or loaded is an error;
+* ``'native'``: the native kernels wherever they serve the map, without measuring; one that cannot be built or
+  loaded is an error;
 * ``'triton'``: the Triton kernel on every device: CUDA, and CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1``; slow, for testing the GPU kernel without a GPU); an error where it cannot run;
   the matrices are built as on CUDA;
@@ -24,7 +27,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .build import cache_dir, cpu_library_error, load_cpu_library
+from .batched_products import BatchedProductsResample
+from .build import cache_dir, cpu_arch, cpu_library_error, load_cpu_library
+from .calibration import calibrate, native_resample_is_faster
 from .matrices import (
     adaptive_matrices,
     adaptive_matrices_triton,
@@ -47,6 +52,9 @@ __all__ = [
     'set_sampling_backend',
     'native_op',
     'native_matrices_op',
+    'BatchedProductsResample',
+    'calibrate',
+    'cpu_arch',
     'adaptive_matrices',
     'adaptive_matrices_triton',
     'adaptive_matrices_triton_backward',
@@ -102,6 +110,15 @@ def _native_cpu_ready() -> bool:
 
 
 @torch.compiler.assume_constant_result
+def _native_cpu_resample_chosen(dtype: torch.dtype, training: bool) -> bool:
+    """Whether the native CPU resampling runs for maps of ``dtype`` in ``training`` (autograd) or inference: under
+    ``'native'`` wherever it is built, under ``'auto'`` where it was also measured faster (:mod:`.calibration`)."""
+    if not _native_cpu_ready():
+        return False
+    return _config['backend'] == 'native' or native_resample_is_faster(dtype, training)
+
+
+@torch.compiler.assume_constant_result
 def _triton_ready() -> bool:
     """Whether the Triton kernel is to be used on CUDA maps (or, backend ``'triton'``, on any) and is loaded."""
     return _kernel_ready(load_triton_kernels, triton_error, 'Triton sampling kernel', ('native', 'triton'))
@@ -112,12 +129,12 @@ def _triton_everywhere() -> bool:
     return _config['backend'] == 'triton'
 
 
-def native_op(x: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
+def native_op(x: torch.Tensor, training: bool = False) -> Optional[Callable[..., torch.Tensor]]:
     """The fused op that samples ``x`` (channels-last, checked by the caller) under the chosen backend, or
-    ``None`` for PyTorch's batched products."""
+    ``None`` for PyTorch's batched products; ``training``: autograd will need its backward."""
     if _triton_everywhere():
         return separable_resample_triton if x.dtype in TRITON_KERNEL_DTYPES and _triton_ready() else None
-    if x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES and _native_cpu_ready():
+    if x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES and _native_cpu_resample_chosen(x.dtype, training):
         return separable_resample
     if x.device.type == 'cuda' and x.dtype in TRITON_KERNEL_DTYPES and _triton_ready():
         return separable_resample_triton

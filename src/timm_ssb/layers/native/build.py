@@ -16,16 +16,32 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['SOURCES', 'CFLAGS', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
+__all__ = ['SOURCES', 'cpu_arch', 'cflags', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ('separable_resample_cpu.cpp', 'adaptive_matrices_cpu.cpp'))
-CFLAGS = ('-O3', '-march=native', '-fopenmp')
+CPU_ARCH_ENV = 'TIMM_SSB_CPU_ARCH'
+_ARCH_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+-]*')
+
+
+def cpu_arch() -> str:
+    """The target the kernels are compiled for: ``$TIMM_SSB_CPU_ARCH`` (a ``-march`` value such as ``x86-64-v3``
+    for AVX2 code on any x86-64 CPU since Haswell), ``native`` (this CPU) by default."""
+    arch = os.environ.get(CPU_ARCH_ENV, 'native')
+    if not _ARCH_PATTERN.fullmatch(arch):
+        raise ValueError(f'{CPU_ARCH_ENV} must be a compiler -march value such as native or x86-64-v3; got {arch!r}')
+    return arch
+
+
+def cflags() -> Tuple[str, ...]:
+    """The compiler flags of the kernel library, for the target :func:`cpu_arch`."""
+    return ('-O3', f'-march={cpu_arch()}', '-fopenmp')
 
 _state = {'loaded': False, 'error': None}
 
@@ -44,7 +60,7 @@ def cache_dir() -> Path:
     """Where this build of the sources, torch version, flags and CPU lives."""
     key = hashlib.sha256()
     sources = tuple(source.read_bytes() for source in SOURCES)
-    for part in (*sources, torch.__version__.encode(), ' '.join(CFLAGS).encode(), _cpu_signature().encode()):
+    for part in (*sources, torch.__version__.encode(), ' '.join(cflags()).encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b'\0')
     root = Path(os.environ.get('TIMM_SSB_CACHE', Path.home() / '.cache' / 'timm_ssb'))
@@ -99,7 +115,7 @@ def _build_and_load() -> None:
     load(
         name=build_directory.name,
         sources=[str(source) for source in SOURCES],
-        extra_cflags=list(CFLAGS),
+        extra_cflags=list(cflags()),
         extra_ldflags=['-fopenmp'],
         build_directory=str(build_directory),
         is_python_module=False,

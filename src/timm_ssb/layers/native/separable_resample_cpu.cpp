@@ -29,36 +29,55 @@
 
 namespace {
 
-// 16 float32 lanes: one AVX-512 register, two AVX2 ones (GCC/Clang vector extensions; unaligned by memcpy).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+// The vector the target ISA has (GCC/Clang vector extensions; unaligned loads by memcpy): 16 float32 lanes and 32
+// registers with AVX-512, 8 lanes and 16 registers with AVX/AVX2, 4 lanes (32 registers on AArch64 NEON, 16 on
+// SSE). The register tiles below are sized from these, so that their accumulators stay in registers: a tile
+// written for one ISA's register file spills on a smaller one (on AVX2 the AVX-512 tiling kept half of its
+// accumulators on the stack and ran 3-4x slower than PyTorch's path).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32, kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kVectorBytes = 16, kVectorRegisters = 32;
+#else
+constexpr int kVectorBytes = 16, kVectorRegisters = 16;
+#endif
+constexpr int kLanes = kVectorBytes / 4;
+typedef float fvec __attribute__((vector_size(kVectorBytes)));
+typedef uint16_t u16vec __attribute__((vector_size(kVectorBytes / 2)));
+typedef uint32_t u32vec __attribute__((vector_size(kVectorBytes)));
 
 constexpr int kRows = 4;  // outputs computed together, sharing each load of an input row
+// Vectors per output row in weighted_rows: kRows x kVectors accumulators, kVectors inputs and a broadcast weight
+// fit the register file (AVX-512 4, AVX2 2, NEON 4, SSE 2).
+constexpr int kVectors = (kVectorRegisters - 1) / (kRows + 1) >= 4 ? 4 : 2;
+// Rows of dot_tile's I x 4 tile: its I x 4 sums, I + 4 loaded vectors fit the register file.
+constexpr int kDotRows = kVectorRegisters >= 32 ? 4 : 2;
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
+inline fvec load_vec(const float* p) {
+  fvec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline f32x16 load16(const c10::BFloat16* p) {
-  u16x16 half;
+inline fvec load_vec(const c10::BFloat16* p) {
+  u16vec half;
   std::memcpy(&half, p, sizeof(half));
-  u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
-  f32x16 v;
+  u32vec bits = __builtin_convertvector(half, u32vec) << 16;
+  fvec v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
 
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store_vec(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline void store16(c10::BFloat16* p, f32x16 v) {
-  u32x16 bits;
+inline void store_vec(c10::BFloat16* p, fvec v) {
+  u32vec bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  u32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
-  rounded = v != v ? u32x16{} + 0x7FC0u : rounded;                 // NaN stays NaN
-  u16x16 half = __builtin_convertvector(rounded, u16x16);
+  u32vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
+  rounded = v != v ? u32vec{} + 0x7FC0u : rounded;                 // NaN stays NaN
+  u16vec half = __builtin_convertvector(rounded, u16vec);
   std::memcpy(p, &half, sizeof(half));
 }
 
@@ -82,18 +101,18 @@ void nonzero_bands(const float* m, int64_t rows, int64_t cols, int64_t* lo, int6
   }
 }
 
-// dst[r][j] = epilogue(sum_k w[r * w_stride + k] * src[k][j]) for r < R and j in [offset, offset + 16 V): R outputs
-// of 16 V values accumulated in float32 registers, each input vector loaded once for all R. The epilogue adds
+// dst[r][j] = epilogue(sum_k w[r * w_stride + k] * src[k][j]) for r < R and j in [offset, offset + kLanes V): R
+// outputs of kLanes V values accumulated in float32 registers, each input vector loaded once for all R. The epilogue adds
 // res[r][j] (if res) and applies a ReLU (if relu) before storing in D.
 template <typename T, typename D, int R, int V>
 inline void weighted_rows(const float* w, int64_t w_stride, const T* const* src, int64_t count, int64_t offset,
                           D* const* dst, const D* const* res, bool relu) {
-  f32x16 acc[R][V];
+  fvec acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = f32x16{};
+    for (int v = 0; v < V; ++v) acc[r][v] = fvec{};
   for (int64_t k = 0; k < count; ++k) {
-    f32x16 in[V];
-    for (int v = 0; v < V; ++v) in[v] = load16(src[k] + offset + 16 * v);
+    fvec in[V];
+    for (int v = 0; v < V; ++v) in[v] = load_vec(src[k] + offset + kLanes * v);
     for (int r = 0; r < R; ++r) {
       const float weight = w[r * w_stride + k];
       for (int v = 0; v < V; ++v) acc[r][v] += weight * in[v];
@@ -101,22 +120,23 @@ inline void weighted_rows(const float* w, int64_t w_stride, const T* const* src,
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
-      f32x16 out = acc[r][v];
-      if (res) out += load16(res[r] + offset + 16 * v);
-      if (relu) out = out < 0.0f ? f32x16{} : out;
-      store16(dst[r] + offset + 16 * v, out);
+      fvec out = acc[r][v];
+      if (res) out += load_vec(res[r] + offset + kLanes * v);
+      if (relu) out = out < 0.0f ? fvec{} : out;
+      store_vec(dst[r] + offset + kLanes * v, out);
     }
   }
 }
 
-// weighted_rows over [offset, offset + n), any n: blocks of 64 and 16 values, then a scalar tail.
+// weighted_rows over [offset, offset + n), any n: blocks of kVectors and of one vector, then a scalar tail.
 template <typename T, typename D, int R>
 void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, int64_t count, int64_t offset,
                          int64_t n, D* const* dst, const D* const* res, bool relu) {
   const int64_t end = offset + n;
   int64_t j = offset;
-  for (; j + 64 <= end; j += 64) weighted_rows<T, D, R, 4>(w, w_stride, src, count, j, dst, res, relu);
-  for (; j + 16 <= end; j += 16) weighted_rows<T, D, R, 1>(w, w_stride, src, count, j, dst, res, relu);
+  for (; j + kLanes * kVectors <= end; j += kLanes * kVectors)
+    weighted_rows<T, D, R, kVectors>(w, w_stride, src, count, j, dst, res, relu);
+  for (; j + kLanes <= end; j += kLanes) weighted_rows<T, D, R, 1>(w, w_stride, src, count, j, dst, res, relu);
   for (; j < end; ++j) {
     for (int r = 0; r < R; ++r) {
       float acc = 0.0f;
@@ -129,21 +149,21 @@ void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, 
 }
 
 // out[i * out_stride + j] += <a[i], b[j]> for i < I, j < J, over `segments` runs of n values (run s of a row
-// starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers (4 x 4: sixteen
-// vectors) and are reduced once, each load of a row serving all the sums it enters.
+// starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers and are reduced once,
+// each load of a row serving all the sums it enters.
 template <typename T, int I, int J>
 inline void dot_tile(const T* const* a, const float* const* b, int64_t segments, int64_t n, int64_t a_step,
                      int64_t b_step, float* out, int64_t out_stride) {
-  f32x16 acc[I][J];
+  fvec acc[I][J];
   float tail[I][J] = {};
   for (int i = 0; i < I; ++i)
-    for (int j = 0; j < J; ++j) acc[i][j] = f32x16{};
+    for (int j = 0; j < J; ++j) acc[i][j] = fvec{};
   for (int64_t s = 0; s < segments; ++s) {
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-      f32x16 a_k[I], b_k[J];
-      for (int i = 0; i < I; ++i) a_k[i] = load16(a[i] + s * a_step + k);
-      for (int j = 0; j < J; ++j) b_k[j] = load16(b[j] + s * b_step + k);
+    for (; k + kLanes <= n; k += kLanes) {
+      fvec a_k[I], b_k[J];
+      for (int i = 0; i < I; ++i) a_k[i] = load_vec(a[i] + s * a_step + k);
+      for (int j = 0; j < J; ++j) b_k[j] = load_vec(b[j] + s * b_step + k);
       for (int i = 0; i < I; ++i)
         for (int j = 0; j < J; ++j) acc[i][j] += a_k[i] * b_k[j];
     }
@@ -154,13 +174,14 @@ inline void dot_tile(const T* const* a, const float* const* b, int64_t segments,
   for (int i = 0; i < I; ++i) {
     for (int j = 0; j < J; ++j) {
       float sum = tail[i][j];
-      for (int l = 0; l < 16; ++l) sum += acc[i][j][l];
+      for (int l = 0; l < kLanes; ++l) sum += acc[i][j][l];
       out[i * out_stride + j] += sum;
     }
   }
 }
 
-// out[i * out_stride + j] += <a[i], b[j]> for i < rows_a, j < rows_b over the runs of dot_tile, in 4 x 4 tiles.
+// out[i * out_stride + j] += <a[i], b[j]> for i < rows_a, j < rows_b over the runs of dot_tile, in kDotRows x 4
+// tiles.
 template <typename T>
 void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_t rows_b, int64_t segments,
                 int64_t n, int64_t a_step, int64_t b_step, float* out, int64_t out_stride) {
@@ -170,11 +191,12 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
   };
   using one = std::integral_constant<int, 1>;
   using four = std::integral_constant<int, 4>;
+  using tall = std::integral_constant<int, kDotRows>;
   int64_t i = 0;
-  for (; i + 4 <= rows_a; i += 4) {
+  for (; i + kDotRows <= rows_a; i += kDotRows) {
     int64_t j = 0;
-    for (; j + 4 <= rows_b; j += 4) tile(four{}, four{}, i, j);
-    for (; j < rows_b; ++j) tile(four{}, one{}, i, j);
+    for (; j + 4 <= rows_b; j += 4) tile(tall{}, four{}, i, j);
+    for (; j < rows_b; ++j) tile(tall{}, one{}, i, j);
   }
   for (; i < rows_a; ++i) {
     int64_t j = 0;
@@ -300,9 +322,9 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
         const int64_t n = out_w * channels, start = g_offset + p * n;
         if (out) {
           int64_t i = 0;
-          for (; i + 16 <= n; i += 16) {
-            const f32x16 kept = load16(out + start + i) > 0.0f ? load16(grad + start + i) : f32x16{};
-            store16(masked + start + i, kept);
+          for (; i + kLanes <= n; i += kLanes) {
+            const fvec kept = load_vec(out + start + i) > 0.0f ? load_vec(grad + start + i) : fvec{};
+            store_vec(masked + start + i, kept);
           }
           for (; i < n; ++i) store1(masked + start + i, load1(out + start + i) > 0.0f ? load1(grad + start + i) : 0.0f);
         }

@@ -1,0 +1,112 @@
+"""The PyTorch path of the resampling on channels-last maps (the sampling backend ``'reference'``): batched matrix
+products, forward and backward, over contiguous views."""
+
+from typing import Optional
+
+import torch
+
+__all__ = ['BatchedProductsResample', 'x_product', 'y_product']
+
+
+def y_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, n, h) @ (B, h, k, C) -> (B, n, k, C)``: one matrix product per sample, over whole rows."""
+    batch_size, height, k, channels = rows.shape
+    n = matrix.shape[1]
+    result = torch.bmm(matrix, rows.reshape(batch_size, height, k * channels), out=out)
+    return result.view(batch_size, n, k, channels)
+
+
+def x_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, m, w)`` applied along the ``w`` axis of ``(B, r, w, C)`` -> ``(B, r, m, C)``: one product per row."""
+    batch_size, r, width, channels = rows.shape
+    m = matrix.shape[1]
+    per_row = matrix.unsqueeze(1).expand(batch_size, r, m, width).reshape(batch_size * r, m, width)
+    result = torch.bmm(per_row, rows.reshape(batch_size * r, width, channels), out=out)
+    return result.view(batch_size, r, m, channels)
+
+
+class BatchedProductsResample(torch.autograd.Function):
+    """``z = M_y @ x @ M_x^T``, optionally ``relu(residual + z)``, on a channels-last map, forward and
+    backward as batched matrix products over contiguous ``(B, H, W, C)`` views: no layout copies of
+    the map in either direction, and the gradient comes out channels-last like the input.
+
+    The y-axis product is one large matrix product per sample; the x-axis one is many small ones, one per
+    row. The large product is put on the full-resolution side: first when sampling down (``M_y`` reads the
+    input), last when mapping back up (``M_y`` writes the output). Both orders cost the same
+    multiply-accumulates on square maps; the large products run faster (writing the 28 x 28 output of a
+    ResNet-D-152 layer2 block per sample took 1.6 ms on our 2-core CPU, per row 3.7 ms).
+
+    With a residual (mapping a block's result back up), the last product is written straight into the
+    output, the residual is added in place and so is the ReLU: one new full-resolution tensor instead of
+    three, and it is a fresh tensor, not a view.
+
+    The intermediate (after the first product) is needed only for the gradient of the matrix applied
+    second (learned matrices). It is kept when it is not larger than the input (sampling down) and
+    recomputed in backward otherwise (mapping back up, where it would be the largest tensor kept).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        matrix_y: torch.Tensor,
+        matrix_x: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        relu: bool,
+    ) -> torch.Tensor:
+        rows = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
+        batch_size, height, width, channels = rows.shape
+        n, m = matrix_y.shape[1], matrix_x.shape[1]
+        x_first = n > height
+        t = x_product(matrix_x, rows) if x_first else y_product(matrix_y, rows)
+        out = torch.empty(
+            (batch_size, channels, n, m), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+        out_rows = out.permute(0, 2, 3, 1).view(batch_size * (1 if x_first else n), -1, channels)
+        if x_first:
+            y_product(matrix_y, t, out=out_rows.view(batch_size, n, m * channels))
+        else:
+            x_product(matrix_x, t, out=out_rows)
+        if residual is not None:
+            out_rows.add_(residual.permute(0, 2, 3, 1).reshape(out_rows.shape))
+        if relu:
+            out.relu_()
+        second = matrix_y if x_first else matrix_x
+        ctx.x_first = x_first
+        ctx.relu = relu
+        ctx.keep_t = t.numel() <= rows.numel() and second.requires_grad
+        ctx.save_for_backward(rows, matrix_y, matrix_x, t if ctx.keep_t else None, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, matrix_y, matrix_x, t, out = ctx.saved_tensors
+        batch_size, height, width, channels = rows.shape
+        n, m = matrix_y.shape[1], matrix_x.shape[1]
+        if ctx.relu:
+            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        grad_residual = grad_out if ctx.needs_input_grad[3] else None
+        grad_z = grad_out.to(rows.dtype).permute(0, 2, 3, 1).contiguous()  # (B, n, m, C)
+        matrix_y_t, matrix_x_t = matrix_y.transpose(1, 2), matrix_x.transpose(1, 2)
+        if ctx.x_first:
+            grad_t = y_product(matrix_y_t, grad_z)  # (B, H, m, C)
+        else:
+            grad_t = x_product(matrix_x_t, grad_z)  # (B, n, W, C)
+        grad_rows = grad_y = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = x_product(matrix_x_t, grad_t) if ctx.x_first else y_product(matrix_y_t, grad_t)
+            grad_rows = grad_rows.permute(0, 3, 1, 2)
+        if t is None and ctx.needs_input_grad[1 if ctx.x_first else 2]:
+            t = x_product(matrix_x, rows) if ctx.x_first else y_product(matrix_y, rows)
+        if ctx.needs_input_grad[1]:
+            left, right = (grad_z, t) if ctx.x_first else (grad_t, rows)
+            grad_y = torch.bmm(left.reshape(batch_size, n, -1), right.reshape(batch_size, height, -1).transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            left, right = (grad_t, rows) if ctx.x_first else (grad_z, t)
+            r = height if ctx.x_first else n
+            grad_x = torch.bmm(
+                left.reshape(batch_size * r, m, channels),
+                right.reshape(batch_size * r, width, channels).transpose(1, 2),
+            )
+            grad_x = grad_x.view(batch_size, r, m, width).sum(1)
+        return grad_rows, grad_y, grad_x, grad_residual, None

@@ -1,0 +1,124 @@
+"""Whether the native CPU resampling beats PyTorch's batched products on this machine: measured once, kept.
+
+A kernel tuned on one CPU can lose to PyTorch's path on another (the AVX-512 register tiling ran 3-4x slower than
+PyTorch's products on AVX2 CPUs), and no list of rules covers the CPUs nobody measured. So under the backend
+``'auto'`` the native resampling runs only where it was measured to be faster: the first time a dtype and mode is
+needed (inference: the way down and the way back up with the residual and ReLU; training: the same, forward and
+backward), both paths are timed on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of uniform
+saliency, as a fresh adaptive sampler builds them), in interleaved rounds, and the medians compared. The result is
+kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread
+count), so each machine measures each once (about a tenth of a second).
+"""
+
+import json
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from .batched_products import BatchedProductsResample
+from .build import cache_dir
+
+__all__ = ['CALIBRATION_FILE', 'CALIBRATION_SHAPE', 'calibrate', 'native_resample_is_faster']
+
+CALIBRATION_FILE = 'calibration.json'
+CALIBRATION_SHAPE = (4, 512, 28, 16)
+"""(batch, channels, map side, sampled side) of the timed map: a ResNet-D layer2 block's at 224 x 224."""
+
+_ROUNDS = 5
+_REPEATS = 3
+_memory: Dict[str, dict] = {}
+
+
+def native_resample_is_faster(dtype: torch.dtype, training: bool) -> bool:
+    """Whether the native resampling (down, and up with residual and ReLU; with backward if ``training``) took less
+    time than PyTorch's batched products on :data:`CALIBRATION_SHAPE` in ``dtype`` on this machine."""
+    entry = calibrate(dtype, training)
+    return entry['native_ms'] < entry['reference_ms']
+
+
+def calibrate(dtype: torch.dtype, training: bool) -> dict:
+    """The timing behind :func:`native_resample_is_faster`: ``{'native_ms', 'reference_ms', ...}``, measured the
+    first time it is asked for on this machine (the native library must be loaded) and kept."""
+    key = f'{str(dtype).removeprefix("torch.")}/{"training" if training else "inference"}/{torch.get_num_threads()}'
+    if key in _memory:
+        return _memory[key]
+    path = cache_dir() / CALIBRATION_FILE
+    kept = _read(path)
+    entry = kept.get(key)
+    if not (isinstance(entry, dict) and _is_time(entry.get('native_ms')) and _is_time(entry.get('reference_ms'))):
+        entry = _measure(dtype, training)
+        kept[key] = entry
+        _write(path, kept)
+    _memory[key] = entry
+    return entry
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _read(path) -> Dict[str, dict]:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def _write(path, kept: Dict[str, dict]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f'.{time.monotonic_ns()}.tmp')
+        tmp.write_text(json.dumps(kept, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:  # a read-only cache: the result still holds for this process
+        pass
+
+
+def _measure(dtype: torch.dtype, training: bool) -> dict:
+    batch_size, channels, side, size = CALIBRATION_SHAPE
+    native = torch.ops.timm_ssb.separable_resample
+
+    def reference(t, a_y, a_x, residual, relu):
+        return BatchedProductsResample.apply(t, a_y.to(t.dtype), a_x.to(t.dtype), residual, relu)
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast('cpu', enabled=False):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, channels, side, side, generator=generator)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        uniform_saliency = torch.zeros(batch_size, side, side)  # sigma_g does not move uniform positions
+        down_y, down_x, up_y, up_x = torch.ops.timm_ssb_cpu.adaptive_matrices(
+            uniform_saliency, size, 1.0, 0.5 / size, 0.5 / size
+        )
+        if training:
+            x.requires_grad_()
+            for m in (down_y, down_x, up_y, up_x):
+                m.requires_grad_()
+        z = reference(x, down_y, down_x, None, False).detach().requires_grad_(training)
+
+        def steps(op: Callable[..., torch.Tensor]) -> Callable[[], None]:
+            def step() -> None:
+                down = op(x, down_y, down_x, None, False)
+                up = op(z, up_y, up_x, x, True)
+                if training:
+                    torch.autograd.backward([down, up], [torch.ones_like(down), torch.ones_like(up)])
+
+            return step
+
+        times: Dict[str, List[float]] = {'native_ms': [], 'reference_ms': []}
+        candidates = {'native_ms': steps(native), 'reference_ms': steps(reference)}
+        for step in candidates.values():  # warm-up
+            step()
+        for _ in range(_ROUNDS):
+            for name, step in candidates.items():
+                start = time.perf_counter()
+                for _ in range(_REPEATS):
+                    step()
+                times[name].append((time.perf_counter() - start) / _REPEATS * 1e3)
+    return {
+        'native_ms': statistics.median(times['native_ms']),
+        'reference_ms': statistics.median(times['reference_ms']),
+        'shape': list(CALIBRATION_SHAPE),
+    }
