@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from timm_ssb.layers.native import build
+from timm_ssb.layers.native.cpu_features import cpu_flags, vector_isa
 
 AVX2_LEVEL_FLAGS = {'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'movbe', 'xsave'}
 """The CPU flags (as /proc/cpuinfo names them) that ``-march=x86-64-v3`` code may use."""
-
-
-def _cpu_flags() -> set:
-    try:
-        text = Path('/proc/cpuinfo').read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith('flags') for flag in line.split(':', 1)[1].split()}
 
 
 def test_arch_is_part_of_the_build_and_its_cache_key(monkeypatch):
@@ -40,7 +33,7 @@ def test_bad_arch_is_an_error_naming_the_variable(monkeypatch, arch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    platform.machine() not in ('x86_64', 'AMD64') or not AVX2_LEVEL_FLAGS <= _cpu_flags(),
+    platform.machine() not in ('x86_64', 'AMD64') or not AVX2_LEVEL_FLAGS <= cpu_flags(),
     reason='an x86-64-v3 (AVX2) build runs on x86-64 CPUs with AVX2, FMA and BMI2 only',
 )
 def test_native_kernels_in_an_avx2_build_match_the_reference(monkeypatch):
@@ -60,3 +53,16 @@ def test_native_kernels_in_an_avx2_build_match_the_reference(monkeypatch):
     assert ' passed' in result.stdout.splitlines()[-1] and 'skipped' not in result.stdout.splitlines()[-1]
     monkeypatch.setenv(build.CPU_ARCH_ENV, 'x86-64-v3')
     assert list(build.cache_dir().glob('*.so')), 'the suite ran, but no x86-64-v3 library was built'
+
+
+@pytest.mark.parametrize(
+    'flags,isa',
+    [
+        ({'sse2', 'avx', 'avx2', 'avx512f', 'amx_tile'}, 'AVX-512 + AMX'),
+        ({'sse2', 'avx', 'avx2', 'avx512f'}, 'AVX-512'),
+        ({'sse2', 'avx', 'avx2', 'fma'}, 'AVX2'),
+        ({'fp', 'asimd'}, 'NEON'),
+    ],
+)
+def test_vector_isa_names_the_widest_instruction_set(flags, isa):
+    assert vector_isa(frozenset(flags)) == isa

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .complexity import count_gmacs, count_params
-from .layers.native import get_sampling_backend
+from .layers.native import cpu_arch, get_sampling_backend
+from .layers.native.cpu_features import cpu_name, vector_isa
 from .models import BASELINES
 from .version import __version__
 
@@ -129,7 +130,9 @@ def machine_info(device: str) -> Dict[str, Any]:
         **run_record(),
         'platform': platform.platform(),
         'python': platform.python_version(),
-        'processor': _cpu_name(),
+        'processor': cpu_name(),
+        'cpu_isa': vector_isa(),
+        'kernel_arch': cpu_arch(),
         'cpu_count': os.cpu_count(),
         'torch_threads': torch.get_num_threads(),
         'torch': torch.__version__,
@@ -155,17 +158,6 @@ def allocator_env() -> Dict[str, str]:
     return {
         k: v for k, v in sorted(os.environ.items()) if k.startswith('MALLOC_') or k in ('LD_PRELOAD', 'GLIBC_TUNABLES')
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def _synchronize(device: torch.device) -> None:

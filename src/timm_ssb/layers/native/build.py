@@ -15,13 +15,14 @@ a failed build), the first call warns once and the PyTorch implementation is use
 import hashlib
 import logging
 import os
-import platform
 import re
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+
+from .cpu_features import cpu_signature
 
 __all__ = ['SOURCES', 'cpu_arch', 'cflags', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
 
@@ -43,24 +44,15 @@ def cflags() -> Tuple[str, ...]:
     """The compiler flags of the kernel library, for the target :func:`cpu_arch`."""
     return ('-O3', f'-march={cpu_arch()}', '-fopenmp')
 
+
 _state = {'loaded': False, 'error': None}
-
-
-def _cpu_signature() -> str:
-    """This CPU's model and instruction-set flags: ``-march=native`` code is only valid where they match."""
-    try:
-        text = Path('/proc/cpuinfo').read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [line for line in text.splitlines() if line.startswith(('model name', 'flags', 'Features'))]
-    return '\n'.join(sorted(set(lines)))
 
 
 def cache_dir() -> Path:
     """Where this build of the sources, torch version, flags and CPU lives."""
     key = hashlib.sha256()
     sources = tuple(source.read_bytes() for source in SOURCES)
-    for part in (*sources, torch.__version__.encode(), ' '.join(cflags()).encode(), _cpu_signature().encode()):
+    for part in (*sources, torch.__version__.encode(), ' '.join(cflags()).encode(), cpu_signature().encode()):
         key.update(part)
         key.update(b'\0')
     root = Path(os.environ.get('TIMM_SSB_CACHE', Path.home() / '.cache' / 'timm_ssb'))
