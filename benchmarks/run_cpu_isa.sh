@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue #22's CPU table on this machine, once per build of the native kernels: for this CPU (-march=native) and,
+# on an x86-64 CPU that has it, for AVX2 (x86-64-v3, the code an AVX2-only CPU such as AMD Zen 2/3 gets). Each
+# run: fp32 inference (batch 16) and training step (batch 8), bf16 autocast inference (batch 16), channels-last,
+# 2 threads, default allocator, every figure SSB / baseline in one process; and sampling_products.py (each
+# sampling op, native against PyTorch's path). Writes benchmarks/results/cpu_{inference_fp32,train_fp32,
+# inference_bf16,sampling_products}_<cpu>_<build>.{txt,json}: <cpu> the CPU's ISA class (avx512, avx512_amx, avx2,
+# neon), <build> native or x86-64-v3; the CPU, ISA, build, commit and command are in each JSON.
+# ARCHS="native" runs one build only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results
+mkdir -p "$out"
+models=(ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152)
+isa=$(python -c 'from timm_ssb.layers.native.cpu_features import vector_isa; print(vector_isa())')
+cpu=$(echo "$isa" | tr 'A-Z' 'a-z' | tr -d ' -' | tr '+' '_')
+for arch in ${ARCHS:-native x86-64-v3}; do
+    build=${cpu}_$arch
+    export TIMM_SSB_CPU_ARCH=$arch
+    bench() {
+        local name=$1
+        shift
+        python -m timm_ssb.cli bench --models "${models[@]}" --device cpu --threads 2 \
+            --json "$out/cpu_${name}_$build.json" "$@" | tee "$out/cpu_${name}_$build.txt"
+    }
+    bench inference_fp32 --batch-size 16
+    bench train_fp32 --batch-size 8 --train
+    bench inference_bf16 --batch-size 16 --amp bfloat16
+    python benchmarks/sampling_products.py --json "$out/cpu_sampling_products_$build.json" |
+        tee "$out/cpu_sampling_products_$build.txt"
+done
