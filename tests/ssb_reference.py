@@ -1,6 +1,6 @@
 """An independent reference of the SSB block, and models whose SSB branches are live.
 
-Written straight from the design note (``shared/design/ssb-architecture.md``, sections 2 and 3), in float64,
+Written straight from the design note (``docs/design.md``, sections 2 and 3), in float64,
 with explicit loops over samples and pixels and dense matrix products, sharing no code with the package
 beyond the modules' parameters. The one addition to the note's position formula is the one the package
 documents (``saliency_positions``): the same neighbourhood weights under constant saliency are subtracted,
