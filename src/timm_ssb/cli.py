@@ -10,6 +10,8 @@ import timm
 import torch
 
 from .complexity import model_complexity
+from .info import add_arguments as add_info_arguments
+from .info import run as run_info
 from .models import BASELINES, DEFAULT_SSB_SIZES, baseline_of
 from .paper import paper_figure
 
@@ -228,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         '--model-args', default=None, help='JSON of model kwargs used in training, e.g. {"ssb_sizes": [12, 6, 3]}'
     )
     pub.set_defaults(func=_cmd_publish)
+
+    info = commands.add_parser(
+        'info', help='which sampling implementation runs here and why (C++ and Triton kernels), with fixes'
+    )
+    add_info_arguments(info)
+    info.set_defaults(func=run_info)
 
     viz = commands.add_parser('visualize', help='where each SSB layer samples an image (needs matplotlib)')
     viz.add_argument('image', help='an image file')

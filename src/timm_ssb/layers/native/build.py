@@ -5,7 +5,10 @@ matrices) are compiled into one library with the system's C++ compiler through
 :func:`torch.utils.cpp_extension.load` the first time a native sampling op runs on the CPU, into
 ``$TIMM_SSB_CACHE`` (default ``~/.cache/timm_ssb``) under a directory named by a hash of the sources, the
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
-``-march=native``). Later processes load the cached library. Nothing is compiled at ``pip install``.
+``-march=native``, or ``$TIMM_SSB_CPU_ARCH``). Later processes load the cached library; one that does not load is
+rebuilt once, and so is one that differs from what its build recorded (its SHA-256). Nothing is compiled at
+``pip install``. The build needs a C++ compiler (not installable by pip) and
+ninja (the ``ninja`` package, a dependency, when there is none on ``PATH``); it says on stderr that it is building.
 
 The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` and ``.adaptive_matrices``, each with its
 backward (no pybind module, so nothing breaks a ``torch.compile`` graph). When it cannot be built (no compiler,
@@ -16,18 +19,33 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .cpu_features import cpu_signature
 
-__all__ = ['SOURCES', 'cpu_arch', 'cflags', 'cache_dir', 'cpu_library_error', 'load_cpu_library']
+__all__ = [
+    'SOURCES',
+    'COMPILER_HINT',
+    'build_tools',
+    'cpu_arch',
+    'cflags',
+    'cache_dir',
+    'cpu_library_error',
+    'load_cpu_library',
+]
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ('separable_resample_cpu.cpp', 'adaptive_matrices_cpu.cpp'))
 CPU_ARCH_ENV = 'TIMM_SSB_CPU_ARCH'
+COMPILER_HINT = (
+    'install a C++20 compiler (Debian/Ubuntu: apt install g++; Fedora: dnf install gcc-c++; macOS: xcode-select '
+    '--install) or point CXX at one'
+)
 _ARCH_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+-]*')
 
 
@@ -92,9 +110,81 @@ def cpu_library_error() -> Optional[str]:
     return _state['error']
 
 
+def build_tools() -> Dict[str, Optional[str]]:
+    """Where the build's tools are (``None``: not found): the C++ compiler (``$CXX``, default ``c++``) on ``PATH``,
+    and ninja on ``PATH`` or from the ``ninja`` package (a dependency of this one)."""
+    return {'compiler': shutil.which(_compiler()), 'ninja': shutil.which('ninja') or _packaged_ninja()}
+
+
+def _compiler() -> str:
+    return os.environ.get('CXX', 'c++')
+
+
+def _packaged_ninja() -> Optional[str]:
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return shutil.which('ninja', path=ninja.BIN_DIR)
+
+
 def _build_and_load() -> None:
     if hasattr(torch.ops.timm_ssb_cpu, 'adaptive_matrices'):  # loaded by other means in this process
         return
+    tools = build_tools()
+    if tools['compiler'] is None:
+        raise RuntimeError(f'no C++ compiler: {_compiler()!r} is not on PATH; {COMPILER_HINT}')
+    if tools['ninja'] is None:
+        raise RuntimeError('ninja is not on PATH and the ninja package is not installed; pip install ninja')
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f'cannot create the cache {directory} ({e}); set TIMM_SSB_CACHE to a writable folder') from e
+    library, digest = directory / f'{directory.name}.so', directory / 'library.sha256'
+    if library.exists() and not _intact(library, digest):
+        # Cut short or overwritten (a full disk, a killed build): loading it could crash the process (SIGBUS).
+        _say(f'the cached kernel library {library} is incomplete or damaged; rebuilding it')
+        _empty(directory)
+    cached = library.exists()
+    if not cached:
+        _say(f'building the native CPU sampling kernels for -march={cpu_arch()} into {directory} (once, about 20 s)')
+    try:
+        _compile_and_load(directory, tools['ninja'])
+    except Exception as e:
+        if not cached:
+            raise
+        _say(f'the cached kernel library in {directory} could not be loaded ({type(e).__name__}); rebuilding it')
+        _empty(directory)
+        _compile_and_load(directory, tools['ninja'])
+    if not digest.exists():
+        partial = digest.with_suffix(f'.{os.getpid()}.tmp')
+        partial.write_text(_sha256(library))
+        partial.replace(digest)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: Path, digest: Path) -> bool:
+    """Whether ``library`` is the file its build recorded (its SHA-256 in ``digest``)."""
+    try:
+        return digest.read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+def _empty(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _say(message: str) -> None:
+    print(f'timm_ssb: {message}', file=sys.stderr, flush=True)
+
+
+def _compile_and_load(directory: Path, ninja: str) -> None:
     logger = logging.getLogger('torch.utils.cpp_extension')
     level = logger.level
     logger.setLevel(logging.ERROR)  # its import warns about CUDA_HOME, which a CPU build does not use
@@ -102,14 +192,17 @@ def _build_and_load() -> None:
         from torch.utils.cpp_extension import load
     finally:
         logger.setLevel(level)
-    build_directory = cache_dir()
-    build_directory.mkdir(parents=True, exist_ok=True)
-    load(
-        name=build_directory.name,
-        sources=[str(source) for source in SOURCES],
-        extra_cflags=list(cflags()),
-        extra_ldflags=['-fopenmp'],
-        build_directory=str(build_directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    path = os.environ.get('PATH', '')
+    os.environ['PATH'] = os.pathsep.join((os.path.dirname(ninja), path))  # torch runs `ninja` from PATH
+    try:
+        load(
+            name=directory.name,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=list(cflags()),
+            extra_ldflags=['-fopenmp'],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ['PATH'] = path

@@ -1,0 +1,107 @@
+"""``timm-ssb info``: what it reports, and the first-use build it reports on (tools, cache, rebuilds)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_ssb.cli import main
+from timm_ssb.layers.native import build
+
+
+def run_info(tmp_path: Path, *args: str, path: str = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m timm_ssb.info`` in a fresh process, with the kernel cache in ``tmp_path`` and ``env`` set (an
+    empty value removes the variable)."""
+    environ = {**os.environ, 'TIMM_SSB_CACHE': str(tmp_path / 'cache'), **env}
+    environ.pop('TRITON_INTERPRET', None)
+    if path is not None:
+        environ['PATH'] = path
+    environ = {k: v for k, v in environ.items() if v}
+    return subprocess.run(
+        [sys.executable, '-m', 'timm_ssb.info', *args], env=environ, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_info_reports_this_machine_and_the_built_kernels(capsys):
+    assert main(['info']) == 0
+    out = capsys.readouterr().out
+    assert 'vector isa: ' in out and 'torch ' in out and 'timm ' in out
+    assert 'built and loaded: yes' in out
+    assert f'cache: {build.cache_dir()}' in out
+
+
+def test_info_check_tests_each_implementation_and_times_native_against_pytorch(capsys):
+    assert main(['info', '--check', '--json']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['problems'] == []
+    rows = {row['implementation']: row for row in report['self_test']}
+    assert rows['C++ (CPU)']['ok'] and rows['C++ (CPU)']['max_relative_error'] < 1e-5
+    assert 'Triton (interpreter)' in rows and rows['Triton (interpreter)']['ok']  # the suite sets TRITON_INTERPRET
+    timings = report['cpu_kernels']['faster_than_pytorch']
+    assert set(timings) == {'float32 inference', 'float32 training', 'bfloat16 inference', 'bfloat16 training'}
+    assert all(t['native_ms'] > 0 and t['reference_ms'] > 0 for t in timings.values())
+
+
+def test_a_forced_backend_that_cannot_run_is_a_nonzero_exit(tmp_path):
+    result = run_info(tmp_path, TIMM_SSB_SAMPLING_BACKEND='triton')  # no GPU, no interpreter
+    assert result.returncode == 1, result.stderr
+    assert 'problem: TIMM_SSB_SAMPLING_BACKEND=triton, but the Triton kernels cannot run here' in result.stdout
+    assert 'can run: no (no CUDA GPU' in result.stdout
+
+
+@pytest.mark.parametrize('backend,exit_code', [('auto', 0), ('native', 1)])
+def test_no_compiler_is_reported_with_its_fix(tmp_path, backend, exit_code):
+    result = run_info(tmp_path, CXX=str(tmp_path / 'no-such-c++'), TIMM_SSB_SAMPLING_BACKEND=backend)
+    assert result.returncode == exit_code, result.stderr
+    assert 'compiler: no -- fix: install a C++20 compiler' in result.stdout
+    assert 'built and loaded: no' in result.stdout and 'no C++ compiler' in result.stdout
+    assert ('problem: TIMM_SSB_SAMPLING_BACKEND=native' in result.stdout) == (backend == 'native')
+
+
+def test_an_unwritable_cache_is_reported_with_its_fix(tmp_path):
+    blocker = tmp_path / 'cache'
+    blocker.write_text('a file where the cache folder should be')
+    result = run_info(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'built and loaded: no' in result.stdout and 'set TIMM_SSB_CACHE to a writable folder' in result.stdout
+
+
+def compiler_only_path(tmp_path: Path) -> str:
+    """A PATH with the C++ toolchain and nothing else: no system ninja (as on most machines)."""
+    tools = tmp_path / 'bin'
+    tools.mkdir(parents=True)
+    for name in ('c++', 'g++', 'gcc', 'cc', 'as', 'ld', 'ld.bfd', 'ld.gold', 'cpp'):
+        found = shutil.which(name)
+        if found:
+            (tools / name).symlink_to(found)
+    return str(tools)
+
+
+@pytest.mark.slow
+def test_first_build_without_system_ninja_uses_the_ninja_package_and_says_so(tmp_path):
+    result = run_info(tmp_path, path=compiler_only_path(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'built and loaded: yes' in result.stdout, result.stdout + result.stderr
+    import ninja  # a dependency of this package
+
+    assert f'ninja: {shutil.which("ninja", path=ninja.BIN_DIR)}' in result.stdout
+    building = [line for line in result.stderr.splitlines() if line.startswith('timm_ssb: building')]
+    assert len(building) == 1 and str(tmp_path / 'cache') in building[0]
+    again = run_info(tmp_path, path=compiler_only_path(tmp_path / 'again'))  # cached: no build, nothing said
+    assert 'built and loaded: yes' in again.stdout and 'timm_ssb: building' not in again.stderr
+
+
+@pytest.mark.slow
+def test_a_cached_library_that_does_not_load_is_rebuilt_once(tmp_path):
+    first = run_info(tmp_path)
+    assert 'built and loaded: yes' in first.stdout, first.stdout + first.stderr
+    (library,) = (tmp_path / 'cache').glob('*/*.so')
+    library.write_bytes(library.read_bytes()[:1000])  # cut short, as by a full disk
+    second = run_info(tmp_path)
+    assert second.returncode == 0 and 'built and loaded: yes' in second.stdout, second.stdout + second.stderr
+    assert 'is incomplete or damaged; rebuilding it' in second.stderr
+    assert library.stat().st_size > 1000
