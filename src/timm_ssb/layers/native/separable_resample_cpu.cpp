@@ -48,7 +48,13 @@ typedef float fvec __attribute__((vector_size(kVectorBytes)));
 typedef uint16_t u16vec __attribute__((vector_size(kVectorBytes / 2)));
 typedef uint32_t u32vec __attribute__((vector_size(kVectorBytes)));
 
-constexpr int kRows = 4;  // outputs computed together, sharing each load of an input row
+// Outputs computed together, sharing each load of an input row: kRowsY output rows in the pass along y (over
+// whole (W, C) rows), kRowsX output pixels in the pass along x (over C). A block reads the union of its outputs'
+// bands, so larger blocks multiply more zero weights. Of the pairs tried (1-8 each; fp32 and bf16, layer2-4 maps,
+// AVX-512 and AVX2 builds) 4/2 was at or near the fastest everywhere; against 4/4 it took the AVX-512 build's
+// fp32 layer2 way up from 2.2 to 1.75 ms (batch 16, 2 threads), elsewhere within the run-to-run noise (~10%).
+constexpr int kRowsY = 4, kRowsX = 4;
+constexpr int kRows = kRowsY > kRowsX ? kRowsY : kRowsX;
 // Vectors per output row in weighted_rows: kRows x kVectors accumulators, kVectors inputs and a broadcast weight
 // fit the register file (AVX-512 4, AVX2 2, NEON 4, SSE 2).
 constexpr int kVectors = (kVectorRegisters - 1) / (kRows + 1) >= 4 ? 4 : 2;
@@ -212,9 +218,9 @@ void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* re
   std::vector<int64_t> y_lo(batch * out_h), y_hi(batch * out_h), x_lo(batch * out_w), x_hi(batch * out_w);
   nonzero_bands(a_y, batch * out_h, height, y_lo.data(), y_hi.data());
   nonzero_bands(a_x, batch * out_w, width, x_lo.data(), x_hi.data());
-  // Zero-padded copies of the matrices, kRows - 1 rows longer per sample, so a block of kRows rows never
+  // Zero-padded copies of the matrices, a block's size - 1 rows longer per sample, so a block never
   // reads past a sample's matrix (the extra outputs are computed and dropped).
-  const int64_t pad_h = out_h + kRows - 1, pad_w = out_w + kRows - 1;
+  const int64_t pad_h = out_h + kRowsY - 1, pad_w = out_w + kRowsX - 1;
   std::vector<float> my(batch * pad_h * height, 0.0f), mx(batch * pad_w * width, 0.0f);
   for (int64_t b = 0; b < batch; ++b) {
     std::memcpy(my.data() + b * pad_h * height, a_y + b * out_h * height, sizeof(float) * out_h * height);
@@ -231,44 +237,44 @@ void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* re
     return b_hi > 0 ? std::make_pair(b_lo, b_hi) : std::make_pair(int64_t(0), int64_t(0));
   };
   const int64_t row_len = width * channels;
-  const int64_t blocks_h = (out_h + kRows - 1) / kRows, blocks_w = (out_w + kRows - 1) / kRows;
+  const int64_t blocks_h = (out_h + kRowsY - 1) / kRowsY, blocks_w = (out_w + kRowsX - 1) / kRowsX;
   at::parallel_for(0, batch * blocks_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> t(kRows * row_len);        // output rows read along y: kRows x (W, C)
+    std::vector<float> t(kRowsY * row_len);        // output rows read along y: kRowsY x (W, C)
     std::vector<T> scratch_out(channels), scratch_res(channels, T(0));  // for blocks past the last pixel
     std::vector<const float*> t_rows(width);
     std::vector<const T*> x_rows(height);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks_h, p0 = (item % blocks_h) * kRows, p1 = std::min(p0 + kRows, out_h);
+      const int64_t b = item / blocks_h, p0 = (item % blocks_h) * kRowsY, p1 = std::min(p0 + kRowsY, out_h);
       // Columns any output pixel of this sample reads; t is computed only there.
       const auto cols = block_band(x_lo.data() + b * out_w, x_hi.data() + b * out_w, 0, out_w);
       const auto rows = block_band(y_lo.data() + b * out_h, y_hi.data() + b * out_h, p0, p1);
       for (int64_t h = rows.first; h < rows.second; ++h) x_rows[h - rows.first] = x + (b * height + h) * row_len;
-      float* t_dst[kRows];
-      for (int r = 0; r < kRows; ++r) t_dst[r] = t.data() + r * row_len;
-      weighted_rows_range<T, float, kRows>(my.data() + (b * pad_h + p0) * height + rows.first, height,
+      float* t_dst[kRowsY];
+      for (int r = 0; r < kRowsY; ++r) t_dst[r] = t.data() + r * row_len;
+      weighted_rows_range<T, float, kRowsY>(my.data() + (b * pad_h + p0) * height + rows.first, height,
                                            x_rows.data(), rows.second - rows.first, cols.first * channels,
                                            (cols.second - cols.first) * channels, t_dst, nullptr, false);
       for (int64_t p = p0; p < p1; ++p) {
         const float* t_p = t.data() + (p - p0) * row_len;
         for (int64_t w = 0; w < width; ++w) t_rows[w] = t_p + w * channels;
         for (int64_t qb = 0; qb < blocks_w; ++qb) {
-          const int64_t q0 = qb * kRows;
+          const int64_t q0 = qb * kRowsX;
           const auto band = block_band(x_lo.data() + b * out_w, x_hi.data() + b * out_w, q0,
-                                       std::min(q0 + kRows, out_w));
-          T* out_dst[kRows];
-          const T* res_src[kRows];
-          for (int r = 0; r < kRows; ++r) {
+                                       std::min(q0 + kRowsX, out_w));
+          T* out_dst[kRowsX];
+          const T* res_src[kRowsX];
+          for (int r = 0; r < kRowsX; ++r) {
             const bool inside = q0 + r < out_w;  // rows past the sample's last go to scratch
             const int64_t offset = ((b * out_h + p) * out_w + q0 + r) * channels;
             out_dst[r] = inside ? out + offset : scratch_out.data();
             res_src[r] = !residual ? nullptr : inside ? residual + offset : scratch_res.data();
           }
-          weighted_rows_range<float, T, kRows>(mx.data() + (b * pad_w + q0) * width + band.first, width,
+          weighted_rows_range<float, T, kRowsX>(mx.data() + (b * pad_w + q0) * width + band.first, width,
                                                t_rows.data() + band.first, band.second - band.first, 0, channels,
                                                out_dst, residual ? res_src : nullptr, relu);
           // A 1x1 conv of the output to one channel (the next block's saliency logits), from the pixels just
           // written, which are still in cache.
-          for (int r = 0; saliency && r < kRows && q0 + r < out_w; ++r) {
+          for (int r = 0; saliency && r < kRowsX && q0 + r < out_w; ++r) {
             float logit = saliency_b;
             const T* pixel[1] = {out_dst[r]};
             dot_tile<T, 1, 1>(pixel, &saliency_w, 1, channels, 0, 0, &logit, 1);
