@@ -137,3 +137,16 @@ def test_gpu_profile_writes_table_and_json(tmp_path):
     assert row['top'][0]['ms'] >= row['top'][-1]['ms']
     assert len(row['operators']) == 3 and row['operators'][0]['ms'] >= row['operators'][-1]['ms'] > 0
     assert all(op['shapes'].startswith('[') for op in row['operators'])
+
+
+def test_onnx_inference_writes_table_and_json(tmp_path):
+    path = tmp_path / 'onnx.json'
+    args = ['--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '64', '--rounds', '2', '--iters', '1']
+    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--json', str(path))
+    assert 'onnxruntime' in out and 'ssb_resnetd26' in out and 'resnet26d' in out
+    payload = json.loads(path.read_text())
+    (row,) = payload['results']
+    assert row['baseline'] == 'resnet26d' and len(row['ratios']) == 2
+    assert row['ratio'] == pytest.approx(sum(row['ratios']) / 2)  # the median of two
+    assert row['nodes'] > row['baseline_nodes'] > 0
+    assert payload['machine']['cpu_isa'] and payload['settings']['onnxruntime']

@@ -1,0 +1,127 @@
+"""SSB models against their baselines exported to ONNX and run in onnxruntime on the CPU, in one process.
+
+Each model is exported (``torch.onnx.export``; the sampling takes its PyTorch path, standard ops only) with a live
+adaptive sampler (random saliency convs, so the samples move), run in an onnxruntime CPU session (intra-op threads
+as given, all graph optimisations), and timed in interleaved rounds against its baseline; the ratio is the median
+over rounds of SSB throughput / baseline throughput. Also counts the exported graph's nodes.
+
+Usage:
+
+    python benchmarks/onnx_inference.py --json benchmarks/results/onnx_inference_<cpu>.json
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import onnx
+import onnxruntime
+import timm
+import torch
+from torch import nn
+
+import timm_ssb  # noqa: F401  (registers the models)
+from timm_ssb.benchmark import machine_info, report
+from timm_ssb.models import baseline_of
+
+
+def with_live_saliency(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random saliency convs (timm-ssb initialises them to zero: uniform sampling), so the samples move."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and name.endswith('saliency'):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 2.0 / fan_in**0.5)
+    return model
+
+
+def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path) -> Path:
+    model = with_live_saliency(timm.create_model(name).eval())
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    path = folder / f'{name}.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=['x'], output_names=['logits'])
+    return path
+
+
+def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+
+
+def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, object]:
+    baseline = baseline_of(name)
+    paths = {m: export(m, args.batch_size, args.img_size, args.exporter == 'dynamo', folder) for m in (name, baseline)}
+    sessions = {m: session(p, args.threads) for m, p in paths.items()}
+    x = np.random.default_rng(0).standard_normal((args.batch_size, 3, args.img_size, args.img_size), np.float32)
+    for s in sessions.values():
+        for _ in range(args.warmup):
+            s.run(None, {'x': x})
+    throughput: Dict[str, List[float]] = {m: [] for m in sessions}
+    for _ in range(args.rounds):
+        for m, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                s.run(None, {'x': x})
+            throughput[m].append(args.batch_size * args.iters / (time.perf_counter() - start))
+    ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
+    return {
+        'model': name,
+        'baseline': baseline,
+        'throughput': statistics.median(throughput[name]),
+        'baseline_throughput': statistics.median(throughput[baseline]),
+        'ratio': statistics.median(ratios),
+        'ratios': ratios,
+        'nodes': len(onnx.load(str(paths[name])).graph.node),
+        'baseline_nodes': len(onnx.load(str(paths[baseline])).graph.node),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['ssb_resnetd50', 'ssb_resnetd152'])
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--iters', type=int, default=2)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--exporter', choices=['torchscript', 'dynamo'], default='torchscript')
+    parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
+    args = parser.parse_args()
+    for flag in ('batch_size', 'img_size', 'threads', 'rounds', 'iters', 'warmup'):
+        if getattr(args, flag) <= 0:
+            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    unknown = [m for m in args.models if baseline_of(m) is None]
+    if unknown:
+        parser.error(f'--models must be SSB models with a baseline; got {", ".join(unknown)}')
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [pair_row(name, args, Path(folder)) for name in args.models]
+    machine = machine_info('cpu')
+    lines = [
+        f'onnxruntime {onnxruntime.__version__} inference on cpu ({machine["processor"]}, {machine["cpu_isa"]}), '
+        f'batch {args.batch_size}, {args.img_size}x{args.img_size}, fp32, {args.threads} threads, {args.exporter} '
+        f'exporter; median of {args.rounds} interleaved rounds of {args.iters} runs',
+        f'{"model":<17} {"baseline":<12} {"img/s":>8} {"base":>8} {"speed x":>8} {"nodes":>6} {"base":>6}',
+    ]
+    lines += [
+        f'{r["model"]:<17} {r["baseline"]:<12} {r["throughput"]:>8.2f} {r["baseline_throughput"]:>8.2f} '
+        f'{r["ratio"]:>7.2f}x {r["nodes"]:>6} {r["baseline_nodes"]:>6}'
+        for r in rows
+    ]
+    settings = {**vars(args), 'onnxruntime': onnxruntime.__version__, 'onnx': onnx.__version__}
+    report('\n'.join(lines), args.json, {'settings': settings, 'machine': machine, 'results': rows})
+
+
+if __name__ == '__main__':
+    main()
