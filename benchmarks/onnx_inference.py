@@ -3,7 +3,9 @@
 Each model is exported (``torch.onnx.export``; the sampling takes its PyTorch path, standard ops only) with a live
 adaptive sampler (random saliency convs, so the samples move), run in an onnxruntime CPU session (intra-op threads
 as given, all graph optimisations), and timed in interleaved rounds against its baseline; the ratio is the median
-over rounds of SSB throughput / baseline throughput. Also counts the exported graph's nodes.
+over rounds of SSB throughput / baseline throughput. Also counts the exported graph's nodes and, with ``--profile``,
+adds up onnxruntime's kernel time per operator type over a few more runs of each model (where an SSB model's time
+goes: its convolutions, the resampling's ``MatMul``s, the matrices' many small ops).
 
 Usage:
 
@@ -11,6 +13,7 @@ Usage:
 """
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -59,6 +62,25 @@ def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
+def operator_times(path: Path, threads: int, x: np.ndarray, runs: int) -> Dict[str, float]:
+    """onnxruntime's kernel time per operator type, ms per run, largest first."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(''))
+    profiled = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    for _ in range(runs):
+        profiled.run(None, {'x': x})
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    totals: Dict[str, float] = {}
+    for event in events:
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+            op = event['args']['op_name']
+            totals[op] = totals.get(op, 0.0) + event['dur'] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, object]:
     baseline = baseline_of(name)
     paths = {m: export(m, args.batch_size, args.img_size, args.exporter == 'dynamo', folder) for m in (name, baseline)}
@@ -75,6 +97,7 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
                 s.run(None, {'x': x})
             throughput[m].append(args.batch_size * args.iters / (time.perf_counter() - start))
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
+    profiles = {m: operator_times(p, args.threads, x, args.iters) for m, p in paths.items()} if args.profile else {}
     return {
         'model': name,
         'baseline': baseline,
@@ -84,6 +107,8 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
         'ratios': ratios,
         'nodes': len(onnx.load(str(paths[name])).graph.node),
         'baseline_nodes': len(onnx.load(str(paths[baseline])).graph.node),
+        'operator_ms': profiles.get(name),
+        'baseline_operator_ms': profiles.get(baseline),
     }
 
 
@@ -97,6 +122,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--exporter', choices=['torchscript', 'dynamo'], default='torchscript')
+    parser.add_argument('--profile', action='store_true', help="also time onnxruntime's operators by type")
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     for flag in ('batch_size', 'img_size', 'threads', 'rounds', 'iters', 'warmup'):
@@ -119,6 +145,11 @@ def main() -> None:
         f'{r["ratio"]:>7.2f}x {r["nodes"]:>6} {r["baseline_nodes"]:>6}'
         for r in rows
     ]
+    for r in rows:
+        for model, key in ((r['model'], 'operator_ms'), (r['baseline'], 'baseline_operator_ms')):
+            if r[key]:
+                top = ', '.join(f'{op} {ms:.1f}' for op, ms in list(r[key].items())[:6])
+                lines.append(f'{model}: ms per run by operator: {top} (all: {sum(r[key].values()):.1f})')
     settings = {**vars(args), 'onnxruntime': onnxruntime.__version__, 'onnx': onnx.__version__}
     report('\n'.join(lines), args.json, {'settings': settings, 'machine': machine, 'results': rows})
 

@@ -141,8 +141,8 @@ def test_gpu_profile_writes_table_and_json(tmp_path):
 
 def test_onnx_inference_writes_table_and_json(tmp_path):
     path = tmp_path / 'onnx.json'
-    args = ['--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '64', '--rounds', '2', '--iters', '1']
-    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--json', str(path))
+    args = ['--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '160', '--rounds', '2', '--iters', '1']
+    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--profile', '--json', str(path))
     assert 'onnxruntime' in out and 'ssb_resnetd26' in out and 'resnet26d' in out
     payload = json.loads(path.read_text())
     (row,) = payload['results']
@@ -150,3 +150,5 @@ def test_onnx_inference_writes_table_and_json(tmp_path):
     assert row['ratio'] == pytest.approx(sum(row['ratios']) / 2)  # the median of two
     assert row['nodes'] > row['baseline_nodes'] > 0
     assert payload['machine']['cpu_isa'] and payload['settings']['onnxruntime']
+    assert {'Conv', 'MatMul'} <= set(row['operator_ms']) and 'MatMul' not in row['baseline_operator_ms']
+    assert 'ms per run by operator' in out
