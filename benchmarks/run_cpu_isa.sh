@@ -2,11 +2,11 @@
 # Issue #22's CPU table on this machine, once per build of the native kernels: for this CPU (-march=native) and,
 # on an x86-64 CPU that has it, for AVX2 (x86-64-v3, the code an AVX2-only CPU such as AMD Zen 2/3 gets). Each
 # run: fp32 inference (batch 16) and training step (batch 8), bf16 autocast inference (batch 16), channels-last,
-# 2 threads, default allocator, every figure SSB / baseline in one process; and sampling_products.py (each
-# sampling op, native against PyTorch's path). Writes benchmarks/results/cpu_{inference_fp32,train_fp32,
-# inference_bf16,sampling_products}_<cpu>_<build>.{txt,json}: <cpu> the CPU's ISA class (avx512, avx512_amx, avx2,
+# 2 threads, default allocator, every figure SSB / baseline in one process; and sampling_products.py in fp32 and
+# bf16 (each sampling op, native against PyTorch's path and the map's memory floors). Writes
+# benchmarks/results/cpu_{inference_fp32,train_fp32,inference_bf16,sampling_products_{float32,bfloat16}}_<cpu>_<build>.{txt,json}: <cpu> the CPU's ISA class (avx512, avx512_amx, avx2,
 # neon), <build> native or x86-64-v3; the CPU, ISA, build, commit and command are in each JSON.
-# ARCHS="native" runs one build only.
+# ARCHS="native" runs one build only; SETTINGS="inference_fp32 sampling" runs those parts only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -23,9 +23,13 @@ for arch in ${ARCHS:-native x86-64-v3}; do
         python -m timm_ssb.cli bench --models "${models[@]}" --device cpu --threads 2 \
             --json "$out/cpu_${name}_$build.json" "$@" | tee "$out/cpu_${name}_$build.txt"
     }
-    bench inference_fp32 --batch-size 16
-    bench train_fp32 --batch-size 8 --train
-    bench inference_bf16 --batch-size 16 --amp bfloat16
-    python benchmarks/sampling_products.py --json "$out/cpu_sampling_products_$build.json" |
-        tee "$out/cpu_sampling_products_$build.txt"
+    settings=" ${SETTINGS:-inference_fp32 train_fp32 inference_bf16 sampling} "
+    [[ $settings == *" inference_fp32 "* ]] && bench inference_fp32 --batch-size 16
+    [[ $settings == *" train_fp32 "* ]] && bench train_fp32 --batch-size 8 --train
+    [[ $settings == *" inference_bf16 "* ]] && bench inference_bf16 --batch-size 16 --amp bfloat16
+    [[ $settings == *" sampling "* ]] || continue
+    for dtype in float32 bfloat16; do
+        python benchmarks/sampling_products.py --dtype $dtype --json "$out/cpu_sampling_products_${dtype}_$build.json" |
+            tee "$out/cpu_sampling_products_${dtype}_$build.txt"
+    done
 done

@@ -1,13 +1,15 @@
 """How fast the sampling runs, against how fast this machine multiplies matrices at all.
 
 For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 channels, 28 x 28 sampled to
-16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), fp32, channels-last, this times
+16 x 16; layer3: 1024, 14 -> 8; layer4: 2048, 7 -> 4), fp32 or (``--dtype bfloat16``) bf16, channels-last, this times
 
 * the saliency conv (1x1, C -> 1) on the full-resolution map;
 * building the adaptive sampler's four matrices from the ``(B, 1, H, W)`` saliency logits, forward, and
   forward + backward (a training step's share), and the same with PyTorch's ops (``ref``) in this process;
-* ``resample``: the map down to ``s x s``;
-* ``resample_residual``: a result back up, plus the residual, then a ReLU;
+* ``resample``: the map down to ``s x s``, and the same with PyTorch's products (``ref``) in this process;
+* ``resample_residual``: a result back up, plus the residual, then a ReLU, and the same in PyTorch's (``ref``);
+* the map's memory-traffic floors: one read of it (a sum) -- the least the way down can do -- and a copy (a read
+  and a write) -- the least the way up can do;
 * the down and up passes' forward + backward with learned matrices (a training step's share: the map's, the
   residual's and the matrices' gradients), and the same with PyTorch's ops (``ref``) in this process;
 
@@ -119,18 +121,39 @@ def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats:
     return times
 
 
-def stage_row(stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int) -> Dict[str, object]:
-    x = torch.randn(batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
+def forward_ms(x: torch.Tensor, z: torch.Tensor, matrices: List[torch.Tensor], repeats: int) -> Dict[str, float]:
+    """The way down and the way back up (residual, ReLU) in PyTorch's path (``reference_`` keys), and the map's
+    memory-traffic floors: one read (a sum over it) and a copy (a read and a write, what mapping up must do)."""
+    down_y, down_x, up_y, up_x = matrices
+    chosen = get_sampling_backend()
+    try:
+        set_sampling_backend('reference')
+        times = {
+            'reference_down_ms': median_ms(lambda: resample(x, down_y, down_x), repeats),
+            'reference_up_residual_relu_ms': median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats),
+        }
+    finally:
+        set_sampling_backend(chosen)
+    times['read_ms'] = median_ms(lambda: x.sum(dim=(2, 3)), repeats)
+    times['copy_ms'] = median_ms(lambda: x.clone(memory_format=torch.channels_last), repeats)
+    return times
+
+
+def stage_row(
+    stage: str, channels: int, side: int, size: int, batch_size: int, repeats: int, dtype: torch.dtype
+) -> Dict[str, object]:
+    x = torch.randn(batch_size, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
     down_y, down_x, up_y, up_x = uniform_matrices(x, size, 0.5 / size, 0.5 / size)
     z = resample(x, down_y, down_x)
-    saliency_weight = torch.randn(1, channels, 1, 1) / channels**0.5
-    saliency_bias = torch.zeros(1)
+    saliency_weight = (torch.randn(1, channels, 1, 1) / channels**0.5).to(dtype)
+    saliency_bias = torch.zeros(1, dtype=dtype)
     gmacs = batch_size * channels * size * side * (side + size) / 1e9
     saliency_ms = median_ms(lambda: F.conv2d(x, saliency_weight, saliency_bias), repeats)
     down_ms = median_ms(lambda: resample(x, down_y, down_x), repeats)
     up_ms = median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats)
     return {
         **matrices_ms(batch_size, side, size, repeats),
+        **forward_ms(x, z, [down_y, down_x, up_y, up_x], repeats),
         **resample_training_ms(x, [down_y, down_x, up_y, up_x], repeats),
         'stage': stage,
         'channels': channels,
@@ -161,16 +184,18 @@ def references(repeats: int) -> Dict[str, float]:
 def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
     header = (
         f'{"stage":<7} {"C":>5} {"H=W":>4} {"s":>3} {"saliency ms":>11} {"matrices ms (ref)":>17} '
-        f'{"f+b ms (ref)":>13} {"down ms":>8} {"GMAC/s":>7} {"up+res+relu ms":>14} {"GMAC/s":>7} '
-        f'{"down f+b ms (ref)":>17} {"up f+b ms (ref)":>17}'
+        f'{"f+b ms (ref)":>13} {"down ms (ref)":>15} {"GMAC/s":>7} {"up+res+relu ms (ref)":>20} {"GMAC/s":>7} '
+        f'{"read ms":>7} {"copy ms":>7} {"down f+b ms (ref)":>17} {"up f+b ms (ref)":>17}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
         lines.append(
             f'{r["stage"]:<7} {r["channels"]:>5} {r["side"]:>4} {r["size"]:>3} {r["saliency_ms"]:>11.3f} '
             f'{r["matrices_ms"]:>8.3f} ({r["reference_matrices_ms"]:.3f}) '
-            f'{r["matrices_fwd_bwd_ms"]:>6.3f} ({r["reference_matrices_fwd_bwd_ms"]:.3f}) {r["down_ms"]:>8.3f} '
-            f'{r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>14.3f} {r["up_gmacs_per_s"]:>7.0f} '
+            f'{r["matrices_fwd_bwd_ms"]:>6.3f} ({r["reference_matrices_fwd_bwd_ms"]:.3f}) {r["down_ms"]:>7.3f} '
+            f'({r["reference_down_ms"]:.3f}) {r["down_gmacs_per_s"]:>7.0f} {r["up_residual_relu_ms"]:>12.3f} '
+            f'({r["reference_up_residual_relu_ms"]:.3f}) {r["up_gmacs_per_s"]:>7.0f} {r["read_ms"]:>7.3f} '
+            f'{r["copy_ms"]:>7.3f} '
             f'{r["down_fwd_bwd_ms"]:>8.3f} ({r["reference_down_fwd_bwd_ms"]:.3f}) '
             f'{r["up_fwd_bwd_ms"]:>8.3f} ({r["reference_up_fwd_bwd_ms"]:.3f})'
         )
@@ -186,6 +211,7 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=30)
+    parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help="the map's dtype")
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     for flag in ('batch_size', 'threads', 'repeats'):
@@ -194,15 +220,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
         rows = [
-            stage_row(stage, channels, side, size, args.batch_size, args.repeats)
+            stage_row(stage, channels, side, size, args.batch_size, args.repeats, getattr(torch, args.dtype))
             for (stage, channels, side), size in zip(STAGES, DEFAULT_SSB_SIZES, strict=True)
         ]
         refs = references(args.repeats)
     machine = machine_info('cpu')
     env = machine['allocator_env']
     header = (
-        f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}), batch {args.batch_size}, '
-        f'fp32, channels_last, '
+        f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}, {machine["cpu_isa"]}, '
+        f'kernels -march={machine["kernel_arch"]}), batch {args.batch_size}, {args.dtype}, channels_last, '
         f'{args.threads} threads, median of {args.repeats}; environment: '
         f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
     )

@@ -152,3 +152,14 @@ def test_onnx_inference_writes_table_and_json(tmp_path):
     assert payload['machine']['cpu_isa'] and payload['settings']['onnxruntime']
     assert {'Conv', 'MatMul'} <= set(row['operator_ms']) and 'MatMul' not in row['baseline_operator_ms']
     assert 'ms per run by operator' in out
+
+
+def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_path):
+    path = tmp_path / 'products.json'
+    args = ['--batch-size', '1', '--repeats', '1', '--dtype', 'bfloat16', '--json', str(path)]
+    out = run_script('sampling_products.py', *args)
+    assert 'bfloat16' in out and 'read ms' in out and 'copy ms' in out
+    payload = json.loads(path.read_text())
+    assert payload['settings']['dtype'] == 'bfloat16'
+    keys = ('reference_down_ms', 'reference_up_residual_relu_ms', 'read_ms', 'copy_ms')
+    assert all(r[k] > 0 for r in payload['results'] for k in keys)
