@@ -144,7 +144,7 @@ def _build_and_load() -> None:
     library, digest = directory / f'{directory.name}.so', directory / 'library.sha256'
     if library.exists() and not _intact(library, digest):
         # Cut short or overwritten (a full disk, a killed build): loading it could crash the process (SIGBUS).
-        _say(f'the cached kernel library {library} is incomplete or damaged; rebuilding it')
+        _say(f'the cached kernel library {library} differs from what its build recorded; rebuilding it')
         _empty(directory)
     cached = library.exists()
     if not cached:
@@ -157,9 +157,11 @@ def _build_and_load() -> None:
         _say(f'the cached kernel library in {directory} could not be loaded ({type(e).__name__}); rebuilding it')
         _empty(directory)
         _compile_and_load(directory, tools['ninja'])
-    if not digest.exists():
+    # Recorded after every load: torch's build may have rebuilt the library (sources at another path, say).
+    loaded = _sha256(library)
+    if not _intact(library, digest, loaded):
         partial = digest.with_suffix(f'.{os.getpid()}.tmp')
-        partial.write_text(_sha256(library))
+        partial.write_text(loaded)
         partial.replace(digest)
 
 
@@ -167,10 +169,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _intact(library: Path, digest: Path) -> bool:
-    """Whether ``library`` is the file its build recorded (its SHA-256 in ``digest``)."""
+def _intact(library: Path, digest: Path, sha256: Optional[str] = None) -> bool:
+    """Whether ``library`` (whose SHA-256 is ``sha256``, if known) is the file its build recorded in ``digest``."""
     try:
-        return digest.read_text().strip() == _sha256(library)
+        return digest.read_text().strip() == (sha256 or _sha256(library))
     except OSError:
         return False
 
