@@ -14,8 +14,8 @@ from timm_ssb.layers.native import build
 
 
 def run_info(tmp_path: Path, *args: str, path: str = None, **env: str) -> subprocess.CompletedProcess:
-    """``python -m timm_ssb.info`` in a fresh process, with the kernel cache in ``tmp_path`` and ``env`` set (an
-    empty value removes the variable)."""
+    """``python -m timm_ssb.info`` in a fresh process, with the kernel cache in ``tmp_path / 'cache'`` and ``env``
+    set (an empty value removes the variable)."""
     environ = {**os.environ, 'TIMM_SSB_CACHE': str(tmp_path / 'cache'), **env}
     environ.pop('TRITON_INTERPRET', None)
     if path is not None:
@@ -43,14 +43,28 @@ def test_info_check_tests_each_implementation_and_times_native_against_pytorch(c
     assert 'Triton (interpreter)' in rows and rows['Triton (interpreter)']['ok']  # the suite sets TRITON_INTERPRET
     timings = report['cpu_kernels']['faster_than_pytorch']
     assert set(timings) == {'float32 inference', 'float32 training', 'bfloat16 inference', 'bfloat16 training'}
-    assert all(t['native_ms'] > 0 and t['reference_ms'] > 0 for t in timings.values())
+    assert all(t[name] > 0 for t in timings.values() for name in ('down_native_ms', 'up_reference_ms'))
 
 
-def test_a_forced_backend_that_cannot_run_is_a_nonzero_exit(tmp_path):
-    result = run_info(tmp_path, TIMM_SSB_SAMPLING_BACKEND='triton')  # no GPU, no interpreter
+def test_a_forced_backend_that_cannot_run_is_a_nonzero_exit(built):
+    result = run_info(built, TIMM_SSB_SAMPLING_BACKEND='triton')  # no GPU, no interpreter
     assert result.returncode == 1, result.stderr
     assert 'problem: TIMM_SSB_SAMPLING_BACKEND=triton, but the Triton kernels cannot run here' in result.stdout
     assert 'can run: no (no CUDA GPU' in result.stdout
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory) -> Path:
+    """A folder whose kernel cache the tests of this module build once and share."""
+    return tmp_path_factory.mktemp('built')
+
+
+@pytest.mark.parametrize('backend', ['reference', 'native'])
+def test_a_backend_that_can_run_exits_zero_and_is_named(built, backend):
+    result = run_info(built, TIMM_SSB_SAMPLING_BACKEND=backend)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f'sampling backend: {backend} (set by TIMM_SSB_SAMPLING_BACKEND)' in result.stdout
+    assert 'built and loaded: yes' in result.stdout and 'problem:' not in result.stdout
 
 
 @pytest.mark.parametrize('backend,exit_code', [('auto', 0), ('native', 1)])
@@ -103,5 +117,5 @@ def test_a_cached_library_that_does_not_load_is_rebuilt_once(tmp_path):
     library.write_bytes(library.read_bytes()[:1000])  # cut short, as by a full disk
     second = run_info(tmp_path)
     assert second.returncode == 0 and 'built and loaded: yes' in second.stdout, second.stdout + second.stderr
-    assert 'is incomplete or damaged; rebuilding it' in second.stderr
+    assert 'differs from what its build recorded; rebuilding it' in second.stderr
     assert library.stat().st_size > 1000

@@ -207,8 +207,8 @@ def measured_faster(monkeypatch, faster: bool) -> list:
     """Make this machine's calibration say the native resampling is (or is not) the faster; the questions asked."""
     asked = []
 
-    def answer(dtype, training):
-        asked.append((dtype, training))
+    def answer(dtype, training, up):
+        asked.append((dtype, training, up))
         return faster
 
     monkeypatch.setattr(native, 'native_resample_is_faster', answer)
@@ -241,12 +241,14 @@ def test_auto_backend_takes_pytorch_where_the_kernel_was_measured_slower(backend
     out = resample(x, dy, dx)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         resample(x, dy, dx)
+    resample(out, uy, ux)  # mapping up without the fused end asks about the way up too
     resample_residual(out.requires_grad_(), uy, ux, x, True).sum().backward()
     assert calls == []
-    assert asked == [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+    ways = [(torch.float32, False, False), (torch.bfloat16, False, False), (torch.float32, False, True)]
+    assert asked == ways + [(torch.float32, True, True)]
     backend('native')  # forced: the kernel, without asking
     resample(x, dy, dx)
-    assert calls == [torch.float32] and len(asked) == 3
+    assert calls == [torch.float32] and len(asked) == 4
 
 
 def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp_path):
@@ -263,7 +265,7 @@ def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp
 
     monkeypatch.setattr(calibration_module, '_measure', counted)
     entry = native.calibrate(torch.float32, False)
-    assert entry['native_ms'] > 0 and entry['reference_ms'] > 0
+    assert all(entry[name] > 0 for name in calibration_module.TIMES)
     assert entry['shape'] == list(calibration_module.CALIBRATION_SHAPE)
     kept = json.loads((tmp_path / calibration_module.CALIBRATION_FILE).read_text())
     assert kept == {f'float32/inference/{torch.get_num_threads()}': entry}

@@ -211,14 +211,14 @@ def format_report(report: Dict[str, Any]) -> str:
     ]
     if cpu['faster_than_pytorch']:
         batch, channels, side, size = CALIBRATION_SHAPE
-        lines.append(f'  native vs PyTorch products, down + up ({batch}x{channels}x{side}x{side} -> {size}x{size}):')
+        lines.append(f'  native vs PyTorch products, ms ({batch}x{channels}x{side}x{side} -> {size}x{size} and back):')
         for mode, entry in cpu['faster_than_pytorch'].items():
-            faster = entry['native_ms'] < entry['reference_ms']
-            uses = 'native' if faster else 'PyTorch'
-            lines.append(
-                f'    {mode}: {entry["native_ms"]:.2f} ms vs {entry["reference_ms"]:.2f} ms '
-                f'({entry["reference_ms"] / entry["native_ms"]:.2f}x): auto uses {uses}'
-            )
+            for way in ('down', 'up'):
+                native, reference = entry[f'{way}_native_ms'], entry[f'{way}_reference_ms']
+                lines.append(
+                    f'    {mode}, {way}: {native:.2f} vs {reference:.2f} ({reference / native:.2f}x): auto uses '
+                    + ('native' if native < reference else 'PyTorch')
+                )
     elif cpu['built']:
         lines.append('  auto uses it where it measures faster than PyTorch (timed at first use; --check shows it)')
     lines += [

@@ -336,7 +336,8 @@ def _resample_channels_last(
         t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual)
     )
     with torch.autocast(device_type, enabled=False):
-        op = native_op(x, training)
+        up = matrix_y.shape[1] > x.shape[2] or matrix_x.shape[1] > x.shape[3]  # mapping a result back up
+        op = native_op(x, training, up)
         if op is not None:
             return op(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
         return BatchedProductsResample.apply(x, matrix_y.to(x.dtype), matrix_x.to(x.dtype), residual, relu)
@@ -438,7 +439,7 @@ def resample_residual_saliency(
     if _exporting() or not (_is_channels_last(x) and _is_channels_last(residual)):
         return None
     x = _in_autocast_dtype(x)
-    if residual.dtype != x.dtype or native_op(x) is not separable_resample:
+    if residual.dtype != x.dtype or native_op(x, up=True) is not separable_resample:
         return None
     weight = saliency.weight.float().reshape(-1).contiguous()
     bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)

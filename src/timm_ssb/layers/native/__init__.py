@@ -4,7 +4,7 @@ Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` 
 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
   (:mod:`.build`) for float32/bfloat16 CPU maps where it was measured faster than PyTorch's products on this
-  machine for that dtype and mode (inference or training; :mod:`.calibration`), the Triton kernel
+  machine for that dtype, mode (inference or training) and way (down, or up; :mod:`.calibration`), the Triton kernel
   (:mod:`.triton_kernel`) for float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning
   and PyTorch from then on.
   The adaptive sampler's matrices are built by a native op too (:mod:`.matrices`): C++ on the CPU, Triton on
@@ -110,12 +110,13 @@ def _native_cpu_ready() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _native_cpu_resample_chosen(dtype: torch.dtype, training: bool) -> bool:
-    """Whether the native CPU resampling runs for maps of ``dtype`` in ``training`` (autograd) or inference: under
-    ``'native'`` wherever it is built, under ``'auto'`` where it was also measured faster (:mod:`.calibration`)."""
+def _native_cpu_resample_chosen(dtype: torch.dtype, training: bool, up: bool) -> bool:
+    """Whether the native CPU resampling runs the way ``up`` or down for maps of ``dtype`` in ``training``
+    (autograd) or inference: under ``'native'`` wherever it is built, under ``'auto'`` where it was also measured
+    faster (:mod:`.calibration`)."""
     if not _native_cpu_ready():
         return False
-    return _config['backend'] == 'native' or native_resample_is_faster(dtype, training)
+    return _config['backend'] == 'native' or native_resample_is_faster(dtype, training, up)
 
 
 @torch.compiler.assume_constant_result
@@ -129,12 +130,14 @@ def _triton_everywhere() -> bool:
     return _config['backend'] == 'triton'
 
 
-def native_op(x: torch.Tensor, training: bool = False) -> Optional[Callable[..., torch.Tensor]]:
+def native_op(x: torch.Tensor, training: bool = False, up: bool = False) -> Optional[Callable[..., torch.Tensor]]:
     """The fused op that samples ``x`` (channels-last, checked by the caller) under the chosen backend, or
-    ``None`` for PyTorch's batched products; ``training``: autograd will need its backward."""
+    ``None`` for PyTorch's batched products; ``training``: autograd will need its backward; ``up``: mapping a result
+    back up (the output larger than ``x``), else sampling down."""
     if _triton_everywhere():
         return separable_resample_triton if x.dtype in TRITON_KERNEL_DTYPES and _triton_ready() else None
-    if x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES and _native_cpu_resample_chosen(x.dtype, training):
+    on_cpu = x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES
+    if on_cpu and _native_cpu_resample_chosen(x.dtype, training, up):
         return separable_resample
     if x.device.type == 'cuda' and x.dtype in TRITON_KERNEL_DTYPES and _triton_ready():
         return separable_resample_triton

@@ -3,11 +3,11 @@
 A kernel tuned on one CPU can lose to PyTorch's path on another (the AVX-512 register tiling ran 3-4x slower than
 PyTorch's products on AVX2 CPUs), and no list of rules covers the CPUs nobody measured. So under the backend
 ``'auto'`` the native resampling runs only where it was measured to be faster: the first time a dtype and mode is
-needed (inference: the way down and the way back up with the residual and ReLU; training: the same, forward and
-backward), both paths are timed on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of uniform
-saliency, as a fresh adaptive sampler builds them), in interleaved rounds, and the medians compared. The result is
-kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread
-count), so each machine measures each once (about a tenth of a second).
+needed (inference; training: forward and backward), both paths are timed, the way down and the way back up with
+the residual and ReLU each on its own, on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of
+uniform saliency, as a fresh adaptive sampler builds them), in interleaved rounds, and the medians compared per
+way. The result is kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype,
+mode and thread count), so each machine measures each once (a fraction of a second).
 """
 
 import json
@@ -31,23 +31,28 @@ _REPEATS = 3
 _memory: Dict[str, dict] = {}
 
 
-def native_resample_is_faster(dtype: torch.dtype, training: bool) -> bool:
-    """Whether the native resampling (down, and up with residual and ReLU; with backward if ``training``) took less
-    time than PyTorch's batched products on :data:`CALIBRATION_SHAPE` in ``dtype`` on this machine."""
+def native_resample_is_faster(dtype: torch.dtype, training: bool, up: bool) -> bool:
+    """Whether the native resampling of the way ``up`` (with residual and ReLU) or down, with its backward if
+    ``training``, took less time than PyTorch's batched products on :data:`CALIBRATION_SHAPE` in ``dtype`` here."""
     entry = calibrate(dtype, training)
-    return entry['native_ms'] < entry['reference_ms']
+    way = 'up' if up else 'down'
+    return entry[f'{way}_native_ms'] < entry[f'{way}_reference_ms']
+
+
+TIMES = ('down_native_ms', 'down_reference_ms', 'up_native_ms', 'up_reference_ms')
 
 
 def calibrate(dtype: torch.dtype, training: bool) -> dict:
-    """The timing behind :func:`native_resample_is_faster`: ``{'native_ms', 'reference_ms', ...}``, measured the
-    first time it is asked for on this machine (the native library must be loaded) and kept."""
+    """The timing behind :func:`native_resample_is_faster`: ``{'down_native_ms', 'down_reference_ms', 'up_native_ms',
+    'up_reference_ms', 'shape'}``, measured the first time it is asked for on this machine (the native library must
+    be loaded) and kept."""
     key = f'{str(dtype).removeprefix("torch.")}/{"training" if training else "inference"}/{torch.get_num_threads()}'
     if key in _memory:
         return _memory[key]
     path = cache_dir() / CALIBRATION_FILE
     kept = _read(path)
     entry = kept.get(key)
-    if not (isinstance(entry, dict) and _is_time(entry.get('native_ms')) and _is_time(entry.get('reference_ms'))):
+    if not (isinstance(entry, dict) and all(_is_time(entry.get(name)) for name in TIMES)):
         entry = _measure(dtype, training)
         kept[key] = entry
         _write(path, kept)
@@ -98,27 +103,29 @@ def _measure(dtype: torch.dtype, training: bool) -> dict:
                 m.requires_grad_()
         z = reference(x, down_y, down_x, None, False).detach().requires_grad_(training)
 
-        def steps(op: Callable[..., torch.Tensor]) -> Callable[[], None]:
-            def step() -> None:
-                down = op(x, down_y, down_x, None, False)
-                up = op(z, up_y, up_x, x, True)
+        def step(op: Callable[..., torch.Tensor], up: bool) -> Callable[[], None]:
+            def run() -> None:
+                out = op(z, up_y, up_x, x, True) if up else op(x, down_y, down_x, None, False)
                 if training:
-                    torch.autograd.backward([down, up], [torch.ones_like(down), torch.ones_like(up)])
+                    out.backward(torch.ones_like(out))
 
-            return step
+            return run
 
-        times: Dict[str, List[float]] = {'native_ms': [], 'reference_ms': []}
-        candidates = {'native_ms': steps(native), 'reference_ms': steps(reference)}
-        for step in candidates.values():  # warm-up
-            step()
+        candidates = {
+            f'{way}_{name}_ms': step(op, way == 'up')
+            for way in ('down', 'up')
+            for name, op in (('native', native), ('reference', reference))
+        }
+        times: Dict[str, List[float]] = {name: [] for name in candidates}
+        for run in candidates.values():  # warm-up
+            run()
         for _ in range(_ROUNDS):
-            for name, step in candidates.items():
+            for name, run in candidates.items():
                 start = time.perf_counter()
                 for _ in range(_REPEATS):
-                    step()
+                    run()
                 times[name].append((time.perf_counter() - start) / _REPEATS * 1e3)
     return {
-        'native_ms': statistics.median(times['native_ms']),
-        'reference_ms': statistics.median(times['reference_ms']),
+        **{name: statistics.median(values) for name, values in times.items()},
         'shape': list(CALIBRATION_SHAPE),
     }
