@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .build import load_cpu_library
-from .ops import _triton_state, load_triton_kernels, triton_error
+from .ops import load_triton_kernels, triton_kernel_module
 
 __all__ = [
     'adaptive_matrices',
@@ -97,16 +97,14 @@ adaptive_matrices.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_matrices_module():
-    if not load_triton_kernels():
-        raise RuntimeError(f'timm_ssb: the Triton sampling kernels are not available ({triton_error()})')
-    return _triton_state['matrices_module']
+    return triton_kernel_module('matrices')
 
 
 def _check_triton_arguments(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float, **grads: Optional[Tensor]
 ) -> None:
     """The Triton kernels do not bound their reads: the arguments are checked here, each error naming one."""
-    if logits.device.type == 'cpu' and not _triton_state['module'].INTERPRETED:
+    if logits.device.type == 'cpu' and not triton_kernel_module('resample').INTERPRETED:
         raise RuntimeError("timm_ssb: the Triton matrices kernel runs CPU tensors only under Triton's interpreter")
     if logits.dtype != torch.float32 or logits.dim() != 3 or not logits.is_contiguous():
         raise ValueError(f'logits must be contiguous float32 (B, H, W); got {logits.dtype} {list(logits.shape)}')
@@ -185,4 +183,4 @@ adaptive_matrices_triton.register_autograd(_triton_backward, setup_context=_setu
 
 def triton_matrices_fit(height: int, width: int) -> bool:
     """Whether :func:`adaptive_matrices_triton` takes ``(B, height, width)`` logits (one program holds an axis)."""
-    return load_triton_kernels() and _triton_state['matrices_module'].fits(height, width)
+    return load_triton_kernels() and triton_kernel_module('matrices').fits(height, width)

@@ -2,8 +2,8 @@
 
 ``separable_resample(x, a_y, a_x, residual, relu) = relu?(residual + a_y @ x @ a_x^T)`` per sample and channel,
 float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down (no
-residual), maps a result back up with the block's residual add and ReLU (the output written once), and -- with
-transposed matrices -- computes the gradients of both. Two ops with that one schema:
+residual) and maps a result back up with the block's residual add and ReLU (the output written once). Two ops with
+that one schema:
 
 * ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.build`), float32 and bfloat16,
   channels-last;
@@ -40,6 +40,7 @@ __all__ = [
     'TRITON_KERNEL_DTYPES',
     'load_triton_kernels',
     'triton_error',
+    'triton_kernel_module',
 ]
 
 
@@ -197,6 +198,14 @@ def load_triton_kernels(warn: bool = False) -> bool:
 def triton_error() -> Optional[str]:
     """Why the Triton kernel could not be loaded, or ``None`` (not tried yet, or loaded)."""
     return _triton_state['error']
+
+
+def triton_kernel_module(name: str):
+    """The loaded Triton kernels' module ``'resample'`` or ``'matrices'``; a ``RuntimeError`` saying why where they
+    could not be loaded."""
+    if not load_triton_kernels():
+        raise RuntimeError(f'timm_ssb: the Triton sampling kernels are not available ({triton_error()})')
+    return _triton_state['module' if name == 'resample' else 'matrices_module']
 
 
 def _fake(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:

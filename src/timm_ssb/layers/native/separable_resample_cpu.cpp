@@ -7,7 +7,7 @@
 // each output pixel q reads only the columns where a_x[q] is not zero, adds the residual, applies the ReLU and
 // stores -- the full-resolution map is read once and the output written once, with no intermediate tensor.
 // float32 and bfloat16 maps (bfloat16 in and out, float32 accumulation). The same op maps a result back up
-// (P = H of the block, x the small map) and, with transposed matrices, computes the gradients of both.
+// (P = H of the block, x the small map); the gradients are separable_resample_backward's (below).
 // separable_resample_saliency also computes a 1x1 conv of the output to one channel (the next block's saliency
 // logits) while each output pixel is still in cache, sparing the next block a read of the whole map.
 //
