@@ -144,7 +144,8 @@ def _build_and_load() -> None:
     library, digest = directory / f'{directory.name}.so', directory / 'library.sha256'
     if library.exists() and not _intact(library, digest):
         # Cut short or overwritten (a full disk, a killed build): loading it could crash the process (SIGBUS).
-        _say(f'the cached kernel library {library} differs from what its build recorded; rebuilding it')
+        found = 'differs from what its build recorded' if digest.exists() else 'has no record of its build'
+        _say(f'the cached kernel library {library} {found}; rebuilding it')
         _empty(directory)
     cached = library.exists()
     if not cached:
