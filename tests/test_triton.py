@@ -3,7 +3,7 @@
 Without a GPU the kernel runs on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set in
 ``conftest.py``), under the ``'triton'`` backend; with a GPU the same tests run it natively on CUDA. The
 interpreter does not type-check the kernel as the compiler does, so it is also compiled for Hopper and Ampere
-GPUs (``compile_triton_kernel.py``; no GPU needed to compile).
+GPUs (``tools/compile_triton_kernel.py``; no GPU needed to compile).
 """
 
 import json
@@ -208,7 +208,7 @@ def test_kernel_compiles_for_gpus_without_one(arch):
     traces): every specialisation the resampling's launcher makes, to a cubin, tensor cores for 16-bit maps; and
     the matrices' kernels."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    script = Path(__file__).with_name('compile_triton_kernel.py')
+    script = Path(__file__).resolve().parent.parent / 'tools' / 'compile_triton_kernel.py'
     done = subprocess.run(
         [sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True, timeout=600
     )

@@ -3,9 +3,9 @@
 Each mutation edits one line of the package source in place, runs the fast tests that should catch it, and
 puts the line back (also on failure or interrupt). Not part of the suite (minutes per run):
 
-    python tests/mutation_check.py            # every mutation
-    python tests/mutation_check.py sigma_d    # the ones whose name contains 'sigma_d'
-    python tests/mutation_check.py --fast     # test_reference.py and test_sampling.py only
+    python tools/mutation_check.py            # every mutation
+    python tools/mutation_check.py sigma_d    # the ones whose name contains 'sigma_d'
+    python tools/mutation_check.py --fast     # test_reference.py and test_sampling.py only
 
 Stops at the first failing test (``-x``; the files in the order of ``TESTS``) and prints, per mutation,
 the test that caught it, or NOT CAUGHT.

@@ -1,4 +1,4 @@
-"""Compile the Triton sampling kernel for a GPU architecture without a GPU: ``python compile_triton_kernel.py 90``.
+"""Compile the Triton kernels for a GPU architecture, no GPU needed: ``python tools/compile_triton_kernel.py 90``.
 
 Every specialisation the resampling's launcher makes (float32 with residual and ReLU; bfloat16 with sizes of 1,
 which Triton turns into constants; float16 with a unit channel stride), and the matrices' kernels, compiled to a
