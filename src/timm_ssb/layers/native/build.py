@@ -93,10 +93,14 @@ def load_cpu_library(warn: bool = True) -> bool:
         _state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
         if not warn:
             return False
+        try:
+            where = f' in {cache_dir()}'
+        except ValueError:  # a bad TIMM_SSB_CPU_ARCH: the error says so
+            where = ''
         warnings.warn(
-            f'timm_ssb: the native CPU sampling kernel could not be built or loaded ({_state["error"]}); the sampling '
-            'runs in PyTorch (correct, slower). Set TIMM_SSB_SAMPLING_BACKEND=reference to use PyTorch without '
-            'trying, or =native to make this an error.',
+            f'timm_ssb: the native CPU sampling kernel could not be built or loaded{where} ({_state["error"]}); the '
+            'sampling runs in PyTorch (correct, slower). `timm-ssb info` says why and what to do. Set '
+            'TIMM_SSB_SAMPLING_BACKEND=reference to use PyTorch without trying, or =native to make this an error.',
             RuntimeWarning,
             stacklevel=3,
         )
