@@ -21,34 +21,16 @@ Usage (a CUDA GPU):
 """
 
 import argparse
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
-from timm_ssb.benchmark import machine_info, report
+from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
-from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
-
-STAGES = (('layer2', 512, 28), ('layer3', 1024, 14), ('layer4', 2048, 7))
-"""(stage, channels, map side) of a ResNet-D's stride-1 blocks at a 224 x 224 input."""
+from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
 
 BACKENDS = ('triton', 'reference')
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median of ``repeats`` CUDA-event timings of ``fn``, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Namespace) -> Dict[str, object]:
@@ -64,10 +46,10 @@ def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Na
         'side': side,
         'size': size,
         'map_mb': x.numel() * x.element_size() / 2**20,
-        'copy_ms': median_ms(lambda: copy.copy_(x), args.repeats),
+        'copy_ms': median_ms(lambda: copy.copy_(x), args.repeats, 'cuda'),
     }
     with torch.no_grad():
-        row['saliency_ms'] = median_ms(lambda: saliency(x), args.repeats)
+        row['saliency_ms'] = median_ms(lambda: saliency(x), args.repeats, 'cuda')
         z = resample(x, down_y, down_x)
         logits = saliency(x).float()  # a randomly initialised conv's: not the uniform sampler's constant logits
     logits_grad = logits.detach().requires_grad_()
@@ -75,24 +57,24 @@ def stage_row(stage: str, channels: int, side: int, size: int, args: argparse.Na
     for backend in BACKENDS:
         set_sampling_backend(backend)
         with torch.no_grad():
-            row[f'{backend}_down_ms'] = median_ms(lambda: resample(x, down_y, down_x), args.repeats)
-            row[f'{backend}_up_ms'] = median_ms(lambda: resample_residual(z, up_y, up_x, x, True), args.repeats)
+            row[f'{backend}_down_ms'] = median_ms(lambda: resample(x, down_y, down_x), args.repeats, 'cuda')
+            row[f'{backend}_up_ms'] = median_ms(lambda: resample_residual(z, up_y, up_x, x, True), args.repeats, 'cuda')
 
         def forward_backward() -> None:
             z = resample(x_grad, down_y, down_x) * 2.0
             resample_residual(z, up_y, up_x, x_grad, True).sum().backward()
 
-        row[f'{backend}_forward_backward_ms'] = median_ms(forward_backward, args.repeats)
+        row[f'{backend}_forward_backward_ms'] = median_ms(forward_backward, args.repeats, 'cuda')
 
         def matrices_forward_backward() -> None:
-            matrices = adaptive_matrices(logits_grad, size, 0.18, 0.5 / size, 0.5 / size)
+            matrices = adaptive_matrices(logits_grad, size, DEFAULT_SIGMA_G, 0.5 / size, 0.5 / size)
             sum(m.sum() for m in matrices).backward()
 
         with torch.no_grad():
             row[f'{backend}_matrices_ms'] = median_ms(
-                lambda: adaptive_matrices(logits, size, 0.18, 0.5 / size, 0.5 / size), args.repeats
+                lambda: adaptive_matrices(logits, size, DEFAULT_SIGMA_G, 0.5 / size, 0.5 / size), args.repeats, 'cuda'
             )
-        row[f'{backend}_matrices_forward_backward_ms'] = median_ms(matrices_forward_backward, args.repeats)
+        row[f'{backend}_matrices_forward_backward_ms'] = median_ms(matrices_forward_backward, args.repeats, 'cuda')
     return row
 
 
@@ -131,10 +113,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's fp32 products at full precision, like the kernel
     saved = get_sampling_backend()
     try:
-        rows = [
-            stage_row(stage, channels, side, size, args)
-            for (stage, channels, side), size in zip(STAGES, DEFAULT_SSB_SIZES, strict=True)
-        ]
+        rows = [stage_row(stage, channels, side, size, args) for stage, channels, side, size in SAMPLED_MAPS]
     finally:
         set_sampling_backend(saved)
     machine = machine_info('cuda')

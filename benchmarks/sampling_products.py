@@ -31,32 +31,15 @@ Usage:
 """
 
 import argparse
-import statistics
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from timm_ssb.benchmark import machine_info, report
+from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
-from timm_ssb.models.ssb_resnet import DEFAULT_SSB_SIZES
-
-STAGES = (('layer2', 512, 28), ('layer3', 1024, 14), ('layer4', 2048, 7))
-"""(stage, channels, map side) of a ResNet-D's stride-1 blocks at a 224 x 224 input."""
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def matrices_ms(batch_size: int, side: int, size: int, repeats: int) -> Dict[str, float]:
@@ -221,7 +204,7 @@ def main() -> None:
     with torch.inference_mode():
         rows = [
             stage_row(stage, channels, side, size, args.batch_size, args.repeats, getattr(torch, args.dtype))
-            for (stage, channels, side), size in zip(STAGES, DEFAULT_SSB_SIZES, strict=True)
+            for stage, channels, side, size in SAMPLED_MAPS
         ]
         refs = references(args.repeats)
     machine = machine_info('cpu')

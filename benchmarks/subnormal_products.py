@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from timm_ssb.benchmark import machine_info, write_json
+from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, write_json
 from timm_ssb.layers import resample
 from timm_ssb.layers.sampling_matrices import pixel_centres, tailless_softmax
 
-STAGES = (('layer2', 512, 28, 16), ('layer3', 1024, 14, 8), ('layer4', 2048, 7, 4))
 """(stage, channels, map side, sampled side) of an SSB-ResNet-D at 224 x 224."""
 
 
@@ -53,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tiny = torch.finfo(torch.float32).tiny
     rows = []
-    for stage, channels, side, size in STAGES:
+    for stage, channels, side, size in SAMPLED_MAPS:
         x = torch.randn(args.batch_size, channels, side, side).contiguous(memory_format=torch.channels_last)
         plain = down_matrix(side, size, args.batch_size, tailless=False)
         cut = down_matrix(side, size, args.batch_size, tailless=True)

@@ -231,7 +231,33 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
+MODEL_PARTS = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
+"""The parts of a timm ResNet that ``--stages`` times, in forward order."""
+
+SAMPLED_MAPS = (('layer2', 512, 28, 16), ('layer3', 1024, 14, 8), ('layer4', 2048, 7, 4))
+"""``(stage, channels, map side, sampled side)`` of a ResNet-D's SSB blocks at 224 x 224 with the default sizes:
+the maps the sampling benchmarks time."""
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: str = 'cpu') -> float:
+    """Median of ``repeats`` timings of ``fn`` in ms after three warm-up calls: wall clock on the CPU, CUDA events
+    on a GPU."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith('cuda'):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(times)
 
 
 def model_parts(model: nn.Module, blocks: bool = False) -> List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
@@ -239,7 +265,7 @@ def model_parts(model: nn.Module, blocks: bool = False) -> List[Tuple[str, Calla
     ``blocks``, each of their blocks as ``layerN.i``) and ``head``."""
     stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
     parts: List[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [('stem', stem)]
-    for layer in STAGES[1:-1]:
+    for layer in MODEL_PARTS[1:-1]:
         stage = getattr(model, layer)
         parts += [(f'{layer}.{i}', block) for i, block in enumerate(stage)] if blocks else [(layer, stage)]
     return parts + [('head', model.forward_head)]
@@ -397,9 +423,9 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
     if settings.stages:
         each = ', each part compiled on its own' if settings.compile else ''
         lines.append(f'inference ms per part (SSB / baseline{each}):')
-        lines.append(f'{"model":<16} ' + ' '.join(f'{p:>15}' for p in STAGES))
+        lines.append(f'{"model":<16} ' + ' '.join(f'{p:>15}' for p in MODEL_PARTS))
         for r in results:
-            cells = [f'{r.stages_ms[p]:.1f} / {r.baseline_stages_ms[p]:.1f}' for p in STAGES]
+            cells = [f'{r.stages_ms[p]:.1f} / {r.baseline_stages_ms[p]:.1f}' for p in MODEL_PARTS]
             lines.append(f'{r.model:<16} ' + ' '.join(f'{c:>15}' for c in cells))
     return '\n'.join(lines)
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import timm
 import torch
 
+from .layers import adaptive_matrices, resample_reference
 from .layers.native import (
     build,
     cpu_arch,
@@ -26,10 +27,12 @@ from .layers.native import (
     load_triton_kernels,
     separable_resample,
     separable_resample_triton,
+    set_sampling_backend,
     triton_error,
 )
 from .layers.native.calibration import CALIBRATION_SHAPE, calibrate
 from .layers.native.cpu_features import cpu_flags, cpu_name, vector_isa
+from .layers.samplers import DEFAULT_SIGMA_G
 from .version import __version__
 
 __all__ = ['collect', 'format_report', 'main']
@@ -144,16 +147,13 @@ def _triton() -> Dict[str, Any]:
 def _self_test(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Each implementation that can run here against the float64 reference on a small map, the way down and the
     way back up with a residual and a ReLU."""
-    from .layers import adaptive_matrices, resample_reference
-    from .layers.native import set_sampling_backend
-
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 24, 20, 18, generator=generator).contiguous(memory_format=torch.channels_last)
     logits = torch.randn(2, 1, 20, 18, generator=generator) * 2.0
     saved = get_sampling_backend()
     set_sampling_backend('reference')
     try:
-        down_y, down_x, up_y, up_x = adaptive_matrices(logits, 7, 0.18, 0.5 / 7, 0.5 / 7)
+        down_y, down_x, up_y, up_x = adaptive_matrices(logits, 7, DEFAULT_SIGMA_G, 0.5 / 7, 0.5 / 7)
     finally:
         set_sampling_backend(saved)
     z = resample_reference(x.double(), down_y.double(), down_x.double())
