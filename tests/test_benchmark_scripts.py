@@ -163,3 +163,11 @@ def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_pat
     assert payload['settings']['dtype'] == 'bfloat16'
     keys = ('reference_down_ms', 'reference_up_residual_relu_ms', 'read_ms', 'copy_ms')
     assert all(r[k] > 0 for r in payload['results'] for k in keys)
+
+
+def test_speed_table_is_made_from_the_result_files():
+    script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    payload = json.loads((BENCHMARKS / 'results' / 'cpu_inference_fp32_avx512_amx_native.json').read_text())
+    ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
+    assert f'| fp32 inference | {ratios}× ({payload["machine"]["git_commit"][:7]})' in out
