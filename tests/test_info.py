@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import timm_ssb.layers.native.calibration as calibration
 from timm_ssb.cli import main
 from timm_ssb.layers.native import build
 
@@ -34,7 +35,18 @@ def test_info_reports_this_machine_and_the_built_kernels(capsys):
     assert f'cache: {build.cache_dir()}' in out
 
 
-def test_info_check_tests_each_implementation_and_times_native_against_pytorch(capsys):
+@pytest.fixture
+def own_calibration(monkeypatch, tmp_path):
+    """The calibration kept in ``tmp_path`` (the kernels stay loaded), not in the user's cache; its measurements."""
+    monkeypatch.setattr(calibration, 'cache_dir', lambda: tmp_path)
+    monkeypatch.setattr(calibration, '_memory', {})
+    measured = []
+    measure = calibration._measure
+    monkeypatch.setattr(calibration, '_measure', lambda *args: measured.append(args) or measure(*args))
+    return measured
+
+
+def test_info_check_tests_each_implementation_and_times_native_against_pytorch(capsys, own_calibration):
     assert main(['info', '--check', '--json']) == 0
     report = json.loads(capsys.readouterr().out)
     assert report['problems'] == []
@@ -44,6 +56,12 @@ def test_info_check_tests_each_implementation_and_times_native_against_pytorch(c
     timings = report['cpu_kernels']['faster_than_pytorch']
     assert set(timings) == {'float32 inference', 'float32 training', 'bfloat16 inference', 'bfloat16 training'}
     assert all(t[name] > 0 for t in timings.values() for name in ('down_native_ms', 'up_reference_ms'))
+    assert len(own_calibration) == 4
+    assert main(['info', '--check']) == 0 and len(own_calibration) == 4  # kept
+    assert main(['info', '--check', '--recalibrate']) == 0 and len(own_calibration) == 8
+    assert 'auto uses' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--recalibrate needs --check'):
+        main(['info', '--recalibrate'])
 
 
 def test_a_forced_backend_that_cannot_run_is_a_nonzero_exit(built):

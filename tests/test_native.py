@@ -637,3 +637,38 @@ def test_ssbify_gives_stages_that_pass_saliency_and_keeps_stage_hooks(monkeypatc
     with torch.no_grad():
         model(X_96)
     assert (len(passes), stage_calls) == (7, [1])
+
+
+def test_calibration_at_first_use_is_not_counted_as_the_callers_work(monkeypatch, tmp_path):
+    """The first native resampling of a process measures the calibration; inside a FlopCounterMode (how
+    ``timm-ssb models`` counts GMACs) that must not add to the count, and the result must be the kernel's."""
+    import timm_ssb.layers.native.calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
+    monkeypatch.setattr(calibration_module, '_memory', {})
+    monkeypatch.setattr(native, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    with FlopCounterMode(display=False) as first:
+        out = resample(x, dy, dx)
+    assert (tmp_path / calibration_module.CALIBRATION_FILE).exists()  # measured just now
+    with FlopCounterMode(display=False) as again:
+        resample(x, dy, dx)
+    assert first.get_total_flops() == again.get_total_flops() == 2 * 2 * 8 * 6 * 14 * (14 + 6)
+    torch.testing.assert_close(out, resample_reference(x, dy, dx), rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_at_first_use_inside_torch_compile(monkeypatch, tmp_path):
+    """The dispatch asks the calibration while torch.compile traces (a constant to it): it measures on real tensors
+    there, and the compiled graph still holds the op once, with the reference's values."""
+    import timm_ssb.layers.native.calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
+    monkeypatch.setattr(calibration_module, '_memory', {})
+    monkeypatch.setattr(native, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: resample(t, dy, dx), fullgraph=True)
+    torch.testing.assert_close(compiled(x), resample_reference(x, dy, dx), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / calibration_module.CALIBRATION_FILE).exists()

@@ -30,7 +30,7 @@ from .layers.native import (
     set_sampling_backend,
     triton_error,
 )
-from .layers.native.calibration import CALIBRATION_SHAPE, calibrate
+from .layers.native.calibration import CALIBRATION_SHAPE, calibrate, forget_calibration
 from .layers.native.cpu_features import cpu_flags, cpu_name, vector_isa
 from .layers.samplers import DEFAULT_SIGMA_G
 from .version import __version__
@@ -247,10 +247,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--check', action='store_true', help='test each implementation and time native vs PyTorch')
+    parser.add_argument(
+        '--recalibrate', action='store_true', help="with --check: forget this build's kept timings, measure again"
+    )
     parser.add_argument('--json', action='store_true', help='print the report as JSON')
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recalibrate and not args.check:
+        raise SystemExit('timm-ssb info: --recalibrate needs --check')
+    if args.recalibrate and build.load_cpu_library(warn=False):
+        forget_calibration()
     report = collect(check=args.check)
     if args.json:
         print(json.dumps(report, indent=2))

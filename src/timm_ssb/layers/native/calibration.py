@@ -7,7 +7,8 @@ needed (inference; training: forward and backward), both paths are timed, the wa
 the residual and ReLU each on its own, on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of
 uniform saliency, as a fresh adaptive sampler builds them), in interleaved rounds, and the medians compared per
 way. The result is kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype,
-mode and thread count), so each machine measures each once (a fraction of a second).
+mode and thread count), so each machine measures each once (a fraction of a second); a busy machine can skew it, and
+``timm-ssb info --check --recalibrate`` measures again.
 """
 
 import json
@@ -16,11 +17,12 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .batched_products import BatchedProductsResample
-from .build import cache_dir
+from .build import cache_dir, load_cpu_library
 
-__all__ = ['CALIBRATION_FILE', 'CALIBRATION_SHAPE', 'calibrate', 'native_resample_is_faster']
+__all__ = ['CALIBRATION_FILE', 'CALIBRATION_SHAPE', 'calibrate', 'forget_calibration', 'native_resample_is_faster']
 
 CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_SHAPE = (4, 512, 28, 16)
@@ -44,8 +46,7 @@ TIMES = ('down_native_ms', 'down_reference_ms', 'up_native_ms', 'up_reference_ms
 
 def calibrate(dtype: torch.dtype, training: bool) -> dict:
     """The timing behind :func:`native_resample_is_faster`: ``{'down_native_ms', 'down_reference_ms', 'up_native_ms',
-    'up_reference_ms', 'shape'}``, measured the first time it is asked for on this machine (the native library must
-    be loaded) and kept."""
+    'up_reference_ms', 'shape'}``, measured the first time it is asked for on this machine and kept."""
     key = f'{str(dtype).removeprefix("torch.")}/{"training" if training else "inference"}/{torch.get_num_threads()}'
     if key in _memory:
         return _memory[key]
@@ -53,11 +54,24 @@ def calibrate(dtype: torch.dtype, training: bool) -> dict:
     kept = _read(path)
     entry = kept.get(key)
     if not (isinstance(entry, dict) and all(_is_time(entry.get(name)) for name in TIMES)):
-        entry = _measure(dtype, training)
+        # Asked from inside the caller's dispatch modes, perhaps (a FlopCounterMode counting a model, a fake-tensor
+        # trace): the timing runs outside them, on real tensors, and is not counted as the caller's work.
+        with _disable_current_modes():
+            entry = _measure(dtype, training)
         kept[key] = entry
         _write(path, kept)
     _memory[key] = entry
     return entry
+
+
+def forget_calibration() -> None:
+    """Drop this build's kept timings (file and memory), so that the next question measures again: for a
+    calibration made while the machine was busy, which would otherwise decide for good."""
+    _memory.clear()
+    try:
+        (cache_dir() / CALIBRATION_FILE).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _is_time(value: object) -> bool:
@@ -83,6 +97,8 @@ def _write(path, kept: Dict[str, dict]) -> None:
 
 
 def _measure(dtype: torch.dtype, training: bool) -> dict:
+    if not load_cpu_library(warn=False):
+        raise RuntimeError('timm_ssb: the native CPU kernels are not available to time (see `timm-ssb info`)')
     batch_size, channels, side, size = CALIBRATION_SHAPE
     native = torch.ops.timm_ssb.separable_resample
 
@@ -91,9 +107,9 @@ def _measure(dtype: torch.dtype, training: bool) -> dict:
 
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast('cpu', enabled=False):
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(batch_size, channels, side, side, generator=generator)
+        x = torch.randn(batch_size, channels, side, side, generator=generator, device='cpu')
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        uniform_saliency = torch.zeros(batch_size, side, side)  # sigma_g does not move uniform positions
+        uniform_saliency = torch.zeros(batch_size, side, side, device='cpu')  # sigma_g does not move uniform positions
         down_y, down_x, up_y, up_x = torch.ops.timm_ssb_cpu.adaptive_matrices(
             uniform_saliency, size, 1.0, 0.5 / size, 0.5 / size
         )
