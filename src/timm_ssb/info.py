@@ -4,8 +4,9 @@ Reports the CPU and its vector instruction set, the versions that matter, the sa
 C++ kernels are built (and where) or why not, whether the Triton kernels can run, and for each "no" the one-line
 fix. With ``--check``, a short self-test: every implementation that can run here against the PyTorch reference on
 a small map, and the native CPU resampling timed against PyTorch's products on a layer2-sized map per dtype and
-mode -- what the backend ``'auto'`` then uses. Exits 1 where the backend forced by ``TIMM_SSB_SAMPLING_BACKEND``
-cannot run here or a self-test fails.
+mode -- what the backend ``'auto'`` then uses. It builds the C++ kernels if they are not yet built, whatever the
+backend (also ``'reference'``, which itself never compiles anything): it reports whether they can be. Exits 1
+where the backend forced by ``TIMM_SSB_SAMPLING_BACKEND`` cannot run here or a self-test fails.
 """
 
 import argparse
