@@ -2,7 +2,10 @@
 
 ``separable_resample(x, a_y, a_x, residual, relu) = relu?(residual + a_y @ x @ a_x^T)`` per sample and channel,
 float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down (no
-residual) and maps a result back up with the block's residual add and ReLU (the output written once). Two ops with
+residual) and maps a result back up with the block's residual add and ReLU (the output written once). The
+matrices' zeros are structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and is
+zero elsewhere, which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights:
+their zero entries have no derivative) and spares the dense products outside each row's band. Two ops with
 that one schema:
 
 * ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.build`), float32 and bfloat16,
@@ -86,7 +89,7 @@ def separable_resample_backward(
     grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`separable_resample` from the output's gradient ``grad`` (channels-last, ``x``'s
-    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``. ``out`` is the forward's output where it applied the
+    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``, the matrices' on their nonzero entries. ``out`` is the forward's output where it applied the
     ReLU (``masked_grad`` is then ``grad`` zeroed where ``out <= 0``: the residual's gradient) or ``None`` (then
     ``masked_grad`` is empty); ``grad_x`` is empty unless ``need_x``, the matrices' float32 gradients unless
     ``need_matrices``. Raises ``RuntimeError`` if the kernel is not built."""
@@ -251,7 +254,8 @@ def _native_backward(ctx, grad: Tensor):
 def _backward(op, ctx, grad: Tensor):
     """The Triton op's backward. With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets
     ``a_y^T g a_x`` (the same op, transposed matrices), the residual ``g``; the matrices get products of ``g`` and
-    ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned sampler)."""
+    ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned sampler),
+    on their nonzero entries (zero elsewhere, as the C++ op's)."""
     x, a_y, a_x, out = ctx.saved_tensors
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
@@ -267,14 +271,14 @@ def _backward(op, ctx, grad: Tensor):
         grad_a_y = torch.bmm(
             along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
             x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
-        ).float()
+        ).float().masked_fill_(a_y == 0, 0.0)
     if ctx.needs_input_grad[2]:
         along_y = op(x, a_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
         grad_a_x = torch.bmm(
             grad.permute(0, 2, 3, 1).reshape(batch_size * rows, cols, channels),
             along_y.permute(0, 2, 3, 1).reshape(batch_size * rows, width, channels).transpose(1, 2),
         )
-        grad_a_x = grad_a_x.view(batch_size, rows, cols, width).sum(1).float()
+        grad_a_x = grad_a_x.view(batch_size, rows, cols, width).sum(1).float().masked_fill_(a_x == 0, 0.0)
     grad_residual = grad if ctx.needs_input_grad[3] else None
     return grad_x, grad_a_y, grad_a_x, grad_residual, None
 

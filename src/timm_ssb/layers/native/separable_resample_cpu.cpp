@@ -14,6 +14,9 @@
 // separable_resample_backward is the whole backward in one call per sample: with g the output's gradient (zero
 // where the ReLU cut, written out once for the residual), u = g A_x (P, W, C) and v = A_y x (P, W, C), it computes
 // grad_x = A_y^T u, grad_A_y[p][h] = <u[p], x[h]> and grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>. The
+// matrices' zeros are structural: their gradient is computed on the nonzero entries only (the band of each row)
+// and is zero elsewhere, as for a sparse matrix -- exact for matrices whose zero entries have no derivative (a
+// softmax with its tail cut to zero, bilinear weights), and a fraction of the dense products. The
 // full-resolution map (g when mapping up, x when mapping down) is read twice, one sample at a time and back to
 // back, so that the second read can come from cache.
 #include <ATen/ATen.h>
@@ -25,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -105,6 +109,15 @@ void nonzero_bands(const float* m, int64_t rows, int64_t cols, int64_t* lo, int6
     lo[r] = first < last ? first : 0;
     hi[r] = first < last ? last : 0;
   }
+}
+
+// [lo, hi) covering the nonzero bands [lo[r], hi[r]) of `rows` rows ([0, 0) if all are empty).
+std::pair<int64_t, int64_t> band_union(const int64_t* lo, const int64_t* hi, int64_t rows) {
+  int64_t first = INT64_MAX, last = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (hi[r] > lo[r]) first = std::min(first, lo[r]), last = std::max(last, hi[r]);
+  }
+  return first < last ? std::make_pair(first, last) : std::make_pair(int64_t{0}, int64_t{0});
 }
 
 // dst[r][j] = epilogue(sum_k w[r * w_stride + k] * src[k][j]) for r < R and j in [offset, offset + kLanes V): R
@@ -308,7 +321,8 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
   const int64_t row_len = width * channels;  // one (W, C) row of x, u and v
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u(out_h * row_len), v(grad_a_y ? out_h * row_len : 0), dots(grad_a_y ? height * out_h : 0);
-    std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width);
+    std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width),
+        x_lo(out_w), x_hi(out_w);
     std::vector<const float*> u_rows(out_h), v_rows(width);
     std::vector<const T*> x_rows(height), g_rows(out_w);
     for (int64_t b = begin; b < end; ++b) {
@@ -347,18 +361,32 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
                                  grad_x + (b * height + h) * row_len);
       if (!grad_a_y) continue;
       std::fill(dots.begin(), dots.end(), 0.0f);
-      dot_matrix<T>(x_rows.data(), height, u_rows.data(), out_h, 1, row_len, 0, 0, dots.data(), out_h);
+      for (int64_t p0 = 0; p0 < out_h; p0 += 4) {
+        const int64_t p1 = std::min<int64_t>(p0 + 4, out_h);
+        const auto [lo, hi] = band_union(y_lo.data() + p0, y_hi.data() + p0, p1 - p0);
+        dot_matrix<T>(x_rows.data() + lo, hi - lo, u_rows.data() + p0, p1 - p0, 1, row_len, 0, 0,
+                      dots.data() + lo * out_h + p0, out_h);
+      }
       for (int64_t p = 0; p < out_h; ++p)
-        for (int64_t h = 0; h < height; ++h) grad_a_y[(b * out_h + p) * height + h] = dots[h * out_h + p];
+        for (int64_t h = 0; h < height; ++h)
+          grad_a_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
       // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
       for (int64_t p = 0; p < out_h; ++p)
         weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v.data() + p * row_len);
       for (int64_t w = 0; w < width; ++w) v_rows[w] = v.data() + w * channels;
       for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
+      const float* m_x = a_x + b * out_w * width;
       float* g_a_x = grad_a_x + b * out_w * width;
       std::fill(g_a_x, g_a_x + out_w * width, 0.0f);
-      dot_matrix<T>(g_rows.data(), out_w, v_rows.data(), width, out_h, channels, out_w * channels, row_len, g_a_x,
-                    width);
+      nonzero_bands(m_x, out_w, width, x_lo.data(), x_hi.data());
+      for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
+        const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
+        const auto [lo, hi] = band_union(x_lo.data() + q0, x_hi.data() + q0, q1 - q0);
+        dot_matrix<T>(g_rows.data() + q0, q1 - q0, v_rows.data() + lo, hi - lo, out_h, channels, out_w * channels,
+                      row_len, g_a_x + q0 * width + lo, width);
+      }
+      for (int64_t i = 0; i < out_w * width; ++i)
+        if (m_x[i] == 0.0f) g_a_x[i] = 0.0f;
     }
   });
 }
