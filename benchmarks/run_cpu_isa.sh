@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 models=(ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152)
-isa=$(python -c 'from timm_ssb.layers.native.cpu_features import vector_isa; print(vector_isa())')
+isa=$(python -c 'from timm_ssb.layers.native.cpu.features import vector_isa; print(vector_isa())')
 cpu=$(echo "$isa" | tr 'A-Z' 'a-z' | tr -d ' -' | tr '+' '_')
 for arch in ${ARCHS:-native x86-64-v3}; do
     build=${cpu}_$arch

@@ -36,6 +36,6 @@ def _native_kernels_wherever_they_serve(monkeypatch):
     """Under the backend ``'auto'`` the suite runs the native CPU kernels wherever they serve, so that what a test
     compares does not depend on which path this machine measured faster (the tests of that choice set it
     themselves; ``calibrate`` itself is not patched)."""
-    import timm_ssb.layers.native as native
+    from timm_ssb.layers.native import dispatch
 
-    monkeypatch.setattr(native, 'native_resample_is_faster', lambda dtype, training, up: True)
+    monkeypatch.setattr(dispatch, 'native_resample_is_faster', lambda dtype, training, up: True)

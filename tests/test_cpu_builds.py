@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from timm_ssb.layers.native import build
-from timm_ssb.layers.native.cpu_features import cpu_flags, vector_isa
+from timm_ssb.layers.native.cpu import build
+from timm_ssb.layers.native.cpu.features import cpu_flags, vector_isa
 
 AVX2_LEVEL_FLAGS = {'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'movbe', 'xsave'}
 """The CPU flags (as /proc/cpuinfo names them) that ``-march=x86-64-v3`` code may use."""

@@ -11,7 +11,7 @@ import pytest
 
 import timm_ssb.layers.native.calibration as calibration
 from timm_ssb.cli import main
-from timm_ssb.layers.native import build
+from timm_ssb.layers.native.cpu import build
 
 
 def run_info(tmp_path: Path, *args: str, path: str = None, **env: str) -> subprocess.CompletedProcess:

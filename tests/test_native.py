@@ -23,7 +23,8 @@ from timm_ssb.layers import (
     resample_residual,
     uniform_matrices,
 )
-from timm_ssb.layers.native import build, separable_resample, set_sampling_backend
+from timm_ssb.layers.native import separable_resample, set_sampling_backend
+from timm_ssb.layers.native.cpu import build
 
 # (dtype, rtol, atol as a fraction of the reference's largest magnitude): bf16 maps in and out, fp32 inside
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
@@ -215,7 +216,7 @@ def measured_faster(monkeypatch, faster: bool) -> list:
         asked.append((dtype, training, up))
         return faster
 
-    monkeypatch.setattr(native, 'native_resample_is_faster', answer)
+    monkeypatch.setattr(native.dispatch, 'native_resample_is_faster', answer)
     return asked
 
 
@@ -301,7 +302,7 @@ def test_bad_backend_names_are_value_errors(monkeypatch):
         set_sampling_backend('fast')
     monkeypatch.setenv('TIMM_SSB_SAMPLING_BACKEND', 'cuda')
     with pytest.raises(ValueError, match='TIMM_SSB_SAMPLING_BACKEND must be one of auto, native, triton, reference'):
-        native._backend_from_environment()
+        native.dispatch._backend_from_environment()
 
 
 @pytest.fixture
@@ -311,8 +312,10 @@ def broken_build(monkeypatch):
     def fail() -> None:
         raise OSError('no C++ compiler found')
 
-    monkeypatch.setattr(build, '_state', {'loaded': False, 'error': None})
-    monkeypatch.setattr(build, '_build_and_load', fail)
+    loader = native.cpu_library
+    monkeypatch.setattr(loader, '_load', fail)
+    for name, value in (('value', None), ('error', None), ('_loaded', False), ('_warned', False)):
+        monkeypatch.setattr(loader, name, value)
 
 
 def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(broken_build, backend):
@@ -326,7 +329,7 @@ def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(
         uniform_matrices(x, 6, 1 / 12, 1 / 12)
         resample(x, dy, dx)
     torch.testing.assert_close(out, resample_reference(x, dy, dx), rtol=1e-5, atol=1e-6)
-    assert native.cpu_library_error() == 'OSError: no C++ compiler found'
+    assert native.cpu_library.error == 'OSError: no C++ compiler found'
 
 
 def test_native_backend_that_cannot_be_built_is_an_error(broken_build, backend):
@@ -414,7 +417,7 @@ def test_native_matrices_match_the_reference_values_and_gradients(batch_size, he
     sigma_down, sigma_up = 0.5 / size, 0.7 / size
     ref_logits, nat_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ref = reference_matrices(ref_logits, size, sigma_g, sigma_down, sigma_up)
-    out = native.adaptive_matrices(nat_logits[:, 0], size, sigma_g, sigma_down, sigma_up)
+    out = native.adaptive_matrices_cpu(nat_logits[:, 0], size, sigma_g, sigma_down, sigma_up)
     for r, o in zip(ref, out, strict=True):
         assert o.shape == r.shape and o.dtype == torch.float32
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
@@ -431,7 +434,7 @@ def test_native_matrices_gradient_of_a_subset_of_the_matrices():
     logits = torch.randn(2, 1, 14, 11) * 2
     ref_logits, nat_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ref = reference_matrices(ref_logits, 6, 0.18, 1 / 12, 1 / 12)
-    out = native.adaptive_matrices(nat_logits[:, 0], 6, 0.18, 1 / 12, 1 / 12)
+    out = native.adaptive_matrices_cpu(nat_logits[:, 0], 6, 0.18, 1 / 12, 1 / 12)
     (ref[1] * ref[1]).sum().backward()
     (out[1] * out[1]).sum().backward()
     torch.testing.assert_close(nat_logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-6)
@@ -441,13 +444,13 @@ def test_native_matrices_gradient_of_a_subset_of_the_matrices():
 def test_native_matrices_gradcheck_in_float64(sigma_g):
     """The hand-written backward against finite differences of the forward (the op computes in float64)."""
     logits = (torch.randn(2, 7, 9, dtype=torch.float64) * 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: native.adaptive_matrices(t, 4, sigma_g, 0.125, 0.15), (logits,))
+    assert torch.autograd.gradcheck(lambda t: native.adaptive_matrices_cpu(t, 4, sigma_g, 0.125, 0.15), (logits,))
 
 
 def test_native_matrices_registrations_pass_opcheck():
     logits = torch.randn(2, 9, 8).requires_grad_()
-    torch.library.opcheck(native.adaptive_matrices, (logits, 4, 0.18, 0.125, 0.125))
-    torch.library.opcheck(native.adaptive_matrices, (logits.detach().double(), 3, 0.1, 0.2, 0.2))
+    torch.library.opcheck(native.adaptive_matrices_cpu, (logits, 4, 0.18, 0.125, 0.125))
+    torch.library.opcheck(native.adaptive_matrices_cpu, (logits.detach().double(), 3, 0.1, 0.2, 0.2))
 
 
 def test_native_matrices_extreme_logits_like_the_reference():
@@ -459,7 +462,7 @@ def test_native_matrices_extreme_logits_like_the_reference():
     logits[1, 0, 9, 3] = 40.0
     logits[2, 0, 7, 7] = float('nan')
     ref = reference_matrices(logits, 6, 0.01, 1 / 12, 1 / 12)
-    out = native.adaptive_matrices(logits[:, 0].contiguous(), 6, 0.01, 1 / 12, 1 / 12)
+    out = native.adaptive_matrices_cpu(logits[:, 0].contiguous(), 6, 0.01, 1 / 12, 1 / 12)
     for r, o in zip(ref, out, strict=True):
         torch.testing.assert_close(o[:2], r[:2], rtol=1e-5, atol=1e-5)
         assert o[2].isnan().all() and r[2].isnan().all()
@@ -467,13 +470,13 @@ def test_native_matrices_extreme_logits_like_the_reference():
 
 def test_native_matrices_bad_inputs_are_errors():
     with pytest.raises(RuntimeError, match='size must be positive and smaller than both sides'):
-        native.adaptive_matrices(torch.randn(1, 8, 4), 4, 0.18, 0.1, 0.1)
+        native.adaptive_matrices_cpu(torch.randn(1, 8, 4), 4, 0.18, 0.1, 0.1)
     with pytest.raises(RuntimeError, match='logits must be float32 or float64'):
-        native.adaptive_matrices(torch.randn(1, 8, 8).bfloat16(), 4, 0.18, 0.1, 0.1)
+        native.adaptive_matrices_cpu(torch.randn(1, 8, 8).bfloat16(), 4, 0.18, 0.1, 0.1)
     with pytest.raises(RuntimeError, match='sigma_up must be a positive finite number; got 0'):
-        native.adaptive_matrices(torch.randn(1, 8, 8), 4, 0.18, 0.1, 0.0)
+        native.adaptive_matrices_cpu(torch.randn(1, 8, 8), 4, 0.18, 0.1, 0.0)
     with pytest.raises(RuntimeError, match='sigma_g must be a positive finite number; got inf'):
-        native.adaptive_matrices(torch.randn(1, 8, 8), 4, float('inf'), 0.1, 0.1)
+        native.adaptive_matrices_cpu(torch.randn(1, 8, 8), 4, float('inf'), 0.1, 0.1)
 
 
 def test_samplers_build_matrices_natively_where_both_axes_are_resampled(backend, monkeypatch):
@@ -650,7 +653,7 @@ def test_calibration_at_first_use_is_not_counted_as_the_callers_work(monkeypatch
 
     monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
     monkeypatch.setattr(calibration_module, '_memory', {})
-    monkeypatch.setattr(native, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
+    monkeypatch.setattr(native.dispatch, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
     x = channels_last(torch.randn(2, 8, 14, 14))
     dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
     with FlopCounterMode(display=False) as first:
@@ -669,7 +672,7 @@ def test_calibration_at_first_use_inside_torch_compile(monkeypatch, tmp_path):
 
     monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
     monkeypatch.setattr(calibration_module, '_memory', {})
-    monkeypatch.setattr(native, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
+    monkeypatch.setattr(native.dispatch, 'native_resample_is_faster', calibration_module.native_resample_is_faster)
     x = channels_last(torch.randn(2, 8, 14, 14))
     dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
     torch._dynamo.reset()

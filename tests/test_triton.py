@@ -3,7 +3,7 @@
 Without a GPU the kernel runs on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set in
 ``conftest.py``), under the ``'triton'`` backend; with a GPU the same tests run it natively on CUDA. The
 interpreter does not type-check the kernel as the compiler does, so it is also compiled for Hopper and Ampere
-GPUs (``tools/compile_triton_kernel.py``; no GPU needed to compile).
+GPUs (``tools/compile_triton_kernels.py``; no GPU needed to compile).
 """
 
 import json
@@ -32,7 +32,8 @@ from test_native import (
     reference,
 )
 from timm_ssb.layers import adaptive_matrices, resample, resample_reference, resample_residual, uniform_matrices
-from timm_ssb.layers.native import ops, separable_resample_triton
+from timm_ssb.layers.native import resample as resample_op
+from timm_ssb.layers.native import separable_resample_triton, triton_kernels
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -114,29 +115,29 @@ def test_bad_inputs_are_clear_errors():
             separable_resample_triton(*args, False)
     # a meta tensor among them would dispatch to the fake; the check itself, as a CUDA/CPU mix meets it
     with pytest.raises(ValueError, match="a_x must be on x's device"):
-        ops._check_inputs(x, a_y, a_x.to('meta'), None)
+        resample_op._check_inputs(x, a_y, a_x.to('meta'), None)
 
 
 def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
     """A kernel defined without the interpreter (TRITON_INTERPRET unset at its first use) is for GPUs only."""
-    assert ops.load_triton_kernels(), native.triton_error()
-    monkeypatch.setattr(ops._triton_state['module'], 'INTERPRETED', False)
+    assert triton_kernels(), triton_kernels.error
+    monkeypatch.setattr(triton_kernels.value.resample, 'INTERPRETED', False)
     x = channels_last(torch.randn(1, 3, 5, 4))
     with pytest.raises(RuntimeError, match=r'CPU tensors only under Triton.s interpreter \(TRITON_INTERPRET=1'):
         separable_resample_triton(x, banded(1, 2, 5), banded(1, 3, 4), None, False)
 
 
 def count_triton_calls(monkeypatch) -> list:
-    assert ops.load_triton_kernels()
+    assert triton_kernels()
     calls = []
-    module = ops._triton_state['module']
-    launch = module.separable_resample
+    module = triton_kernels.value.resample
+    launch = module.launch
 
     def counted(x, *args):
         calls.append((x.device.type, x.dtype))
         return launch(x, *args)
 
-    monkeypatch.setattr(module, 'separable_resample', counted)
+    monkeypatch.setattr(module, 'launch', counted)
     return calls
 
 
@@ -170,25 +171,26 @@ def test_auto_backend_keeps_the_cpp_kernel_on_the_cpu(backend, monkeypatch):
 def triton_missing(monkeypatch):
     """A process where Triton cannot be imported (as with PyTorch's CPU wheels)."""
 
-    def fail(name: str):
+    def fail():
         raise ModuleNotFoundError("No module named 'triton'")
 
-    monkeypatch.setattr(ops, '_triton_state', {'module': None, 'error': None})
-    monkeypatch.setattr(ops.importlib, 'import_module', fail)
+    monkeypatch.setattr(triton_kernels, '_load', fail)
+    for name, value in (('value', None), ('error', None), ('_loaded', False), ('_warned', False)):
+        monkeypatch.setattr(triton_kernels, name, value)
 
 
 def test_without_triton_auto_warns_once_and_the_forced_backends_raise(triton_missing, backend):
     backend('auto')
     with pytest.warns(RuntimeWarning, match="Triton sampling kernel could not be loaded .*No module named 'triton'"):
-        assert not native._triton_ready()
+        assert not native.dispatch._triton_ready()
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert not native._triton_ready()
-    assert native.triton_error() == "ModuleNotFoundError: No module named 'triton'"
+        assert not native.dispatch._triton_ready()
+    assert triton_kernels.error == "ModuleNotFoundError: No module named 'triton'"
     for name in ('native', 'triton'):
         backend(name)
         with pytest.raises(RuntimeError, match=f'TIMM_SSB_SAMPLING_BACKEND={name}, but the Triton sampling kernel'):
-            native._triton_ready()
+            native.dispatch._triton_ready()
 
 
 def test_compiled_sampler_keeps_the_op_in_one_graph(backend):
@@ -208,7 +210,7 @@ def test_kernel_compiles_for_gpus_without_one(arch):
     traces): every specialisation the resampling's launcher makes, to a cubin, tensor cores for 16-bit maps; and
     the matrices' kernels."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    script = Path(__file__).resolve().parent.parent / 'tools' / 'compile_triton_kernel.py'
+    script = Path(__file__).resolve().parent.parent / 'tools' / 'compile_triton_kernels.py'
     done = subprocess.run(
         [sys.executable, str(script), str(arch)], env=env, capture_output=True, text=True, timeout=600
     )
@@ -339,10 +341,10 @@ def test_whole_model_inference_on_the_triton_kernels_matches_the_reference_backe
     model = model.to(DEVICE).to(memory_format=torch.channels_last).eval()
     x = on_device(channels_last(torch.randn(2, 3, 48, 48)))
     launches = []
-    assert native.ops.load_triton_kernels()
-    matrices_module = native.ops._triton_state['matrices_module']
-    launcher = matrices_module.adaptive_matrices
-    monkeypatch.setattr(matrices_module, 'adaptive_matrices', lambda *a: launches.append(1) or launcher(*a))
+    assert triton_kernels()
+    matrices_module = triton_kernels.value.matrices
+    launcher = matrices_module.launch
+    monkeypatch.setattr(matrices_module, 'launch', lambda *a: launches.append(1) or launcher(*a))
     outputs = {}
     for name in ('reference', 'triton'):
         backend(name)

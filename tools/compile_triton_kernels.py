@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a GPU architecture, no GPU needed: ``python tools/compile_triton_kernel.py 90``.
+"""Compile the Triton kernels for a GPU architecture, no GPU needed: ``python tools/compile_triton_kernels.py 90``.
 
 Every specialisation the resampling's launcher makes (float32 with residual and ReLU; bfloat16 with sizes of 1,
 which Triton turns into constants; float16 with a unit channel stride), and the matrices' kernels, compiled to a
@@ -13,8 +13,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from timm_ssb.layers.native.triton_kernel import _separable_resample_kernel
-from timm_ssb.layers.native.triton_matrices import _axis_matrices_kernel, _matrices_backward_kernel
+from timm_ssb.layers.native.triton.matrices_kernel import axis_matrices_kernel, matrices_backward_kernel
+from timm_ssb.layers.native.triton.resample_kernel import separable_resample_kernel
 
 SPECIALISATIONS = {
     'fp32, residual, relu': ('fp32', True, True, ()),
@@ -39,16 +39,16 @@ def compile_all(arch: int) -> dict:
         pointers = {'x_ptr': dtype, 'a_y_ptr': 'fp32', 'a_x_ptr': 'fp32', 'residual_ptr': dtype, 'out_ptr': dtype}
         signature = {
             n: 'constexpr' if n in constants else f'*{pointers[n]}' if n in pointers else 'i32'
-            for n in _separable_resample_kernel.arg_names
+            for n in separable_resample_kernel.arg_names
         }
-        source = ASTSource(fn=_separable_resample_kernel, signature=signature, constexprs=constants)
+        source = ASTSource(fn=separable_resample_kernel, signature=signature, constexprs=constants)
         compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32))
         results[name] = {'cubin_bytes': len(compiled.asm['cubin']), 'tensor_cores': 'mma' in compiled.asm['ptx']}
     # The matrices' kernels, forward and backward (layer2 of a ResNet-D at 224 x 224: 28 -> 16); no matrix units.
     matrices = {
-        'matrices': (_axis_matrices_kernel, dict(BLOCK_EXTENDED=128, BLOCK_ACROSS=32, BLOCK_LENGTH=32, BLOCK_SIZE=16)),
+        'matrices': (axis_matrices_kernel, dict(BLOCK_EXTENDED=128, BLOCK_ACROSS=32, BLOCK_LENGTH=32, BLOCK_SIZE=16)),
         'matrices backward': (
-            _matrices_backward_kernel,
+            matrices_backward_kernel,
             dict(
                 HAS_GRAD_DOWN_Y=True,
                 HAS_GRAD_DOWN_X=False,

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .complexity import count_gmacs, count_params
 from .layers.native import cpu_arch, get_sampling_backend
-from .layers.native.cpu_features import cpu_name, vector_isa
+from .layers.native.cpu.features import cpu_name, vector_isa
 from .models import BASELINES
 from .version import __version__
 

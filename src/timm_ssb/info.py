@@ -22,17 +22,17 @@ import torch
 
 from .layers import adaptive_matrices, resample_reference
 from .layers.native import (
-    build,
     cpu_arch,
+    cpu_library,
     get_sampling_backend,
-    load_triton_kernels,
     separable_resample,
     separable_resample_triton,
     set_sampling_backend,
-    triton_error,
+    triton_kernels,
 )
 from .layers.native.calibration import CALIBRATION_SHAPE, calibrate, forget_calibration
-from .layers.native.cpu_features import cpu_flags, cpu_name, vector_isa
+from .layers.native.cpu import build
+from .layers.native.cpu.features import cpu_flags, cpu_name, vector_isa
 from .layers.samplers import DEFAULT_SIGMA_G
 from .version import __version__
 
@@ -99,8 +99,8 @@ def collect(check: bool = False) -> Dict[str, Any]:
 
 def _cpu_kernels(check: bool) -> Dict[str, Any]:
     tools = build.build_tools()
-    built = build.load_cpu_library(warn=False)
-    error = build.cpu_library_error()
+    built = cpu_library()
+    error = cpu_library.error
     fix = None
     if not built:
         if tools['compiler'] is None:
@@ -133,8 +133,8 @@ def _triton() -> Dict[str, Any]:
     info.update(why_not=None, fix=None)
     if _version('triton') is None:
         info.update(why_not='Triton is not installed', fix='pip install triton (it comes with the CUDA build of torch)')
-    elif not load_triton_kernels():
-        info.update(why_not=f'the kernels did not load: {triton_error()}', fix='reinstall torch with its Triton')
+    elif not triton_kernels():
+        info.update(why_not=f'the kernels did not load: {triton_kernels.error}', fix='reinstall torch with its Triton')
     elif cuda is None and not interpreter:
         info.update(
             why_not='no CUDA GPU; on the CPU the C++ kernels serve',
@@ -257,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.recalibrate and not args.check:
         raise SystemExit('timm-ssb info: --recalibrate needs --check')
-    if args.recalibrate and build.load_cpu_library(warn=False):
+    if args.recalibrate and cpu_library():
         forget_calibration()
     report = collect(check=args.check)
     if args.json:

@@ -12,6 +12,7 @@ from .samplers import (
     create_sampler,
 )
 from .sampling_matrices import (
+    SamplingMatrices,
     adaptive_matrices,
     adaptive_positions,
     bilinear_matrices,

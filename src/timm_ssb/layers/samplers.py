@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .sampling_matrices import (
+    SamplingMatrices,
     adaptive_matrices,
     add_residual,
     bilinear_matrices,
@@ -57,7 +58,8 @@ class SpatialSampler(nn.Module):
     """Interface of a sampler: ``forward`` samples, ``inverse`` maps back."""
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Return the sampled map and the state :meth:`inverse` needs."""
+        """Return the sampled map and the state :meth:`inverse` needs (a matrix sampler's is its
+        :class:`~.sampling_matrices.SamplingMatrices`)."""
         raise NotImplementedError
 
     def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -125,32 +127,32 @@ class MatrixSampler(SpatialSampler):
             raise ValueError(f'size must be a positive int, got {size!r}')
         self.size = size
 
-    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """``[down_y (B, s, H), down_x (B, s, W), up_y (B, H, s), up_x (B, W, s)]`` for ``x``."""
+    def matrices(self, x: torch.Tensor) -> SamplingMatrices:
+        """The four matrices for ``x``; they are the state :meth:`inverse` takes."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, SamplingMatrices]:
         mats = self.matrices(x)
-        return apply_sampling(x, mats[0], mats[1]), mats
+        return apply_sampling(x, mats.down_y, mats.down_x), mats
 
-    def inverse(self, y: torch.Tensor, state: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        return apply_sampling(y, state[2], state[3])
+    def inverse(self, y: torch.Tensor, state: SamplingMatrices, like: torch.Tensor) -> torch.Tensor:
+        return apply_sampling(y, state.up_y, state.up_x)
 
     def inverse_residual(
-        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool
+        self, y: torch.Tensor, state: SamplingMatrices, residual: torch.Tensor, relu: bool
     ) -> torch.Tensor:
-        return apply_sampling_residual(y, state[2], state[3], residual, relu)
+        return apply_sampling_residual(y, state.up_y, state.up_x, residual, relu)
 
     @torch.jit.unused
     def inverse_residual_saliency(
-        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool, saliency: nn.Conv2d
+        self, y: torch.Tensor, state: SamplingMatrices, residual: torch.Tensor, relu: bool, saliency: nn.Conv2d
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`inverse_residual` and ``saliency`` (a 1x1 conv to one channel, e.g. the next block's) of its
         result in one pass, for inference: ``(out, logits)``; ``None`` where that does not apply (an axis not
         resampled, a map the native kernel does not serve)."""
-        if _is_identity(state[2], state[3]):
+        if _is_identity(state.up_y, state.up_x):
             return None
-        return resample_residual_saliency(y, state[2], state[3], residual, relu, saliency)
+        return resample_residual_saliency(y, state.up_y, state.up_x, residual, relu, saliency)
 
     def extra_repr(self) -> str:
         return f'size={self.size}'
@@ -174,7 +176,7 @@ class GaussianSampler(MatrixSampler):
 class UniformSampler(GaussianSampler):
     """Gaussian sampling on the uniform ``size x size`` grid; no parameters."""
 
-    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def matrices(self, x: torch.Tensor) -> SamplingMatrices:
         return uniform_matrices(x, self.size, self.sigma_down, self.sigma_up)
 
 
@@ -218,20 +220,20 @@ class AdaptiveSampler(GaussianSampler):
         """``(B, 1, H, W)`` saliency logits."""
         return self.saliency(x)
 
-    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def matrices(self, x: torch.Tensor) -> SamplingMatrices:
         return self.matrices_from_logits(self.saliency_logits(x))
 
-    def matrices_from_logits(self, saliency_logits: torch.Tensor) -> List[torch.Tensor]:
+    def matrices_from_logits(self, saliency_logits: torch.Tensor) -> SamplingMatrices:
         """:meth:`matrices` from the map's saliency logits, computed elsewhere (e.g. fused into the block before)."""
         return adaptive_matrices(saliency_logits, self.size, self.sigma_g, self.sigma_down, self.sigma_up)
 
     @torch.jit.unused
     def forward_with_logits(
         self, x: torch.Tensor, saliency_logits: torch.Tensor
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, SamplingMatrices]:
         """``self(x)`` given ``x``'s saliency logits."""
         mats = self.matrices_from_logits(saliency_logits)
-        return apply_sampling(x, mats[0], mats[1]), mats
+        return apply_sampling(x, mats.down_y, mats.down_x), mats
 
     def extra_repr(self) -> str:
         return f'size={self.size}, sigma_g={self.sigma_g}'
@@ -240,7 +242,7 @@ class AdaptiveSampler(GaussianSampler):
 class BilinearSampler(MatrixSampler):
     """Bilinear interpolation to ``size x size`` and back, as matrices; no parameters."""
 
-    def matrices(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def matrices(self, x: torch.Tensor) -> SamplingMatrices:
         return bilinear_matrices(x, self.size)
 
 

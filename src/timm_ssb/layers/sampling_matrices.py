@@ -18,7 +18,7 @@ Every function is registered with timm as an FX leaf (``register_notrace_functio
 on shapes and layouts, which symbolic tracing cannot follow, and they hold no parameters.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,10 @@ from .native import (
     separable_resample,
     separable_resample_saliency,
 )
+from .tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
 
 __all__ = [
+    'SamplingMatrices',
     'pixel_centres',
     'identity_matrices',
     'gaussian_matrices',
@@ -55,6 +57,16 @@ __all__ = [
 ]
 
 
+class SamplingMatrices(NamedTuple):
+    """A sampler's four matrices for a ``(B, C, H, W)`` map sampled to ``s x s``: down ``z = down_y @ x @ down_x^T``,
+    up ``y = up_y @ z @ up_x^T``. An axis not resampled has the identity for both of its matrices."""
+
+    down_y: torch.Tensor  # (B, s, H)
+    down_x: torch.Tensor  # (B, s, W)
+    up_y: torch.Tensor  # (B, H, s)
+    up_x: torch.Tensor  # (B, W, s)
+
+
 def pixel_centres(length: int, device: torch.device, start: int = 0, end: int = -1) -> torch.Tensor:
     """Normalised centres ``(j + 1/2) / length`` for ``j`` in ``[start, end)`` (``end=-1``: ``length``)."""
     end = length if end < 0 else end
@@ -67,35 +79,20 @@ def identity_matrices(length: int, batch_size: int, device: torch.device) -> Lis
     return [eye, eye]
 
 
-SMALLEST_WEIGHT_LOG = -50.0
-"""Softmax weights below ``exp(-50)`` (~2e-22) of their row's largest are set to exactly zero (the default of
-:func:`tailless_softmax`, used for the saliency positions; the sampling kernels cut tighter, at
-:data:`KERNEL_WEIGHT_LOG`).
-
-A Gaussian's far tail underflows into subnormal floats (~1e-40); on Intel CPUs every multiply with a
-subnormal takes a microcode assist, and the sampling products ran up to ten times slower. Cutting the tail
-at 2e-22 of the peak leaves no subnormal weight, and keeps the products of the remaining weights with
-activations above ~1e-16 in magnitude normal; it changes results by less than 1e-21 relative."""
-
-
-KERNEL_WEIGHT_LOG = -18.0
-"""The Gaussian sampling kernels' weights below ``exp(-18)`` (~1.5e-8) of their row's largest are set to zero.
-
-That keeps the taps within ~6 sigma of each sample: a band of a few input pixels per output (11 of layer2's 28
-rows when sampling 28 -> 16), which the native kernel reads instead of the whole axis. It changes results by
-less than 1e-7 relative (the weights dropped sum to less than that); the saliency positions keep the wider
-:data:`SMALLEST_WEIGHT_LOG` cut."""
-
-
 def tailless_softmax(logits: torch.Tensor, dim: int, smallest_weight_log: float = SMALLEST_WEIGHT_LOG) -> torch.Tensor:
-    """``softmax(logits, dim)`` with the entries below ``exp(smallest_weight_log)`` of the largest set to zero.
-
-    (The width is an argument, not the module constant, because TorchScript cannot read float globals.)"""
+    """``softmax(logits, dim)`` with the entries below ``exp(smallest_weight_log)`` of the largest set to zero
+    (:mod:`.tail_cuts`)."""
     floor = logits.amax(dim=dim, keepdim=True) + smallest_weight_log
     return torch.softmax(logits.masked_fill(logits < floor, float('-inf')), dim=dim)
 
 
-def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
+def gaussian_matrices(
+    positions: torch.Tensor,
+    length: int,
+    sigma_down: float,
+    sigma_up: float,
+    kernel_weight_log: float = KERNEL_WEIGHT_LOG,
+) -> List[torch.Tensor]:
     """Gaussian read-out and scatter-back matrices for samples at ``positions``.
 
     Args:
@@ -110,9 +107,8 @@ def gaussian_matrices(positions: torch.Tensor, length: int, sigma_down: float, s
     """
     centres = pixel_centres(length, positions.device)
     sq_dist = (positions.unsqueeze(-1) - centres).square()  # (B, s, L)
-    # -18.0 is KERNEL_WEIGHT_LOG, written out: TorchScript cannot read float globals
-    down = tailless_softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1, smallest_weight_log=-18.0)
-    up = tailless_softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2, smallest_weight_log=-18.0)
+    down = tailless_softmax(sq_dist * (-0.5 / sigma_down**2), dim=-1, smallest_weight_log=kernel_weight_log)
+    up = tailless_softmax(sq_dist * (-0.5 / sigma_up**2), dim=-2, smallest_weight_log=kernel_weight_log)
     up = up.transpose(-1, -2)
     return [down, up]
 
@@ -159,8 +155,8 @@ def separable_matrices(
     sigma_down: float,
     sigma_up: float,
     bilinear: bool = False,
-) -> List[torch.Tensor]:
-    """``[down_y, down_x, up_y, up_x]`` for a map of ``lengths = [H, W]`` sampled to ``size x size``.
+) -> SamplingMatrices:
+    """The :class:`SamplingMatrices` for a map of ``lengths = [H, W]`` sampled to ``size x size``.
 
     The one loop over the two axes that every matrix sampler shares. An axis not longer than ``size``
     gets the identity; any other gets the Gaussian pair at ``positions[axis]`` (``(B, size)``; ``None``:
@@ -184,12 +180,12 @@ def separable_matrices(
             pair = gaussian_matrices(axis_positions, length, sigma_down, sigma_up)
         down.append(pair[0])
         up.append(pair[1])
-    return [down[0], down[1], up[0], up[1]]
+    return SamplingMatrices(down[0], down[1], up[0], up[1])
 
 
 @register_notrace_function
-def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: float) -> List[torch.Tensor]:
-    """``[down_y, down_x, up_y, up_x]`` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels).
+def uniform_matrices(x: torch.Tensor, size: int, sigma_down: float, sigma_up: float) -> SamplingMatrices:
+    """The :class:`SamplingMatrices` sampling ``x`` on the uniform ``size x size`` grid (Gaussian kernels).
 
     Where :func:`adaptive_matrices` takes its native op, so does this, with constant saliency (whose positions are
     the uniform grid exactly, whatever ``sigma_g``): a fresh adaptive sampler and the uniform one then give the
@@ -234,8 +230,8 @@ def adaptive_matrices(
     sigma_g: float,
     sigma_down: float,
     sigma_up: float,
-) -> List[torch.Tensor]:
-    """``[down_y, down_x, up_y, up_x]`` sampling where the saliency map puts its mass.
+) -> SamplingMatrices:
+    """The :class:`SamplingMatrices` sampling where the saliency map puts its mass.
 
     Args:
         saliency_logits: ``(B, 1, H, W)``; the saliency map is their softmax over all ``H * W``
@@ -263,33 +259,43 @@ def adaptive_matrices(
         # exactly-zero gradient so every parameter takes part in every step (DDP without
         # find_unused_parameters, timm's tests).
         zero = saliency_logits.float().sum() * 0.0
-        mats = [m + zero if m.shape[-1] == m.shape[-2] else m for m in mats]
+        mats = SamplingMatrices(
+            _tie_square(mats.down_y, zero),
+            _tie_square(mats.down_x, zero),
+            _tie_square(mats.up_y, zero),
+            _tie_square(mats.up_x, zero),
+        )
     return mats
+
+
+def _tie_square(matrix: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``matrix + zero`` where it is square (an identity), else ``matrix``."""
+    return matrix + zero if matrix.shape[-1] == matrix.shape[-2] else matrix
 
 
 @torch.jit.unused
 def _native_adaptive_matrices(
     saliency_logits: torch.Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
-) -> Optional[List[torch.Tensor]]:
+) -> Optional[SamplingMatrices]:
     """:func:`adaptive_matrices` by the native op, or ``None`` where the backend or device has none."""
     op = native_matrices_op(saliency_logits)
     if op is None:
         return None
     batch_size, height, width = saliency_logits.shape[0], saliency_logits.shape[-2], saliency_logits.shape[-1]
     logits = saliency_logits.float().reshape(batch_size, height, width).contiguous()
-    return list(op(logits, size, sigma_g, sigma_down, sigma_up))
+    return SamplingMatrices(*op(logits, size, sigma_g, sigma_down, sigma_up))
 
 
 @torch.jit.unused
 def _native_uniform_matrices(
     x: torch.Tensor, size: int, sigma_down: float, sigma_up: float
-) -> Optional[List[torch.Tensor]]:
+) -> Optional[SamplingMatrices]:
     """:func:`uniform_matrices` by the native op (constant saliency), or ``None`` where there is none."""
     constant = torch.zeros(x.shape[0], x.shape[-2], x.shape[-1], device=x.device, dtype=torch.float32)
     op = native_matrices_op(constant)
     if op is None:
         return None
-    return list(op(constant, size, 1.0, sigma_down, sigma_up))
+    return SamplingMatrices(*op(constant, size, 1.0, sigma_down, sigma_up))
 
 
 def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> torch.Tensor:
@@ -306,7 +312,7 @@ def bilinear_matrix(in_length: int, out_length: int, device: torch.device) -> to
 
 
 @register_notrace_function
-def bilinear_matrices(x: torch.Tensor, size: int) -> List[torch.Tensor]:
+def bilinear_matrices(x: torch.Tensor, size: int) -> SamplingMatrices:
     """``[down_y, down_x, up_y, up_x]``: bilinear interpolation to ``size x size`` and back, as matrices."""
     return separable_matrices([x.shape[-2], x.shape[-1]], size, x.shape[0], x.device, None, 0.0, 0.0, bilinear=True)
 

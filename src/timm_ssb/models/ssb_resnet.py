@@ -46,6 +46,9 @@ __all__ = [
     'check_ssb_args',
     'use_ssb_stages',
     'warm_start_tag',
+    'ssb_cfg',
+    'source_weights_hint',
+    'weights_error_reason',
 ]
 
 SSB_STAGES = ('layer2', 'layer3', 'layer4')
@@ -482,7 +485,7 @@ def _weights_source(cfg: PretrainedCfg) -> str:
     return f'the URL {cfg.url!r}'
 
 
-def _why_not_loaded(error: Exception) -> str:
+def weights_error_reason(error: Exception) -> str:
     """A one-line reason for a failed weight download or read."""
     if isinstance(error, LocalEntryNotFoundError):
         if hf_constants.HF_HUB_OFFLINE:
@@ -532,12 +535,13 @@ def _create_ssb_resnet(variant: str, pretrained: bool = False, **kwargs: Any) ->
                 "'hf-hub:ORG/NAME'."
             )
         raise RuntimeError(
-            f'{name}: the pretrained weights could not be loaded from {_weights_source(cfg)}: {_why_not_loaded(e)}. '
-            + hint
+            f'{name}: the pretrained weights could not be loaded from {_weights_source(cfg)}: '
+            f'{weights_error_reason(e)}. ' + hint
         ) from e
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def ssb_cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    """A pretrained cfg of an SSB model (timm's ``_cfg``): ImageNet's data config, SSB's paper, ``kwargs`` over them."""
     return {
         'url': url,
         'num_classes': 1000,
@@ -560,14 +564,14 @@ def _warm_start_cfg(name: str) -> Dict[str, Any]:
     """The warm-start tag's cfg: timm's source weights, with the data config they were trained with."""
     source = WARM_START_SOURCES[name]
     source_cfg = get_pretrained_cfg(source).to_dict()
-    return _cfg(hf_hub_id=f'timm/{source}', **{k: source_cfg[k] for k in SOURCE_DATA_CFG_KEYS if k in source_cfg})
+    return ssb_cfg(hf_hub_id=f'timm/{source}', **{k: source_cfg[k] for k in SOURCE_DATA_CFG_KEYS if k in source_cfg})
 
 
 def _model_cfgs(name: str) -> Dict[str, Dict[str, Any]]:
     """The project's ImageNet weights (the default tag; a placeholder unless ``TIMM_SSB_HUB_ORG`` is set),
     then the warm start from the baseline's timm weights."""
     return {
-        f'{name}.in1k': _cfg(hf_hub_id=f'{HUB_ORG}/{name}.in1k' if HUB_ORG else None),
+        f'{name}.in1k': ssb_cfg(hf_hub_id=f'{HUB_ORG}/{name}.in1k' if HUB_ORG else None),
         f'{name}.{warm_start_tag(name)}': _warm_start_cfg(name),
     }
 

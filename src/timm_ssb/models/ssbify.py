@@ -32,12 +32,12 @@ from .ssb_resnet import (
     SOURCE_DATA_CFG_KEYS,
     SSB_STAGES,
     SSBBottleneck,
-    _cfg,
-    _why_not_loaded,
     add_missing_sampler_tensors,
     check_ssb_args,
     source_weights_hint,
+    ssb_cfg,
     use_ssb_stages,
+    weights_error_reason,
 )
 
 __all__ = ['ssbify', 'DEFAULT_SSB_SOURCE']
@@ -159,10 +159,10 @@ def _source_cfg(source: Any) -> Dict[str, Any]:
 def _converted_cfg(source_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The ``ssb_resnet`` cfg of a source: no weights of its own, the source's data config and layer names."""
     keys = (*SOURCE_DATA_CFG_KEYS, 'num_classes', 'first_conv', 'classifier', 'license')
-    return _cfg(**{k: source_cfg[k] for k in keys if k in source_cfg})
+    return ssb_cfg(**{k: source_cfg[k] for k in keys if k in source_cfg})
 
 
-default_cfgs = generate_default_cfgs({'ssb_resnet': _cfg()})
+default_cfgs = generate_default_cfgs({'ssb_resnet': ssb_cfg()})
 
 
 @register_model
@@ -199,8 +199,8 @@ def ssb_resnet(
             if not load_source:
                 raise
             raise RuntimeError(
-                f"ssb_resnet: timm's weights of ssb_source={ssb_source!r} could not be loaded: {_why_not_loaded(e)}. "
-                + source_weights_hint(ssb_source)
+                f"ssb_resnet: timm's weights of ssb_source={ssb_source!r} could not be loaded: "
+                f'{weights_error_reason(e)}. ' + source_weights_hint(ssb_source)
             ) from e
         _check_convertible(source)
         return _convert(source, sizes, ssb_sampler, ssb_saliency_kernel, ssb_sampler_args)

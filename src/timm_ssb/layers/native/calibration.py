@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .batched_products import BatchedProductsResample
-from .build import cache_dir, load_cpu_library
+from .cpu.build import cache_dir, cpu_library
 
 __all__ = ['CALIBRATION_FILE', 'CALIBRATION_SHAPE', 'calibrate', 'forget_calibration', 'native_resample_is_faster']
 
@@ -97,8 +97,7 @@ def _write(path, kept: Dict[str, dict]) -> None:
 
 
 def _measure(dtype: torch.dtype, training: bool) -> dict:
-    if not load_cpu_library(warn=False):
-        raise RuntimeError('timm_ssb: the native CPU kernels are not available to time (see `timm-ssb info`)')
+    cpu_library.require()
     batch_size, channels, side, size = CALIBRATION_SHAPE
     native = torch.ops.timm_ssb.separable_resample
 

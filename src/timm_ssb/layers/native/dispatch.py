@@ -1,11 +1,11 @@
-"""Native sampling kernels, and which implementation the sampling uses.
+"""Which implementation the sampling uses: the backends and their resolution order, in one place.
 
 Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` at run time):
 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
-  (:mod:`.build`) for float32/bfloat16 CPU maps where it was measured faster than PyTorch's products on this
+  (:mod:`.cpu.build`) for float32/bfloat16 CPU maps where it was measured faster than PyTorch's products on this
   machine for that dtype, mode (inference or training) and way (down, or up; :mod:`.calibration`), the Triton kernel
-  (:mod:`.triton_kernel`) for float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning
+  (:mod:`.triton.resample_kernel`) for float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning
   and PyTorch from then on.
   The adaptive sampler's matrices are built by a native op too (:mod:`.matrices`): C++ on the CPU, Triton on
   CUDA;
@@ -27,45 +27,20 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .batched_products import BatchedProductsResample
-from .build import cache_dir, cpu_arch, cpu_library_error, load_cpu_library
-from .calibration import calibrate, native_resample_is_faster
-from .matrices import (
-    adaptive_matrices,
-    adaptive_matrices_triton,
-    adaptive_matrices_triton_backward,
-    triton_matrices_fit,
-)
-from .ops import (
-    TRITON_KERNEL_DTYPES,
-    load_triton_kernels,
-    separable_resample,
-    separable_resample_backward,
-    separable_resample_saliency,
-    separable_resample_triton,
-    triton_error,
-)
+from .calibration import native_resample_is_faster
+from .cpu.build import cpu_library
+from .loading import KernelLoader
+from .matrices import adaptive_matrices_cpu, adaptive_matrices_triton, triton_matrices_fit
+from .resample import TRITON_KERNEL_DTYPES, separable_resample, separable_resample_triton
+from .triton import triton_kernels
 
 __all__ = [
     'SAMPLING_BACKENDS',
+    'CPU_KERNEL_DTYPES',
     'get_sampling_backend',
     'set_sampling_backend',
     'native_op',
     'native_matrices_op',
-    'BatchedProductsResample',
-    'calibrate',
-    'cpu_arch',
-    'adaptive_matrices',
-    'adaptive_matrices_triton',
-    'adaptive_matrices_triton_backward',
-    'separable_resample',
-    'separable_resample_backward',
-    'separable_resample_saliency',
-    'separable_resample_triton',
-    'cache_dir',
-    'cpu_library_error',
-    'triton_error',
-    'TRITON_KERNEL_DTYPES',
 ]
 
 SAMPLING_BACKENDS = ('auto', 'native', 'triton', 'reference')
@@ -82,31 +57,29 @@ def set_sampling_backend(backend: str) -> None:
 
 
 def get_sampling_backend() -> str:
-    """The backend chosen (not whether the native kernel could be built: see :func:`cpu_library_error`)."""
+    """The backend chosen (not whether the native kernels could be built: see ``cpu_library.error``)."""
     return _config['backend']
 
 
-def _kernel_ready(
-    load: Callable[..., bool], error: Callable[[], Optional[str]], kernel: str, forced: Tuple[str, ...]
-) -> bool:
-    """Whether a kernel is to be used under the chosen backend and is built or loaded (``load(warn=...)``
-    warns once under ``'auto'``); a backend in ``forced`` that cannot have it is an error."""
+def _kernel_ready(loader: KernelLoader, forced: Tuple[str, ...]) -> bool:
+    """Whether a kernel is to be used under the chosen backend and is built or loaded (a failure warns once under
+    ``'auto'``); a backend in ``forced`` that cannot have it is an error."""
     backend = _config['backend']
     if backend == 'reference':
         return False
-    if load(warn=backend == 'auto'):
+    if loader(warn=backend == 'auto'):
         return True
     if backend in forced:
         raise RuntimeError(
-            f'TIMM_SSB_SAMPLING_BACKEND={backend}, but the {kernel} could not be built or loaded: {error()}'
+            f'TIMM_SSB_SAMPLING_BACKEND={backend}, but the {loader.name} could not be built or loaded: {loader.error}'
         )
     return False
 
 
 @torch.compiler.assume_constant_result
 def _native_cpu_ready() -> bool:
-    """Whether the native CPU kernel is to be used and is built; a constant to ``torch.compile``."""
-    return _kernel_ready(load_cpu_library, cpu_library_error, 'native CPU sampling kernel', ('native',))
+    """Whether the native CPU kernels are to be used and are built; a constant to ``torch.compile``."""
+    return _kernel_ready(cpu_library, ('native',))
 
 
 @torch.compiler.assume_constant_result
@@ -122,7 +95,7 @@ def _native_cpu_resample_chosen(dtype: torch.dtype, training: bool, up: bool) ->
 @torch.compiler.assume_constant_result
 def _triton_ready() -> bool:
     """Whether the Triton kernel is to be used on CUDA maps (or, backend ``'triton'``, on any) and is loaded."""
-    return _kernel_ready(load_triton_kernels, triton_error, 'Triton sampling kernel', ('native', 'triton'))
+    return _kernel_ready(triton_kernels, ('native', 'triton'))
 
 
 @torch.compiler.assume_constant_result
@@ -149,7 +122,7 @@ def native_matrices_op(logits: torch.Tensor) -> Optional[Callable[..., Tuple[tor
     backend, or ``None`` for PyTorch's ops: the C++ one for CPU logits; the Triton one for CUDA logits (any logits
     under backend ``'triton'``) where the map is not too large for it."""
     if logits.device.type == 'cpu' and not _triton_everywhere() and _native_cpu_ready():
-        return adaptive_matrices
+        return adaptive_matrices_cpu
     if logits.device.type != 'cuda' and not _triton_everywhere():
         return None
     if _triton_ready() and triton_matrices_fit(logits.shape[-2], logits.shape[-1]):

@@ -1,13 +1,14 @@
 """The adaptive sampler's matrices as one native op: C++ on the CPU, Triton on a GPU.
 
-``adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` computes what
+``adaptive_matrices_cpu(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` (the op
+``torch.ops.timm_ssb.adaptive_matrices``) computes what
 :func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the reference) computes from ``(B, H, W)`` saliency
-logits, for maps whose two sides are both longer than ``size``: one C++ call (``adaptive_matrices_cpu.cpp``, built
-with the resampling kernel by :mod:`.build`) instead of about a hundred small tensor ops, whose dispatch cost
+logits, for maps whose two sides are both longer than ``size``: one C++ call (``cpu/matrices.cpp``, built
+with the resampling kernel by :mod:`.cpu.build`) instead of about a hundred small tensor ops, whose dispatch cost
 (some 0.7-1 ms per block on a 2-core CPU) was most of what building the matrices took; its backward is one more
 call, instead of as many small ops again. float32 and float64 logits; the matrices come out in their dtype.
 
-``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton_matrices`: two launches
+``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton.matrices_kernel`: two launches
 instead of about 140 ops, whose launches set an eager GPU model's pace), its backward one more launch.
 """
 
@@ -17,36 +18,31 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .build import load_cpu_library
-from .ops import load_triton_kernels, triton_kernel_module
+from .cpu.build import cpu_library
+from .triton import triton_kernels
 
 __all__ = [
-    'adaptive_matrices',
-    'adaptive_matrices_backward',
+    'adaptive_matrices_cpu',
+    'adaptive_matrices_cpu_backward',
     'adaptive_matrices_triton',
     'adaptive_matrices_triton_backward',
     'triton_matrices_fit',
 ]
 
 
-def _library() -> None:
-    if not load_cpu_library():
-        raise RuntimeError('timm_ssb: the native CPU sampling kernels are not available (see the warning above)')
-
-
 @torch.library.custom_op('timm_ssb::adaptive_matrices', mutates_args=(), device_types='cpu')
-def adaptive_matrices(
+def adaptive_matrices_cpu(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(down_y (B, s, H), down_x (B, s, W), up_y (B, H, s), up_x (B, W, s))`` from contiguous ``(B, H, W)``
     float32 or float64 logits, ``0 < size < min(H, W)``. Raises ``RuntimeError`` if the kernels are not built."""
-    _library()
+    cpu_library.require()
     down_y, down_x, up_y, up_x = torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
     return down_y, down_x, up_y, up_x
 
 
 @torch.library.custom_op('timm_ssb::adaptive_matrices_backward', mutates_args=(), device_types='cpu')
-def adaptive_matrices_backward(
+def adaptive_matrices_cpu_backward(
     logits: Tensor,
     grad_down_y: Optional[Tensor],
     grad_down_x: Optional[Tensor],
@@ -58,13 +54,13 @@ def adaptive_matrices_backward(
     sigma_up: float,
 ) -> Tensor:
     """The logits' gradient from the matrices' (``None``: zero); the forward is recomputed from the logits."""
-    _library()
+    cpu_library.require()
     return torch.ops.timm_ssb_cpu.adaptive_matrices_backward(
         logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, size, sigma_g, sigma_down, sigma_up
     )
 
 
-@adaptive_matrices.register_fake
+@adaptive_matrices_cpu.register_fake
 def _adaptive_matrices_fake(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -77,7 +73,7 @@ def _adaptive_matrices_fake(
     )
 
 
-@adaptive_matrices_backward.register_fake
+@adaptive_matrices_cpu_backward.register_fake
 def _adaptive_matrices_backward_fake(logits: Tensor, *args) -> Tensor:
     return torch.empty_like(logits)
 
@@ -89,22 +85,18 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
     (logits,) = ctx.saved_tensors
-    grad = adaptive_matrices_backward(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
+    grad = adaptive_matrices_cpu_backward(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
     return grad, None, None, None, None
 
 
-adaptive_matrices.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _triton_matrices_module():
-    return triton_kernel_module('matrices')
+adaptive_matrices_cpu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_triton_arguments(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float, **grads: Optional[Tensor]
 ) -> None:
     """The Triton kernels do not bound their reads: the arguments are checked here, each error naming one."""
-    if logits.device.type == 'cpu' and not triton_kernel_module('resample').INTERPRETED:
+    if logits.device.type == 'cpu' and not triton_kernels.require().resample.INTERPRETED:
         raise RuntimeError("timm_ssb: the Triton matrices kernel runs CPU tensors only under Triton's interpreter")
     if logits.dtype != torch.float32 or logits.dim() != 3 or not logits.is_contiguous():
         raise ValueError(f'logits must be contiguous float32 (B, H, W); got {logits.dtype} {list(logits.shape)}')
@@ -131,11 +123,11 @@ def _check_triton_arguments(
 def adaptive_matrices_triton(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`adaptive_matrices` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
+    """:func:`adaptive_matrices_cpu` in Triton, for contiguous float32 ``(B, H, W)`` logits with ``0 < size < min(H,
     W)`` that :func:`triton_matrices_fit`; on CUDA, or on CPU tensors under Triton's interpreter."""
-    module = _triton_matrices_module()
+    module = triton_kernels.require().matrices
     _check_triton_arguments(logits, size, sigma_g, sigma_down, sigma_up)
-    return module.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up)
+    return module.launch(logits, size, sigma_g, sigma_down, sigma_up)
 
 
 @torch.library.custom_op('timm_ssb::adaptive_matrices_triton_backward', mutates_args=())
@@ -152,7 +144,7 @@ def adaptive_matrices_triton_backward(
 ) -> Tensor:
     """The logits' gradient from the matrices' (``None``: zero), in one Triton launch that recomputes the
     forward."""
-    module = _triton_matrices_module()
+    module = triton_kernels.require().matrices
     _check_triton_arguments(
         logits,
         size,
@@ -165,7 +157,7 @@ def adaptive_matrices_triton_backward(
         grad_up_x=grad_up_x,
     )
     grads = (grad_down_y, grad_down_x, grad_up_y, grad_up_x)
-    return module.adaptive_matrices_backward(logits, grads, size, sigma_g, sigma_down, sigma_up)
+    return module.launch_backward(logits, grads, size, sigma_g, sigma_down, sigma_up)
 
 
 adaptive_matrices_triton.register_fake(_adaptive_matrices_fake)
@@ -183,4 +175,4 @@ adaptive_matrices_triton.register_autograd(_triton_backward, setup_context=_setu
 
 def triton_matrices_fit(height: int, width: int) -> bool:
     """Whether :func:`adaptive_matrices_triton` takes ``(B, height, width)`` logits (one program holds an axis)."""
-    return load_triton_kernels() and triton_kernel_module('matrices').fits(height, width)
+    return triton_kernels() and triton_kernels.value.matrices.fits(height, width)

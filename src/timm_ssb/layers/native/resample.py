@@ -8,9 +8,9 @@ zero elsewhere, which is exact for the sampling matrices (a softmax with its tai
 their zero entries have no derivative) and spares the dense products outside each row's band. Two ops with
 that one schema:
 
-* ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.build`), float32 and bfloat16,
+* ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.cpu.build`), float32 and bfloat16,
   channels-last;
-* ``timm_ssb::separable_resample_triton``: the Triton kernel (:mod:`.triton_kernel`), float32,
+* ``timm_ssb::separable_resample_triton``: the Triton kernel (:mod:`.triton.resample_kernel`), float32,
   bfloat16 and float16, any strides; on CUDA, and on CPU tensors under Triton's interpreter
   (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
 
@@ -25,15 +25,14 @@ its output, for inference only (no autograd registration).
 """
 
 import functools
-import importlib
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .build import load_cpu_library
+from .cpu.build import cpu_library
+from .triton import triton_kernels
 
 __all__ = [
     'separable_resample',
@@ -41,9 +40,6 @@ __all__ = [
     'separable_resample_saliency',
     'separable_resample_triton',
     'TRITON_KERNEL_DTYPES',
-    'load_triton_kernels',
-    'triton_error',
-    'triton_kernel_module',
 ]
 
 
@@ -52,8 +48,7 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     """``relu?(residual + a_y @ x @ a_x^T)``: ``x (B, C, H, W)`` channels-last, ``a_y (B, P, H)``,
     ``a_x (B, Q, W)`` contiguous float32, ``residual (B, C, P, Q)`` channels-last or ``None``; the result is
     ``(B, C, P, Q)``, channels-last, in ``x``'s dtype. Raises ``RuntimeError`` if the kernel is not built."""
-    if not load_cpu_library():
-        raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
+    cpu_library.require()
     return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
 
 
@@ -70,8 +65,7 @@ def separable_resample_saliency(
     """:func:`separable_resample`, and a 1x1 conv of its output to one channel (``saliency_weight (C,)``,
     ``saliency_bias (1,)``, float32): ``(out, logits (B, 1, P, Q) float32)``, the conv computed from each output pixel
     while it is in cache. Inference only (no autograd). Raises ``RuntimeError`` if the kernel is not built."""
-    if not load_cpu_library():
-        raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
+    cpu_library.require()
     out, logits = torch.ops.timm_ssb_cpu.separable_resample_saliency(
         x, a_y, a_x, residual, relu, saliency_weight, saliency_bias
     )
@@ -89,12 +83,11 @@ def separable_resample_backward(
     grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`separable_resample` from the output's gradient ``grad`` (channels-last, ``x``'s
-    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``, the matrices' on their nonzero entries. ``out`` is the forward's output where it applied the
-    ReLU (``masked_grad`` is then ``grad`` zeroed where ``out <= 0``: the residual's gradient) or ``None`` (then
-    ``masked_grad`` is empty); ``grad_x`` is empty unless ``need_x``, the matrices' float32 gradients unless
-    ``need_matrices``. Raises ``RuntimeError`` if the kernel is not built."""
-    if not load_cpu_library():
-        raise RuntimeError('timm_ssb: the native CPU sampling kernel is not available (see the warning above)')
+    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``, the matrices' on their nonzero entries. ``out`` is the
+    forward's output where it applied the ReLU (``masked_grad`` is then ``grad`` zeroed where ``out <= 0``: the
+    residual's gradient) or ``None`` (then ``masked_grad`` is empty); ``grad_x`` is empty unless ``need_x``, the
+    matrices' float32 gradients unless ``need_matrices``. Raises ``RuntimeError`` if the kernels are not built."""
+    cpu_library.require()
     return torch.ops.timm_ssb_cpu.separable_resample_backward(grad, x, a_y, a_x, out, need_x, need_matrices)
 
 
@@ -135,16 +128,14 @@ def separable_resample_triton(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Opt
     float16, any strides, ``a_y (B, P, H)``, ``a_x (B, Q, W)``, ``residual (B, C, P, Q)`` of ``x``'s dtype or
     ``None``, all on one device; the result is ``(B, C, P, Q)``, channels-last, in ``x``'s dtype. Inputs that do
     not fit are a ``ValueError``/``TypeError`` naming the argument (the kernel does not check its reads)."""
-    if not load_triton_kernels():
-        raise RuntimeError(f'timm_ssb: the Triton sampling kernel is not available ({triton_error()})')
-    module = _triton_state['module']
+    module = triton_kernels.require().resample
     if x.device.type == 'cpu' and not module.INTERPRETED:
         raise RuntimeError(
             "timm_ssb: the Triton sampling kernel runs CPU tensors only under Triton's interpreter "
             '(TRITON_INTERPRET=1 before its first use); on the CPU the sampling backend "auto" uses the C++ kernel'
         )
     _check_inputs(x, a_y, a_x, residual)
-    return module.separable_resample(x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu)
+    return module.launch(x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu)
 
 
 def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor]) -> None:
@@ -169,46 +160,6 @@ def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-
-
-_triton_state = {'module': None, 'matrices_module': None, 'error': None}
-
-
-def load_triton_kernels(warn: bool = False) -> bool:
-    """Import the Triton kernels (once; Triton is optional): the resampling's and the matrices'. A failure is
-    remembered and, with ``warn``, warned about once; returns whether the kernels are available."""
-    if _triton_state['module'] is not None:
-        return True
-    if _triton_state['error'] is not None:
-        return False
-    try:
-        module = importlib.import_module(f'{__package__}.triton_kernel')
-        _triton_state['matrices_module'] = importlib.import_module(f'{__package__}.triton_matrices')
-        _triton_state['module'] = module
-    except Exception as e:  # ImportError without Triton; anything Triton raises while defining the kernel
-        _triton_state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-        if warn:
-            warnings.warn(
-                f'timm_ssb: the Triton sampling kernel could not be loaded ({_triton_state["error"]}); the sampling '
-                'uses PyTorch (set TIMM_SSB_SAMPLING_BACKEND=reference to choose that and silence this warning)',
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return False
-    return True
-
-
-def triton_error() -> Optional[str]:
-    """Why the Triton kernel could not be loaded, or ``None`` (not tried yet, or loaded)."""
-    return _triton_state['error']
-
-
-def triton_kernel_module(name: str):
-    """The loaded Triton kernels' module ``'resample'`` or ``'matrices'``; a ``RuntimeError`` saying why where they
-    could not be loaded."""
-    if not load_triton_kernels():
-        raise RuntimeError(f'timm_ssb: the Triton sampling kernels are not available ({triton_error()})')
-    return _triton_state['module' if name == 'resample' else 'matrices_module']
 
 
 def _fake(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -268,10 +219,14 @@ def _backward(op, ctx, grad: Tensor):
         grad_x = op(grad, a_y_t, a_x_t, None, False)
     if ctx.needs_input_grad[1]:
         along_x = op(grad, _identity(batch_size, rows, x), a_x_t, None, False)  # (B, C, P, W)
-        grad_a_y = torch.bmm(
-            along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
-            x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
-        ).float().masked_fill_(a_y == 0, 0.0)
+        grad_a_y = (
+            torch.bmm(
+                along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
+                x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
+            )
+            .float()
+            .masked_fill_(a_y == 0, 0.0)
+        )
     if ctx.needs_input_grad[2]:
         along_y = op(x, a_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
         grad_a_x = torch.bmm(

@@ -21,13 +21,14 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .cpu_features import cpu_signature
+from ...tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
+from ..loading import KernelLoader
+from .features import cpu_signature
 
 __all__ = [
     'SOURCES',
@@ -36,11 +37,10 @@ __all__ = [
     'cpu_arch',
     'cflags',
     'cache_dir',
-    'cpu_library_error',
-    'load_cpu_library',
+    'cpu_library',
 ]
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ('separable_resample_cpu.cpp', 'adaptive_matrices_cpu.cpp'))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ('resample.cpp', 'matrices.cpp'))
 CPU_ARCH_ENV = 'TIMM_SSB_CPU_ARCH'
 COMPILER_HINT = (
     'install a C++20 compiler (Debian/Ubuntu: apt install g++; Fedora: dnf install gcc-c++; macOS: xcode-select '
@@ -59,11 +59,15 @@ def cpu_arch() -> str:
 
 
 def cflags() -> Tuple[str, ...]:
-    """The compiler flags of the kernel library, for the target :func:`cpu_arch`."""
-    return ('-O3', f'-march={cpu_arch()}', '-fopenmp')
-
-
-_state = {'loaded': False, 'error': None}
+    """The compiler flags of the kernel library, for the target :func:`cpu_arch`, with the softmaxes' tail cuts
+    (:mod:`timm_ssb.layers.tail_cuts`) defined for the sources."""
+    cuts = {'SMALLEST_WEIGHT_LOG': SMALLEST_WEIGHT_LOG, 'KERNEL_WEIGHT_LOG': KERNEL_WEIGHT_LOG}
+    return (
+        '-O3',
+        f'-march={cpu_arch()}',
+        '-fopenmp',
+        *(f'-DTIMM_SSB_{name}={value!r}' for name, value in cuts.items()),
+    )
 
 
 def cache_dir() -> Path:
@@ -74,44 +78,7 @@ def cache_dir() -> Path:
         key.update(part)
         key.update(b'\0')
     root = Path(os.environ.get('TIMM_SSB_CACHE', Path.home() / '.cache' / 'timm_ssb'))
-    return root / f'separable_resample_cpu_{key.hexdigest()[:16]}'
-
-
-def load_cpu_library(warn: bool = True) -> bool:
-    """Build (once per source, torch and CPU) and load the kernel library; ``False`` if that failed.
-
-    A failure is remembered (no second attempt in the process) and, with ``warn``, warned about; its message
-    is :func:`cpu_library_error`.
-    """
-    if _state['loaded']:
-        return True
-    if _state['error'] is not None:
-        return False
-    try:
-        _build_and_load()
-    except Exception as e:  # a missing compiler, a failed build or load: all mean "use PyTorch"
-        _state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-        if not warn:
-            return False
-        try:
-            where = f' in {cache_dir()}'
-        except ValueError:  # a bad TIMM_SSB_CPU_ARCH: the error says so
-            where = ''
-        warnings.warn(
-            f'timm_ssb: the native CPU sampling kernel could not be built or loaded{where} ({_state["error"]}); the '
-            'sampling runs in PyTorch (correct, slower). `timm-ssb info` says why and what to do. Set '
-            'TIMM_SSB_SAMPLING_BACKEND=reference to use PyTorch without trying, or =native to make this an error.',
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    _state['loaded'] = True
-    return True
-
-
-def cpu_library_error() -> Optional[str]:
-    """Why the library could not be built or loaded, once that was tried; else ``None``."""
-    return _state['error']
+    return root / f'timm_ssb_cpu_{key.hexdigest()[:16]}'
 
 
 def build_tools() -> Dict[str, Optional[str]]:
@@ -130,6 +97,18 @@ def _packaged_ninja() -> Optional[str]:
     except ImportError:
         return None
     return shutil.which('ninja', path=ninja.BIN_DIR)
+
+
+def _fallback_warning(error: str) -> str:
+    try:
+        where = f' in {cache_dir()}'
+    except ValueError:  # a bad TIMM_SSB_CPU_ARCH: the error says so
+        where = ''
+    return (
+        f'timm_ssb: the native CPU sampling kernels could not be built or loaded{where} ({error}); the sampling runs '
+        'in PyTorch (correct, slower). `timm-ssb info` says why and what to do. Set '
+        'TIMM_SSB_SAMPLING_BACKEND=reference to use PyTorch without trying, or =native to make this an error.'
+    )
 
 
 def _build_and_load() -> None:
@@ -213,3 +192,8 @@ def _compile_and_load(directory: Path, ninja: str) -> None:
         )
     finally:
         os.environ['PATH'] = path
+
+
+cpu_library: KernelLoader[None] = KernelLoader('native CPU sampling kernels', _build_and_load, _fallback_warning)
+"""The C++ library: ``cpu_library(warn=...)`` builds (once per source, torch and CPU) and loads it, ``False`` if that
+failed; ``cpu_library.error`` says why, ``cpu_library.require()`` raises saying so."""

@@ -27,8 +27,10 @@
 
 namespace {
 
-constexpr double kPositionCut = -50.0;  // SMALLEST_WEIGHT_LOG: saliency-weighted neighbourhoods
-constexpr double kKernelCut = -18.0;    // KERNEL_WEIGHT_LOG: the Gaussian sampling matrices
+// The softmaxes' tail cuts, timm_ssb.layers.tail_cuts' constants, passed by the build (cpu/build.py's cflags):
+// the saliency-weighted neighbourhoods' (SMALLEST_WEIGHT_LOG) and the Gaussian sampling matrices' (KERNEL_WEIGHT_LOG).
+constexpr double kPositionCut = TIMM_SSB_SMALLEST_WEIGHT_LOG;
+constexpr double kKernelCut = TIMM_SSB_KERNEL_WEIGHT_LOG;
 // Below this, a product of a marginal and a kernel weight may have lost precision (subnormal doubles start at
 // 2e-308): the neighbourhood is computed in log space instead.
 constexpr double kSmallestProduct = 1e-280;

@@ -9,7 +9,7 @@ samples to (:func:`~timm_ssb.layers.sampling_matrices.saliency_positions`, with 
 the marginal) and the two Gaussian matrices at those positions
 (:func:`~timm_ssb.layers.sampling_matrices.gaussian_matrices`). Two launches (one per axis) replace the 140 ops.
 The backward is one more launch, one program per sample: it recomputes both axes and takes the matrices'
-gradients back to the logits. Imported with the resampling kernel (:func:`.ops.load_triton_kernels`).
+gradients back to the logits. Imported with the resampling kernel (:data:`.triton_kernels`).
 """
 
 from typing import Optional, Tuple
@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..sampling_matrices import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
+from ...tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
 
-__all__ = ['adaptive_matrices', 'adaptive_matrices_backward', 'fits']
+__all__ = ['axis_matrices_kernel', 'matrices_backward_kernel', 'fits', 'launch', 'launch_backward']
 
 # The softmax cuts, as the kernel reads globals: the saliency positions' and the Gaussian matrices'.
 POSITIONS_CUT = tl.constexpr(SMALLEST_WEIGHT_LOG)
@@ -108,7 +108,7 @@ def _axis_gaussians(
 
 
 @triton.jit
-def _axis_matrices_kernel(
+def axis_matrices_kernel(
     logits_ptr,
     down_ptr,
     up_ptr,
@@ -189,7 +189,7 @@ def _axis_marginal_gradient(
 
 
 @triton.jit
-def _matrices_backward_kernel(
+def matrices_backward_kernel(
     logits_ptr,
     grad_down_y_ptr,
     grad_down_x_ptr,
@@ -283,7 +283,7 @@ def fits(height: int, width: int) -> bool:
     return tile <= MAX_TILE
 
 
-def adaptive_matrices(
+def launch(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the kernel once per axis: ``logits (B, H, W)`` contiguous float32, ``0 < size < min(H, W)``;
@@ -294,7 +294,7 @@ def adaptive_matrices(
         down = torch.empty(batch_size, size, length, device=logits.device, dtype=torch.float32)
         up = torch.empty(batch_size, length, size, device=logits.device, dtype=torch.float32)
         if batch_size:
-            _axis_matrices_kernel[(batch_size,)](
+            axis_matrices_kernel[(batch_size,)](
                 logits,
                 down,
                 up,
@@ -316,7 +316,7 @@ def adaptive_matrices(
     return down_y, down_x, up_y, up_x
 
 
-def adaptive_matrices_backward(
+def launch_backward(
     logits: Tensor,
     grads: Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]],
     size: int,
@@ -330,7 +330,7 @@ def adaptive_matrices_backward(
     grad_logits = torch.empty_like(logits)
     if batch_size:
         given = [g.float().contiguous() if g is not None else logits for g in grads]  # not read where None
-        _matrices_backward_kernel[(batch_size,)](
+        matrices_backward_kernel[(batch_size,)](
             logits,
             *given,
             grad_logits,

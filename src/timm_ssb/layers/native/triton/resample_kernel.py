@@ -27,11 +27,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-__all__ = ['separable_resample', 'INTERPRETED']
+__all__ = ['separable_resample_kernel', 'launch', 'INTERPRETED']
 
 
 @triton.jit
-def _separable_resample_kernel(
+def separable_resample_kernel(
     x_ptr,
     a_y_ptr,
     a_x_ptr,
@@ -112,7 +112,7 @@ def _separable_resample_kernel(
     tl.store(out + qs[:, None] * out_stride_q + cs[None, :] * out_stride_c, acc.to(out_ptr.dtype.element_ty), out_mask)
 
 
-INTERPRETED = not isinstance(_separable_resample_kernel, JITFunction)
+INTERPRETED = not isinstance(separable_resample_kernel, JITFunction)
 """Whether Triton's interpreter defined the kernel (``TRITON_INTERPRET`` at this module's import): then it runs
 CPU tensors, as NumPy, and only then."""
 
@@ -122,7 +122,7 @@ def _block(length: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(length)))
 
 
-def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+def launch(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     """Launch the kernel: ``x (B, C, H, W)`` any strides, ``a_y (B, P, H)`` and ``a_x (B, Q, W)`` contiguous
     float32, ``residual (B, C, P, Q)`` or ``None``; returns ``(B, C, P, Q)`` channels-last in ``x``'s dtype."""
     batch_size, channels, height, width = x.shape
@@ -135,7 +135,7 @@ def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[T
     block_q, block_c = _block(cols, 64), _block(channels, 32)
     grid = (batch_size * rows, triton.cdiv(cols, block_q), triton.cdiv(channels, block_c))
     res = residual if residual is not None else out  # not read without a residual
-    _separable_resample_kernel[grid](
+    separable_resample_kernel[grid](
         x,
         a_y,
         a_x,
