@@ -16,7 +16,6 @@ std per sampler), every run, the settings and machine, and what the adaptive lay
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -25,51 +24,15 @@ from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_ssb  # noqa: F401  (registers the models)
+from cluttered_digits import CANVAS, DEFAULT_CANVAS, DIGIT, FRAGMENT, FRAGMENTS, Canvas, accuracy, make_data, train
 from timm_ssb.benchmark import machine_info
 from timm_ssb.complexity import model_complexity
 from timm_ssb.visualize import layer_views, plot_layer_views
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CANVAS = 96
-DIGIT = 16
-FRAGMENT = 6
-FRAGMENTS = 8
 MODEL_KWARGS = dict(channels=(16, 32, 64, 128), stem_width=16, in_chans=1, num_classes=10, ssb_sizes=(6, 3, 2))
-
-
-def load_digits() -> Tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    data = sklearn_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) / 16.0  # (N, 8, 8) in [0, 1]
-    images = F.interpolate(images.unsqueeze(1), size=(DIGIT, DIGIT), mode='bilinear', align_corners=False)
-    return images.squeeze(1).clamp(0, 1), torch.tensor(data.target)
-
-
-def cluttered_canvases(digits: torch.Tensor, clutter_source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each digit at a random place on a canvas with ``FRAGMENTS`` random fragments of other digits."""
-    n = len(digits)
-    canvas = torch.zeros(n, CANVAS, CANVAS)
-    for i in range(n):
-        for _ in range(FRAGMENTS):
-            src = clutter_source[torch.randint(len(clutter_source), (1,), generator=generator)].squeeze(0)
-            sy, sx = torch.randint(0, DIGIT - FRAGMENT + 1, (2,), generator=generator).tolist()
-            y, x = torch.randint(0, CANVAS - FRAGMENT + 1, (2,), generator=generator).tolist()
-            patch = canvas[i, y : y + FRAGMENT, x : x + FRAGMENT]
-            torch.maximum(patch, src[sy : sy + FRAGMENT, sx : sx + FRAGMENT], out=patch)
-        y, x = torch.randint(0, CANVAS - DIGIT + 1, (2,), generator=generator).tolist()
-        region = canvas[i, y : y + DIGIT, x : x + DIGIT]
-        torch.maximum(region, digits[i], out=region)
-    return canvas.unsqueeze(1)
-
-
-def split(labels: torch.Tensor, test_fraction: float = 0.25) -> Tuple[torch.Tensor, torch.Tensor]:
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    n_test = int(len(labels) * test_fraction)
-    return order[n_test:], order[:n_test]
 
 
 def sampler_kwargs(model: str, sampler: str, sigma_g: Optional[float], sizes: Optional[List[int]] = None) -> Dict:
@@ -83,41 +46,51 @@ def sampler_kwargs(model: str, sampler: str, sigma_g: Optional[float], sizes: Op
 
 
 def train_one(
-    kwargs: Dict, seed: int, data: Dict[str, torch.Tensor], epochs: int, batch_size: int, lr: float
+    kwargs: Dict,
+    seed: int,
+    data: Dict[str, torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    canvas: Canvas = DEFAULT_CANVAS,
 ) -> Tuple[float, torch.nn.Module]:
+    """A model of ``kwargs`` (with ``'model'``, its name) trained from scratch with ``seed``: its test accuracy."""
     torch.manual_seed(seed)
     model = timm.create_model(kwargs.pop('model'), **kwargs)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(data['train_y']) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(1000 + seed)
-    for _ in range(epochs):
-        model.train()
-        canvases = cluttered_canvases(data['train_digits'], data['train_digits'], generator)
-        order = torch.randperm(len(canvases), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            x = canvases[idx].contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), data['train_y'][idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(data['test_x']), 256):
-            x = data['test_x'][start : start + 256].contiguous(memory_format=torch.channels_last)
-            correct += (model(x).argmax(1) == data['test_y'][start : start + 256]).sum().item()
-    return correct / len(data['test_y']), model
+    model = train(model, data, seed, epochs, batch_size, lr, canvas)
+    return accuracy(model, data), model
+
+
+def paired_against(runs: List[Dict], sampler: str, reference: str) -> Optional[Dict]:
+    """``sampler`` minus ``reference`` seed by seed: mean and std of the differences, and a paired t-test's
+    two-sided p-value (``None`` with fewer than two shared seeds)."""
+    from scipy.stats import ttest_rel
+
+    by_seed = {name: {r['seed']: r['accuracy'] for r in runs if r['sampler'] == name} for name in (sampler, reference)}
+    seeds = sorted(set(by_seed[sampler]) & set(by_seed[reference]))
+    if len(seeds) < 2:
+        return None
+    a = [by_seed[sampler][s] for s in seeds]
+    b = [by_seed[reference][s] for s in seeds]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    p_value = float(ttest_rel(a, b).pvalue) if any(diffs) else 1.0
+    return dict(
+        sampler=sampler,
+        reference=reference,
+        seeds=seeds,
+        mean_difference=statistics.mean(diffs),
+        std_difference=statistics.stdev(diffs),
+        wins=sum(d > 0 for d in diffs),
+        losses=sum(d < 0 for d in diffs),
+        p_value=p_value,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--samplers', nargs='+', default=['adaptive', 'uniform', 'bilinear'])
     parser.add_argument('--model', default='ssb_resnetd26', help='SSB architecture, narrowed (default ssb_resnetd26)')
-    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument('--epochs', type=int, default=15)
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--lr', type=float, default=3e-3)
@@ -125,20 +98,21 @@ def main() -> None:
         '--sigma-g', type=float, default=None, help="adaptive attraction width (default: the sampler's)"
     )
     parser.add_argument('--sizes', type=int, nargs=3, default=None, help='ssb_sizes (default: 6 3 2)')
+    parser.add_argument('--digit', type=int, default=DIGIT, help="the digit's side on the canvas (default 16)")
+    parser.add_argument('--fragments', type=int, default=FRAGMENTS, help='clutter fragments per canvas (default 8)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--out-dir', default=str(REPO_ROOT / 'benchmarks' / 'results'))
     parser.add_argument('--name', default='ablation_cluttered_digits')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    digits, labels = load_digits()
-    train_idx, test_idx = split(labels)
-    data = {
-        'train_digits': digits[train_idx],
-        'train_y': labels[train_idx],
-        'test_x': cluttered_canvases(digits[test_idx], digits[train_idx], torch.Generator().manual_seed(7)),
-        'test_y': labels[test_idx],
-    }
+    for flag in ('epochs', 'batch_size', 'digit', 'threads'):
+        if getattr(args, flag) <= 0:
+            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    if not 0 < args.digit <= CANVAS or args.fragments < 0:
+        parser.error(f'--digit must be in 1..{CANVAS} and --fragments at least 0')
+    canvas = Canvas(digit=args.digit, fragments=args.fragments)
+    data = make_data(canvas)
     runs: List[Dict] = []
     best: Dict[str, Tuple[float, torch.nn.Module]] = {}
     for sampler in args.samplers:
@@ -148,7 +122,7 @@ def main() -> None:
         ).gmacs
         for seed in args.seeds:
             start = time.perf_counter()
-            accuracy, model = train_one(dict(kwargs), seed, data, args.epochs, args.batch_size, args.lr)
+            accuracy, model = train_one(dict(kwargs), seed, data, args.epochs, args.batch_size, args.lr, canvas)
             runs.append(
                 dict(
                     sampler=sampler,
@@ -175,14 +149,27 @@ def main() -> None:
                 gmacs=next(r['gmacs'] for r in runs if r['sampler'] == sampler),
             )
         )
+    paired = [
+        comparison
+        for sampler in args.samplers
+        if sampler != 'uniform' and 'uniform' in args.samplers
+        for comparison in [paired_against(runs, sampler, 'uniform')]
+        if comparison is not None
+    ]
     lines = [
-        f'cluttered digits {CANVAS}x{CANVAS} (sklearn digits, {len(data["train_y"])} train / {len(data["test_y"])} '
-        f'test), {args.model} narrow {MODEL_KWARGS}, {args.epochs} epochs, seeds {args.seeds}'
+        f'cluttered digits {CANVAS}x{CANVAS}, digit {args.digit}x{args.digit}, {args.fragments} fragments (sklearn '
+        f'digits, {len(data["train_y"])} train / {len(data["test_y"])} test), {args.model} narrow {MODEL_KWARGS}, '
+        f'{args.epochs} epochs, seeds {args.seeds}'
         + (f', adaptive sigma_g {args.sigma_g}' if args.sigma_g is not None else '')
         + (f', ssb_sizes {tuple(args.sizes)}' if args.sizes else ''),
         f'{"sampler":<10} {"accuracy":>18} {"runs":>5} {"GMACs":>8}',
     ]
     lines += [f'{r["sampler"]:<10} {r["mean"]:>9.4f} ± {r["std"]:.4f} {r["n"]:>5} {r["gmacs"]:>8.4f}' for r in table]
+    lines += [
+        f'{c["sampler"]} - uniform, paired by seed: {c["mean_difference"]:+.4f} ± {c["std_difference"]:.4f} '
+        f'({c["wins"]} better, {c["losses"]} worse of {len(c["seeds"])}; paired t-test p = {c["p_value"]:.3f})'
+        for c in paired
+    ]
     text = '\n'.join(lines)
     print(text)
 
@@ -194,12 +181,11 @@ def main() -> None:
             vars(args),
             out_dir=os.path.relpath(out_dir, REPO_ROOT),
             canvas=CANVAS,
-            digit=DIGIT,
-            fragments=FRAGMENTS,
             fragment=FRAGMENT,
         ),
         machine=machine_info('cpu'),
         table=table,
+        paired=paired,
         runs=runs,
     )
     (out_dir / f'{args.name}.json').write_text(json.dumps(payload, indent=2) + '\n')

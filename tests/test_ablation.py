@@ -1,43 +1,52 @@
-"""The ablation's data: real digits on cluttered canvases (benchmarks/ablation_cluttered_digits.py)."""
+"""The experiments on cluttered digits (benchmarks/cluttered_digits.py and the scripts that use it): the data,
+determinism per seed, and that the committed results match the scripts."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'ablation_cluttered_digits.py'
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import cluttered_digits, as they do when run from there
+import cluttered_digits  # noqa: E402
+
+SCRIPT = BENCHMARKS / 'ablation_cluttered_digits.py'
 spec = importlib.util.spec_from_file_location('ablation_cluttered_digits', SCRIPT)
 ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablation)
 
 
 def test_digits_and_split():
-    digits, labels = ablation.load_digits()
-    assert digits.shape == (1797, ablation.DIGIT, ablation.DIGIT) and set(labels.tolist()) == set(range(10))
+    digits, labels = cluttered_digits.load_digits()
+    assert digits.shape == (1797, cluttered_digits.DIGIT, cluttered_digits.DIGIT) and set(labels.tolist()) == set(
+        range(10)
+    )
     assert digits.min() >= 0 and digits.max() <= 1
-    train, test = ablation.split(labels)
+    train, test = cluttered_digits.split(labels)
     assert len(set(train.tolist()) & set(test.tolist())) == 0 and len(train) + len(test) == 1797
 
 
 def test_canvases_hold_the_digit_somewhere_with_clutter():
-    digits, _ = ablation.load_digits()
-    canvases = ablation.cluttered_canvases(digits[:4], digits[100:200], torch.Generator().manual_seed(0))
-    assert canvases.shape == (4, 1, ablation.CANVAS, ablation.CANVAS)
+    digits, _ = cluttered_digits.load_digits()
+    canvases = cluttered_digits.cluttered_canvases(digits[:4], digits[100:200], torch.Generator().manual_seed(0))
+    assert canvases.shape == (4, 1, cluttered_digits.CANVAS, cluttered_digits.CANVAS)
     for canvas, digit in zip(canvases[:, 0], digits[:4], strict=True):
-        windows = canvas.unfold(0, ablation.DIGIT, 1).unfold(1, ablation.DIGIT, 1)  # every 16x16 window
+        windows = canvas.unfold(0, cluttered_digits.DIGIT, 1).unfold(1, cluttered_digits.DIGIT, 1)  # every 16x16 window
         assert ((windows >= digit - 1e-6).flatten(2).all(-1)).any()  # the digit is pasted (max-composited)
         assert canvas.sum() > digit.sum()  # and there is clutter besides it
-    again = ablation.cluttered_canvases(digits[:4], digits[100:200], torch.Generator().manual_seed(0))
+    again = cluttered_digits.cluttered_canvases(digits[:4], digits[100:200], torch.Generator().manual_seed(0))
     assert torch.equal(canvases, again)
 
 
 def test_a_run_is_deterministic_per_seed():
     """Same seed, same threads: the same weights and accuracy (what the committed results rely on)."""
-    digits, labels = ablation.load_digits()
+    digits, labels = cluttered_digits.load_digits()
     data = {
         'train_digits': digits[:96],
         'train_y': labels[:96],
-        'test_x': ablation.cluttered_canvases(digits[96:160], digits[:96], torch.Generator().manual_seed(7)),
+        'test_x': cluttered_digits.cluttered_canvases(digits[96:160], digits[:96], torch.Generator().manual_seed(7)),
         'test_y': labels[96:160],
     }
     kwargs = ablation.sampler_kwargs('ssb_resnetd26', 'adaptive', 0.05)
@@ -53,9 +62,8 @@ def test_a_run_is_deterministic_per_seed():
 def test_result_files_match_the_script():
     """Every committed ablation result was written by this script's current form: its settings are the
     script's arguments, and each run records the model arguments it was trained with."""
-    import json
-
     parser_defaults = {'samplers', 'model', 'seeds', 'epochs', 'batch_size', 'lr', 'sigma_g', 'sizes', 'threads'}
+    parser_defaults |= {'digit', 'fragments'}
     for path in sorted((SCRIPT.parent / 'results').glob('ablation_cluttered_digits*.json')):
         result = json.loads(path.read_text())
         assert parser_defaults <= set(result['settings']), path.name

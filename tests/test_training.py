@@ -183,3 +183,124 @@ def test_timm_train_py_fine_tunes_a_converted_pretrained_resnet(tmp_path):
     source = weights['layer3.1.conv2.weight']  # lr 0 (timm's schedulers still take a step of ~1e-5): the source's
     torch.testing.assert_close(state['layer3.1.conv2.weight'], source, rtol=1e-3, atol=1e-5)
     assert (source - timm.create_model('resnet26d').state_dict()['layer3.1.conv2.weight']).abs().max() > 1e-2
+
+
+WARM_START_CONFIGS = sorted((REPO / 'configs').glob('*_warmstart.yaml'))
+
+
+@pytest.mark.parametrize('path', WARM_START_CONFIGS, ids=lambda p: p.stem)
+def test_warm_start_configs_name_the_baseline_as_source_and_teacher(path):
+    """Each recipe starts the SSB model from its baseline's timm weights and distils from that same model."""
+    import timm
+    import yaml
+
+    from timm_ssb.models.ssb_resnet import WARM_START_SOURCES, warm_start_tag
+
+    config = yaml.safe_load(path.read_text())
+    assert config['device_modules'] == ['timm_ssb'] and config['pretrained'] is True
+    assert config['kd_distill_type'] == 'logit' and config['epochs'] < 120
+    if config['model'] == 'ssb_resnet':
+        source = config['model_kwargs']['ssb_source']
+    else:
+        name, tag = config['model'].split('.')
+        assert path.stem == f'{name}_warmstart' and tag == warm_start_tag(name)
+        source = WARM_START_SOURCES[name]
+        assert timm.models.get_pretrained_cfg(config['model']).hf_hub_id == f'timm/{source}'
+    assert config['kd_model_name'] == source and timm.is_model(source.split('.')[0])
+
+
+def test_warm_start_recipe_runs_with_timms_logit_distillation(tmp_path, monkeypatch):
+    """configs/ssb_resnetd50_warmstart.yaml as train.py runs it, offline: the student from its warm-start tag with
+    --pretrained, the teacher by name, both loading one set of baseline weights from a Hub cache laid out here,
+    and timm's LogitDistillationTask with the config's temperature and weights. The student starts with the
+    teacher's weights and zero saliency convs, and a few steps train it, saliency included, while the teacher
+    stays as it was."""
+    import huggingface_hub
+    import timm
+    import yaml
+    from safetensors.torch import save_file
+    from timm.task import LogitDistillationTask
+
+    import timm_ssb  # noqa: F401
+    from test_hub import lay_out_repo
+
+    config = yaml.safe_load((REPO / 'configs' / 'ssb_resnetd50_warmstart.yaml').read_text())
+    torch.manual_seed(0)
+    baseline = timm.create_model('resnet50d')
+    for name, t in baseline.state_dict().items():  # live branches: timm zero-initialises every bn3.weight
+        if name.endswith('bn3.weight'):
+            t.uniform_(0.5, 1.0)
+    save_file(baseline.state_dict(), tmp_path / 'model.safetensors')
+    cache = tmp_path / 'hub'
+    lay_out_repo(cache, f'timm/{config["kd_model_name"]}', {'model.safetensors': tmp_path / 'model.safetensors'})
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+
+    student = timm.create_model(config['model'], pretrained=config['pretrained'], ssb_sizes=(4, 2, 1))
+    task = LogitDistillationTask(
+        student,
+        config['kd_model_name'],
+        loss_type='kl',
+        distill_loss_weight=config['distill_loss_weight'],
+        task_loss_weight=config['task_loss_weight'],
+        temperature=config['kd_temperature'],
+        verbose=False,
+    )
+    teacher = task.teacher.model
+    teacher_start = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for name, t in baseline.state_dict().items():  # the student starts from the teacher's weights
+        assert torch.equal(student.state_dict()[name], t) and torch.equal(teacher_start[name], t), name
+    saliency = {k: v.clone() for k, v in student.state_dict().items() if k.endswith('saliency.weight')}
+    assert saliency and all(torch.count_nonzero(v) == 0 for v in saliency.values())
+    student.train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    target = torch.tensor([0, 1, 2, 3])
+    losses = []
+    for _ in range(3):
+        result = task(x, target)
+        assert {'loss', 'task_loss', 'kd_loss'} <= set(result)
+        opt.zero_grad()
+        result['loss'].backward()
+        opt.step()
+        losses.append(result['loss'].item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    moved = student.state_dict()
+    assert all(torch.count_nonzero(moved[k]) > 0 for k in saliency)  # the sampler learns where to look
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_start[k]), k
+
+
+@pytest.mark.slow
+@NEEDS_TIMM_SOURCE
+def test_timm_train_py_runs_the_warm_start_recipe_offline(tmp_path):
+    """timm's train.py with configs/ssb_resnetd50_warmstart.yaml: warm start (--pretrained through the tag) and
+    logit distillation from the baseline, both from one Hub cache laid out here, on tiny generated data."""
+    import timm
+    import yaml
+    from safetensors.torch import save_file
+
+    from test_hub import lay_out_repo
+
+    config = yaml.safe_load((REPO / 'configs' / 'ssb_resnetd50_warmstart.yaml').read_text())
+    config.update(amp=False, channels_last=False)  # switches the CPU run must turn off (no --no-amp flag)
+    (tmp_path / 'tiny.yaml').write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    save_file(timm.create_model('resnet50d').state_dict(), tmp_path / 'model.safetensors')
+    cache = tmp_path / 'hub'
+    lay_out_repo(cache, f'timm/{config["kd_model_name"]}', {'model.safetensors': tmp_path / 'model.safetensors'})
+    data = _tiny_image_folder(tmp_path / 'data')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache))
+    result = subprocess.run(
+        [sys.executable, Path(TIMM_SOURCE) / 'train.py', data, '--config', tmp_path / 'tiny.yaml',
+         '--model-kwargs', 'ssb_sizes=(4,2,1)', '--num-classes', '2', '--img-size', '64', '-j', '0', '--device',
+         'cpu', '--no-prefetcher', '-b', '4', '--epochs', '1', '--warmup-epochs', '0', '--output', tmp_path / 'out',
+         '--experiment', 'warm', '--log-interval', '1'],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert 'LogitDistillationTask' in log or 'KD teacher' in log, log[-3000:]
+    state = torch.load(tmp_path / 'out' / 'warm' / 'last.pth.tar', weights_only=False)['state_dict']
+    assert 'layer2.1.sampler.saliency.weight' in state and state['fc.weight'].shape == (2, 2048)
