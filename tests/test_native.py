@@ -51,8 +51,8 @@ def banded(batch_size: int, rows: int, cols: int) -> torch.Tensor:
     return m
 
 
-def reference(x, a_y, a_x, residual, relu):
-    out = resample_reference(x.float(), a_y, a_x)
+def reference(x, matrix_y, matrix_x, residual, relu):
+    out = resample_reference(x.float(), matrix_y, matrix_x)
     if residual is not None:
         out = out + residual.float()
     return torch.relu(out) if relu else out
@@ -63,7 +63,7 @@ def check_op_against_reference(
 ) -> None:
     """``op`` (a fused sampling op) against :func:`reference` on random banded matrices: the output's values,
     dtype and layout, and the gradients of the inputs named in ``needs_grad`` (the matrices' on their nonzero
-    entries, zero elsewhere) (``x``, ``y``: ``a_y``, ``z``: ``a_x``,
+    entries, zero elsewhere) (``x``, ``y``: ``matrix_y``, ``z``: ``matrix_x``,
     ``r``: the residual); ``tolerances`` maps dtype to (rtol, atol as a fraction of the reference's largest
     magnitude)."""
     batch_size, channels, height, width, rows, cols = shape
@@ -72,27 +72,27 @@ def check_op_against_reference(
         .to(device, dtype)
         .requires_grad_('x' in needs_grad)
     )
-    a_y = banded(batch_size, rows, height).to(device).requires_grad_('y' in needs_grad)
-    a_x = banded(batch_size, cols, width).to(device).requires_grad_('z' in needs_grad)
+    matrix_y = banded(batch_size, rows, height).to(device).requires_grad_('y' in needs_grad)
+    matrix_x = banded(batch_size, cols, width).to(device).requires_grad_('z' in needs_grad)
     residual = None
     if with_residual:
         residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(device, dtype)
         residual.requires_grad_('r' in needs_grad)
-    out = op(x, a_y, a_x, residual, relu)
-    ref = reference(x, a_y, a_x, residual, relu)
+    out = op(x, matrix_y, matrix_x, residual, relu)
+    ref = reference(x, matrix_y, matrix_x, residual, relu)
     assert out.dtype == dtype and out.device == x.device and out.is_contiguous(memory_format=torch.channels_last)
     if relu:
         assert (out == 0).any()
     rtol, atol = tolerances[dtype]
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
     g = torch.randn(ref.shape, device=device)
-    named = {'x': x, 'a_y': a_y, 'a_x': a_x, 'residual': residual}
+    named = {'x': x, 'matrix_y': matrix_y, 'matrix_x': matrix_x, 'residual': residual}
     named = {name: t for name, t in named.items() if t is not None and t.requires_grad}
     grads = torch.autograd.grad(out, list(named.values()), g.to(dtype))
     grads_ref = torch.autograd.grad(ref, list(named.values()), g)
     for (name, t), a, b in zip(named.items(), grads, grads_ref, strict=True):
         assert a.dtype == b.dtype, name
-        if name.startswith('a_'):  # structural zeros: the gradient on the nonzero entries only
+        if name.startswith('matrix_'):  # structural zeros: the gradient on the nonzero entries only
             assert (a[t == 0] == 0).all(), name
             b = b.masked_fill(t == 0, 0.0)
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
@@ -114,8 +114,8 @@ def test_op_gradients_of_some_of_the_inputs(shape, needs_grad):
 
 def test_backward_is_one_native_call_per_op(monkeypatch):
     x = channels_last(torch.randn(2, 24, 12, 10)).requires_grad_()
-    a_y, a_x = banded(2, 5, 12).requires_grad_(), banded(2, 4, 10).requires_grad_()
-    out = separable_resample(x, a_y, a_x, None, False)
+    matrix_y, matrix_x = banded(2, 5, 12).requires_grad_(), banded(2, 4, 10).requires_grad_()
+    out = separable_resample(x, matrix_y, matrix_x, None, False)
     forward_calls = count_native_calls(monkeypatch)
     backward_calls = count_calls(monkeypatch, 'separable_resample_backward', lambda args: tuple(args[-2:]))
     out.sum().backward()
@@ -124,12 +124,18 @@ def test_backward_is_one_native_call_per_op(monkeypatch):
 
 def test_backward_is_counted_as_the_dense_products_it_replaces():
     """``FlopCounterMode`` counts the backward as the reference's (autograd of two matrix products) plus the
-    product ``a_y x`` it recomputes rather than keeps (the reference keeps it from the forward)."""
+    product ``matrix_y x`` it recomputes rather than keeps (the reference keeps it from the forward)."""
     batch_size, channels, height, width, rows, cols = 2, 24, 12, 10, 5, 4
     x = channels_last(torch.randn(batch_size, channels, height, width)).requires_grad_()
-    a_y, a_x = banded(batch_size, rows, height).requires_grad_(), banded(batch_size, cols, width).requires_grad_()
+    matrix_y, matrix_x = (
+        banded(batch_size, rows, height).requires_grad_(),
+        banded(batch_size, cols, width).requires_grad_(),
+    )
     counted = []
-    for fn in (lambda: separable_resample(x, a_y, a_x, None, False), lambda: resample_reference(x, a_y, a_x)):
+    for fn in (
+        lambda: separable_resample(x, matrix_y, matrix_x, None, False),
+        lambda: resample_reference(x, matrix_y, matrix_x),
+    ):
         out = fn()
         with FlopCounterMode(display=False) as counter:
             out.backward(torch.ones_like(out))
@@ -139,37 +145,39 @@ def test_backward_is_counted_as_the_dense_products_it_replaces():
 
 def test_backward_op_bad_inputs_are_errors_naming_them():
     x = channels_last(torch.randn(2, 20, 9, 8))
-    a_y, a_x = banded(2, 4, 9), banded(2, 5, 8)
+    matrix_y, matrix_x = banded(2, 4, 9), banded(2, 5, 8)
     grad = channels_last(torch.randn(2, 20, 4, 5))
     with pytest.raises(RuntimeError, match="grad must be channels-last with the output's shape"):
-        native.separable_resample_backward(grad[:, :, :3], x, a_y, a_x, None, True, True)
+        native.separable_resample_backward(grad[:, :, :3], x, matrix_y, matrix_x, None, True, True)
     with pytest.raises(RuntimeError, match="out must have x's dtype"):
-        native.separable_resample_backward(grad, x, a_y, a_x, grad.double(), True, True)
+        native.separable_resample_backward(grad, x, matrix_y, matrix_x, grad.double(), True, True)
     with pytest.raises(RuntimeError, match='matrix shapes do not fit x'):
-        native.separable_resample_backward(grad, x, a_y[:, :, :8].contiguous(), a_x, None, True, True)
+        native.separable_resample_backward(grad, x, matrix_y[:, :, :8].contiguous(), matrix_x, None, True, True)
 
 
 def test_backward_op_passes_opcheck():
     grad = channels_last(torch.randn(2, 20, 4, 5))
     x = channels_last(torch.randn(2, 20, 9, 8))
-    a_y, a_x = banded(2, 4, 9), banded(2, 5, 8)
-    out = separable_resample(x, a_y, a_x, channels_last(torch.randn(2, 20, 4, 5)), True)
+    matrix_y, matrix_x = banded(2, 4, 9), banded(2, 5, 8)
+    out = separable_resample(x, matrix_y, matrix_x, channels_last(torch.randn(2, 20, 4, 5)), True)
     for mask, need_x, need_matrices in (
         (out, True, True),
         (None, True, False),
         (None, False, True),
         (out, False, False),
     ):
-        torch.library.opcheck(native.separable_resample_backward, (grad, x, a_y, a_x, mask, need_x, need_matrices))
+        torch.library.opcheck(
+            native.separable_resample_backward, (grad, x, matrix_y, matrix_x, mask, need_x, need_matrices)
+        )
 
 
 def test_op_registrations_pass_opcheck():
     """Schema, fake tensor, autograd registration and AOT dispatch, as ``torch.library`` checks them."""
     x = channels_last(torch.randn(2, 20, 9, 8)).requires_grad_()
     residual = channels_last(torch.randn(2, 20, 4, 5)).requires_grad_()
-    a_y, a_x = banded(2, 4, 9).requires_grad_(), banded(2, 5, 8).requires_grad_()
-    torch.library.opcheck(separable_resample, (x, a_y, a_x, residual, True))
-    torch.library.opcheck(separable_resample, (x.detach(), a_y.detach(), a_x.detach(), None, False))
+    matrix_y, matrix_x = banded(2, 4, 9).requires_grad_(), banded(2, 5, 8).requires_grad_()
+    torch.library.opcheck(separable_resample, (x, matrix_y, matrix_x, residual, True))
+    torch.library.opcheck(separable_resample, (x.detach(), matrix_y.detach(), matrix_x.detach(), None, False))
 
 
 def test_nan_and_inf_pass_through_like_the_reference():
@@ -321,7 +329,7 @@ def broken_build(monkeypatch):
 def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(broken_build, backend):
     backend('auto')
     x = channels_last(torch.randn(2, 8, 14, 14))
-    with pytest.warns(RuntimeWarning, match=r'native CPU sampling kernel could not be built .*no C\+\+ compiler'):
+    with pytest.warns(RuntimeWarning, match=r'native CPU sampling kernels could not be built .*no C\+\+ compiler'):
         dy, dx, _, _ = uniform_matrices(x, 6, 1 / 12, 1 / 12)
         out = resample(x, dy, dx)
     with warnings.catch_warnings():
@@ -526,16 +534,16 @@ def test_saliency_op_is_the_resampling_and_a_1x1_conv_of_it(shape, dtype):
     batch_size, channels, height, width, rows, cols = shape
     x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)
     residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype)
-    a_y, a_x = banded(batch_size, rows, height), banded(batch_size, cols, width)
+    matrix_y, matrix_x = banded(batch_size, rows, height), banded(batch_size, cols, width)
     weight, bias = torch.randn(channels), torch.randn(1)
-    out, logits = native.separable_resample_saliency(x, a_y, a_x, residual, True, weight, bias)
-    assert torch.equal(out, separable_resample(x, a_y, a_x, residual, True))
+    out, logits = native.separable_resample_saliency(x, matrix_y, matrix_x, residual, True, weight, bias)
+    assert torch.equal(out, separable_resample(x, matrix_y, matrix_x, residual, True))
     expected = torch.nn.functional.conv2d(out.float(), weight.view(1, -1, 1, 1), bias)
     assert logits.dtype == torch.float32 and logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    torch.library.opcheck(native.separable_resample_saliency, (x, a_y, a_x, residual, True, weight, bias))
+    torch.library.opcheck(native.separable_resample_saliency, (x, matrix_y, matrix_x, residual, True, weight, bias))
     with pytest.raises(RuntimeError, match=f"saliency_weight must be a contiguous float32 tensor of x's {channels}"):
-        native.separable_resample_saliency(x, a_y, a_x, residual, True, torch.randn(channels + 1), bias)
+        native.separable_resample_saliency(x, matrix_y, matrix_x, residual, True, torch.randn(channels + 1), bias)
 
 
 def live_ssb_resnetd50() -> torch.nn.Module:

@@ -72,17 +72,17 @@ def test_kernel_reads_any_strides():
     """An NCHW map and a residual sliced from a larger tensor: the kernel takes strides, not a layout."""
     x = on_device(torch.randn(2, 6, 7, 5))
     residual = on_device(torch.randn(2, 12, 3, 4))[:, ::2]
-    a_y, a_x = on_device(banded(2, 3, 7)), on_device(banded(2, 4, 5))
-    out = separable_resample_triton(x, a_y, a_x, residual, True)
-    torch.testing.assert_close(out, reference(x, a_y, a_x, residual, True), rtol=1e-5, atol=1e-5)
+    matrix_y, matrix_x = on_device(banded(2, 3, 7)), on_device(banded(2, 4, 5))
+    out = separable_resample_triton(x, matrix_y, matrix_x, residual, True)
+    torch.testing.assert_close(out, reference(x, matrix_y, matrix_x, residual, True), rtol=1e-5, atol=1e-5)
 
 
 def test_registrations_pass_opcheck():
     """Schema, fake tensor, autograd registration and AOT dispatch, as ``torch.library`` checks them."""
     x = on_device(channels_last(torch.randn(1, 3, 5, 4))).requires_grad_()
     residual = on_device(channels_last(torch.randn(1, 3, 2, 3))).requires_grad_()
-    a_y, a_x = on_device(banded(1, 2, 5)).requires_grad_(), on_device(banded(1, 3, 4)).requires_grad_()
-    torch.library.opcheck(separable_resample_triton, (x, a_y, a_x, residual, True))
+    matrix_y, matrix_x = on_device(banded(1, 2, 5)).requires_grad_(), on_device(banded(1, 3, 4)).requires_grad_()
+    torch.library.opcheck(separable_resample_triton, (x, matrix_y, matrix_x, residual, True))
 
 
 @pytest.mark.filterwarnings('ignore:invalid value encountered:RuntimeWarning')  # the interpreter's NumPy
@@ -100,22 +100,30 @@ def test_nan_and_inf_pass_through_like_the_reference():
 def test_bad_inputs_are_clear_errors():
     """The kernel does not bound its reads by the matrices' shapes: the op checks them, naming the argument."""
     x = on_device(channels_last(torch.randn(1, 3, 5, 4)))
-    a_y, a_x = on_device(banded(1, 2, 5)), on_device(banded(1, 3, 4))
+    matrix_y, matrix_x = on_device(banded(1, 2, 5)), on_device(banded(1, 3, 4))
     residual = on_device(channels_last(torch.randn(1, 3, 2, 3)))
     cases = [
-        ((x.double(), a_y, a_x, None), TypeError, 'x must be float32, bfloat16 or float16; got torch.float64'),
-        ((x[0], a_y, a_x, None), ValueError, r'x must be a \(B, C, H, W\) map; got shape \[3, 5, 4\]'),
-        ((x, a_y[:, :, :4], a_x, None), ValueError, r'a_y must be \(1, n, 5\) for x of shape \[1, 3, 5, 4\]'),
-        ((x, a_y, a_x.expand(2, 3, 4), None), ValueError, r'a_x must be \(1, n, 4\)'),
-        ((x, a_y, a_x, residual[:, :2]), ValueError, r"residual must have the output's shape \[1, 3, 2, 3\]"),
-        ((x.bfloat16(), a_y, a_x, residual), TypeError, "residual must have x's dtype torch.bfloat16"),
+        (
+            (x.double(), matrix_y, matrix_x, None),
+            TypeError,
+            'x must be float32, bfloat16 or float16; got torch.float64',
+        ),
+        ((x[0], matrix_y, matrix_x, None), ValueError, r'x must be a \(B, C, H, W\) map; got shape \[3, 5, 4\]'),
+        (
+            (x, matrix_y[:, :, :4], matrix_x, None),
+            ValueError,
+            r'matrix_y must be \(1, n, 5\) for x of shape \[1, 3, 5, 4\]',
+        ),
+        ((x, matrix_y, matrix_x.expand(2, 3, 4), None), ValueError, r'matrix_x must be \(1, n, 4\)'),
+        ((x, matrix_y, matrix_x, residual[:, :2]), ValueError, r"residual must have the output's shape \[1, 3, 2, 3\]"),
+        ((x.bfloat16(), matrix_y, matrix_x, residual), TypeError, "residual must have x's dtype torch.bfloat16"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             separable_resample_triton(*args, False)
     # a meta tensor among them would dispatch to the fake; the check itself, as a CUDA/CPU mix meets it
-    with pytest.raises(ValueError, match="a_x must be on x's device"):
-        resample_op._check_inputs(x, a_y, a_x.to('meta'), None)
+    with pytest.raises(ValueError, match="matrix_x must be on x's device"):
+        resample_op._check_inputs(x, matrix_y, matrix_x.to('meta'), None)
 
 
 def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
@@ -181,7 +189,7 @@ def triton_missing(monkeypatch):
 
 def test_without_triton_auto_warns_once_and_the_forced_backends_raise(triton_missing, backend):
     backend('auto')
-    with pytest.warns(RuntimeWarning, match="Triton sampling kernel could not be loaded .*No module named 'triton'"):
+    with pytest.warns(RuntimeWarning, match="Triton sampling kernels could not be loaded .*No module named 'triton'"):
         assert not native.dispatch._triton_ready()
     with warnings.catch_warnings():
         warnings.simplefilter('error')

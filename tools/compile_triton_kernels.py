@@ -36,7 +36,13 @@ def compile_all(arch: int) -> dict:
             BLOCK_C=32,
             **dict.fromkeys(ones, 1),
         )
-        pointers = {'x_ptr': dtype, 'a_y_ptr': 'fp32', 'a_x_ptr': 'fp32', 'residual_ptr': dtype, 'out_ptr': dtype}
+        pointers = {
+            'x_ptr': dtype,
+            'matrix_y_ptr': 'fp32',
+            'matrix_x_ptr': 'fp32',
+            'residual_ptr': dtype,
+            'out_ptr': dtype,
+        }
         signature = {
             n: 'constexpr' if n in constants else f'*{pointers[n]}' if n in pointers else 'i32'
             for n in separable_resample_kernel.arg_names

@@ -26,15 +26,13 @@ def x_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tens
 
 
 class BatchedProductsResample(torch.autograd.Function):
-    """``z = M_y @ x @ M_x^T``, optionally ``relu(residual + z)``, on a channels-last map, forward and
+    """``z = matrix_y @ x @ matrix_x^T``, optionally ``relu(residual + z)``, on a channels-last map, forward and
     backward as batched matrix products over contiguous ``(B, H, W, C)`` views: no layout copies of
     the map in either direction, and the gradient comes out channels-last like the input.
 
     The y-axis product is one large matrix product per sample; the x-axis one is many small ones, one per
-    row. The large product is put on the full-resolution side: first when sampling down (``M_y`` reads the
-    input), last when mapping back up (``M_y`` writes the output). Both orders cost the same
-    multiply-accumulates on square maps; the large products run faster (writing the 28 x 28 output of a
-    ResNet-D-152 layer2 block per sample took 1.6 ms on our 2-core CPU, per row 3.7 ms).
+    row. The large product is put on the full-resolution side, where it runs faster than many small ones: first
+    when sampling down (``matrix_y`` reads the input), last when mapping back up (``matrix_y`` writes the output).
 
     With a residual (mapping a block's result back up), the last product is written straight into the
     output, the residual is added in place and so is the ReLU: one new full-resolution tensor instead of

@@ -101,8 +101,8 @@ def _measure(dtype: torch.dtype, training: bool) -> dict:
     batch_size, channels, side, size = CALIBRATION_SHAPE
     native = torch.ops.timm_ssb.separable_resample
 
-    def reference(t, a_y, a_x, residual, relu):
-        return BatchedProductsResample.apply(t, a_y.to(t.dtype), a_x.to(t.dtype), residual, relu)
+    def reference(t, matrix_y, matrix_x, residual, relu):
+        return BatchedProductsResample.apply(t, matrix_y.to(t.dtype), matrix_x.to(t.dtype), residual, relu)
 
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast('cpu', enabled=False):
         generator = torch.Generator().manual_seed(0)

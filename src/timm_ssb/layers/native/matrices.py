@@ -1,12 +1,11 @@
 """The adaptive sampler's matrices as one native op: C++ on the CPU, Triton on a GPU.
 
 ``adaptive_matrices_cpu(logits, size, sigma_g, sigma_down, sigma_up) -> (down_y, down_x, up_y, up_x)`` (the op
-``torch.ops.timm_ssb.adaptive_matrices``) computes what
-:func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the reference) computes from ``(B, H, W)`` saliency
-logits, for maps whose two sides are both longer than ``size``: one C++ call (``cpu/matrices.cpp``, built
-with the resampling kernel by :mod:`.cpu.build`) instead of about a hundred small tensor ops, whose dispatch cost
-(some 0.7-1 ms per block on a 2-core CPU) was most of what building the matrices took; its backward is one more
-call, instead of as many small ops again. float32 and float64 logits; the matrices come out in their dtype.
+``torch.ops.timm_ssb.adaptive_matrices``) computes what :func:`timm_ssb.layers.sampling_matrices.adaptive_matrices` (the
+reference) computes from ``(B, H, W)`` saliency logits, for maps whose two sides are both longer than ``size``: one C++
+call (``cpu/matrices.cpp``, built with the resampling kernel by :mod:`.cpu.build`) instead of about a hundred small
+tensor ops, whose dispatch is most of what they cost; its backward is one more call, instead of as many small ops again.
+float32 and float64 logits; the matrices come out in their dtype.
 
 ``adaptive_matrices_triton`` is the same for float32 logits on a GPU (:mod:`.triton.matrices_kernel`: two launches
 instead of about 140 ops, whose launches set an eager GPU model's pace), its backward one more launch.

@@ -1,12 +1,11 @@
 """The fused sampling ops, with their fake, FLOP and autograd registrations.
 
-``separable_resample(x, a_y, a_x, residual, relu) = relu?(residual + a_y @ x @ a_x^T)`` per sample and channel,
-float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down (no
-residual) and maps a result back up with the block's residual add and ReLU (the output written once). The
-matrices' zeros are structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and is
-zero elsewhere, which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights:
-their zero entries have no derivative) and spares the dense products outside each row's band. Two ops with
-that one schema:
+``separable_resample(x, matrix_y, matrix_x, residual, relu) = relu?(residual + matrix_y @ x @ matrix_x^T)`` per sample
+and channel, float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down
+(no residual) and maps a result back up with the block's residual add and ReLU (the output written once). The matrices'
+zeros are structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and is zero elsewhere,
+which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights: their zero entries have
+no derivative) and spares the dense products outside each row's band. Two ops with that one schema:
 
 * ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.cpu.build`), float32 and bfloat16,
   channels-last;
@@ -44,19 +43,19 @@ __all__ = [
 
 
 @torch.library.custom_op('timm_ssb::separable_resample', mutates_args=(), device_types='cpu')
-def separable_resample(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    """``relu?(residual + a_y @ x @ a_x^T)``: ``x (B, C, H, W)`` channels-last, ``a_y (B, P, H)``,
-    ``a_x (B, Q, W)`` contiguous float32, ``residual (B, C, P, Q)`` channels-last or ``None``; the result is
+def separable_resample(x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu?(residual + matrix_y @ x @ matrix_x^T)``: ``x (B, C, H, W)`` channels-last, ``matrix_y (B, P, H)``,
+    ``matrix_x (B, Q, W)`` contiguous float32, ``residual (B, C, P, Q)`` channels-last or ``None``; the result is
     ``(B, C, P, Q)``, channels-last, in ``x``'s dtype. Raises ``RuntimeError`` if the kernel is not built."""
     cpu_library.require()
-    return torch.ops.timm_ssb_cpu.separable_resample(x, a_y, a_x, residual, relu)
+    return torch.ops.timm_ssb_cpu.separable_resample(x, matrix_y, matrix_x, residual, relu)
 
 
 @torch.library.custom_op('timm_ssb::separable_resample_saliency', mutates_args=(), device_types='cpu')
 def separable_resample_saliency(
     x: Tensor,
-    a_y: Tensor,
-    a_x: Tensor,
+    matrix_y: Tensor,
+    matrix_x: Tensor,
     residual: Optional[Tensor],
     relu: bool,
     saliency_weight: Tensor,
@@ -67,33 +66,45 @@ def separable_resample_saliency(
     while it is in cache. Inference only (no autograd). Raises ``RuntimeError`` if the kernel is not built."""
     cpu_library.require()
     out, logits = torch.ops.timm_ssb_cpu.separable_resample_saliency(
-        x, a_y, a_x, residual, relu, saliency_weight, saliency_bias
+        x, matrix_y, matrix_x, residual, relu, saliency_weight, saliency_bias
     )
     return out, logits
 
 
 @separable_resample_saliency.register_fake
-def _saliency_fake(x, a_y, a_x, residual, relu, saliency_weight, saliency_bias) -> Tuple[Tensor, Tensor]:
-    out = _fake(x, a_y, a_x, residual, relu)
-    return out, a_y.new_empty(x.shape[0], 1, a_y.shape[1], a_x.shape[1])
+def _saliency_fake(x, matrix_y, matrix_x, residual, relu, saliency_weight, saliency_bias) -> Tuple[Tensor, Tensor]:
+    out = _fake(x, matrix_y, matrix_x, residual, relu)
+    return out, matrix_y.new_empty(x.shape[0], 1, matrix_y.shape[1], matrix_x.shape[1])
 
 
 @torch.library.custom_op('timm_ssb::separable_resample_backward', mutates_args=(), device_types='cpu')
 def separable_resample_backward(
-    grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
+    grad: Tensor,
+    x: Tensor,
+    matrix_y: Tensor,
+    matrix_x: Tensor,
+    out: Optional[Tensor],
+    need_x: bool,
+    need_matrices: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward of :func:`separable_resample` from the output's gradient ``grad`` (channels-last, ``x``'s
-    dtype): ``(grad_x, grad_a_y, grad_a_x, masked_grad)``, the matrices' on their nonzero entries. ``out`` is the
+    """The backward of :func:`separable_resample` from the output's gradient ``grad`` (channels-last, ``x``'s dtype):
+    ``(grad_x, grad_matrix_y, grad_matrix_x, masked_grad)``, the matrices' on their nonzero entries. ``out`` is the
     forward's output where it applied the ReLU (``masked_grad`` is then ``grad`` zeroed where ``out <= 0``: the
     residual's gradient) or ``None`` (then ``masked_grad`` is empty); ``grad_x`` is empty unless ``need_x``, the
     matrices' float32 gradients unless ``need_matrices``. Raises ``RuntimeError`` if the kernels are not built."""
     cpu_library.require()
-    return torch.ops.timm_ssb_cpu.separable_resample_backward(grad, x, a_y, a_x, out, need_x, need_matrices)
+    return torch.ops.timm_ssb_cpu.separable_resample_backward(grad, x, matrix_y, matrix_x, out, need_x, need_matrices)
 
 
 @separable_resample_backward.register_fake
 def _backward_fake(
-    grad: Tensor, x: Tensor, a_y: Tensor, a_x: Tensor, out: Optional[Tensor], need_x: bool, need_matrices: bool
+    grad: Tensor,
+    x: Tensor,
+    matrix_y: Tensor,
+    matrix_x: Tensor,
+    out: Optional[Tensor],
+    need_x: bool,
+    need_matrices: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     def result(like: Tensor, needed: bool, layout: torch.memory_format) -> Tensor:
         if not needed:
@@ -102,18 +113,20 @@ def _backward_fake(
 
     return (
         result(x, need_x, torch.channels_last),
-        result(a_y, need_matrices, torch.contiguous_format),
-        result(a_x, need_matrices, torch.contiguous_format),
+        result(matrix_y, need_matrices, torch.contiguous_format),
+        result(matrix_x, need_matrices, torch.contiguous_format),
         result(grad, out is not None, torch.channels_last),
     )
 
 
 @register_flop_formula(torch.ops.timm_ssb.separable_resample_backward)
-def _backward_flops(grad_shape, x_shape, a_y_shape, a_x_shape, mask_shape, need_x, need_matrices, *args, **kwargs):
-    """The dense products of the backward: ``u = g a_x`` and, as needed, ``a_y^T u`` (``x``'s gradient),
-    ``a_y x`` and the two contractions that give the matrices' gradients."""
+def _backward_flops(
+    grad_shape, x_shape, matrix_y_shape, matrix_x_shape, mask_shape, need_x, need_matrices, *args, **kwargs
+):
+    """The dense products of the backward: ``u = g matrix_x`` and, as needed, ``matrix_y^T u`` (``x``'s gradient),
+    ``matrix_y x`` and the two contractions that give the matrices' gradients."""
     batch_size, channels, height, width = x_shape
-    rows, cols = a_y_shape[1], a_x_shape[1]
+    rows, cols = matrix_y_shape[1], matrix_x_shape[1]
     per_product = 2 * batch_size * channels * rows * width
     return per_product * (cols + (height if need_x else 0) + (2 * height + cols if need_matrices else 0))
 
@@ -123,9 +136,11 @@ TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op('timm_ssb::separable_resample_triton', mutates_args=())
-def separable_resample_triton(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    """``relu?(residual + a_y @ x @ a_x^T)`` in the Triton kernel: ``x (B, C, H, W)`` float32, bfloat16 or
-    float16, any strides, ``a_y (B, P, H)``, ``a_x (B, Q, W)``, ``residual (B, C, P, Q)`` of ``x``'s dtype or
+def separable_resample_triton(
+    x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool
+) -> Tensor:
+    """``relu?(residual + matrix_y @ x @ matrix_x^T)`` in the Triton kernel: ``x (B, C, H, W)`` float32, bfloat16 or
+    float16, any strides, ``matrix_y (B, P, H)``, ``matrix_x (B, Q, W)``, ``residual (B, C, P, Q)`` of ``x``'s dtype or
     ``None``, all on one device; the result is ``(B, C, P, Q)``, channels-last, in ``x``'s dtype. Inputs that do
     not fit are a ``ValueError``/``TypeError`` naming the argument (the kernel does not check its reads)."""
     module = triton_kernels.require().resample
@@ -134,24 +149,24 @@ def separable_resample_triton(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Opt
             "timm_ssb: the Triton sampling kernel runs CPU tensors only under Triton's interpreter "
             '(TRITON_INTERPRET=1 before its first use); on the CPU the sampling backend "auto" uses the C++ kernel'
         )
-    _check_inputs(x, a_y, a_x, residual)
-    return module.launch(x, a_y.float().contiguous(), a_x.float().contiguous(), residual, relu)
+    _check_inputs(x, matrix_y, matrix_x, residual)
+    return module.launch(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
 
 
-def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor]) -> None:
+def _check_inputs(x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor]) -> None:
     if x.dtype not in TRITON_KERNEL_DTYPES:
         raise TypeError(f'x must be float32, bfloat16 or float16; got {x.dtype}')
     if x.dim() != 4:
         raise ValueError(f'x must be a (B, C, H, W) map; got shape {list(x.shape)}')
     batch_size, channels, height, width = x.shape
-    for name, matrix, length in (('a_y', a_y, height), ('a_x', a_x, width)):
+    for name, matrix, length in (('matrix_y', matrix_y, height), ('matrix_x', matrix_x, width)):
         if matrix.dim() != 3 or matrix.shape[0] != batch_size or matrix.shape[2] != length:
             raise ValueError(
                 f'{name} must be ({batch_size}, n, {length}) for x of shape {list(x.shape)}; got {list(matrix.shape)}'
             )
-    tensors = {'a_y': a_y, 'a_x': a_x}
+    tensors = {'matrix_y': matrix_y, 'matrix_x': matrix_x}
     if residual is not None:
-        expected = [batch_size, channels, a_y.shape[1], a_x.shape[1]]
+        expected = [batch_size, channels, matrix_y.shape[1], matrix_x.shape[1]]
         if list(residual.shape) != expected:
             raise ValueError(f"residual must have the output's shape {expected}; got {list(residual.shape)}")
         if residual.dtype != x.dtype:
@@ -162,23 +177,23 @@ def _check_inputs(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor
             raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
 
 
-def _fake(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    shape = (x.shape[0], x.shape[1], a_y.shape[1], a_x.shape[1])
+def _fake(x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    shape = (x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-def _flops(x_shape, a_y_shape, a_x_shape, residual_shape, relu, *args, **kwargs) -> int:
+def _flops(x_shape, matrix_y_shape, matrix_x_shape, residual_shape, relu, *args, **kwargs) -> int:
     """The FLOPs of the dense products this op replaces (y axis first, as :func:`resample_reference` and the
     paper count them), so ``FlopCounterMode`` counts a model the same whichever path its sampling takes."""
     batch_size, channels, height, width = x_shape
-    rows, cols = a_y_shape[1], a_x_shape[1]
+    rows, cols = matrix_y_shape[1], matrix_x_shape[1]
     return 2 * batch_size * channels * rows * width * (height + cols)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, a_y, a_x, residual, relu = inputs
+    x, matrix_y, matrix_x, residual, relu = inputs
     ctx.relu = relu
-    ctx.save_for_backward(x, a_y, a_x, output if relu else None)
+    ctx.save_for_backward(x, matrix_y, matrix_x, output if relu else None)
 
 
 def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
@@ -187,16 +202,16 @@ def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
 
 def _native_backward(ctx, grad: Tensor):
     """The C++ op's backward: one call of :func:`separable_resample_backward`."""
-    x, a_y, a_x, out = ctx.saved_tensors
+    x, matrix_y, matrix_x, out = ctx.saved_tensors
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-    need_x, need_a_y, need_a_x, need_residual = ctx.needs_input_grad[:4]
-    grad_x, grad_a_y, grad_a_x, masked = separable_resample_backward(
-        grad, x, a_y, a_x, out, need_x, need_a_y or need_a_x
+    need_x, need_matrix_y, need_matrix_x, need_residual = ctx.needs_input_grad[:4]
+    grad_x, grad_matrix_y, grad_matrix_x, masked = separable_resample_backward(
+        grad, x, matrix_y, matrix_x, out, need_x, need_matrix_y or need_matrix_x
     )
     return (
         grad_x if need_x else None,
-        grad_a_y if need_a_y else None,
-        grad_a_x if need_a_x else None,
+        grad_matrix_y if need_matrix_y else None,
+        grad_matrix_x if need_matrix_x else None,
         (masked if ctx.relu else grad) if need_residual else None,
         None,
     )
@@ -204,38 +219,40 @@ def _native_backward(ctx, grad: Tensor):
 
 def _backward(op, ctx, grad: Tensor):
     """The Triton op's backward. With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets
-    ``a_y^T g a_x`` (the same op, transposed matrices), the residual ``g``; the matrices get products of ``g`` and
-    ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned sampler),
-    on their nonzero entries (zero elsewhere, as the C++ op's)."""
-    x, a_y, a_x, out = ctx.saved_tensors
+    ``matrix_y^T g matrix_x`` (the same op, transposed matrices), the residual ``g``; the matrices get products of
+    ``g`` and ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned
+    sampler), on their nonzero entries (zero elsewhere, as the C++ op's)."""
+    x, matrix_y, matrix_x, out = ctx.saved_tensors
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     batch_size, channels, height, width = x.shape
-    rows, cols = a_y.shape[1], a_x.shape[1]
-    a_y_t, a_x_t = a_y.transpose(1, 2).contiguous(), a_x.transpose(1, 2).contiguous()
-    grad_x = grad_a_y = grad_a_x = None
+    rows, cols = matrix_y.shape[1], matrix_x.shape[1]
+    matrix_y_t, matrix_x_t = matrix_y.transpose(1, 2).contiguous(), matrix_x.transpose(1, 2).contiguous()
+    grad_x = grad_matrix_y = grad_matrix_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = op(grad, a_y_t, a_x_t, None, False)
+        grad_x = op(grad, matrix_y_t, matrix_x_t, None, False)
     if ctx.needs_input_grad[1]:
-        along_x = op(grad, _identity(batch_size, rows, x), a_x_t, None, False)  # (B, C, P, W)
-        grad_a_y = (
+        along_x = op(grad, _identity(batch_size, rows, x), matrix_x_t, None, False)  # (B, C, P, W)
+        grad_matrix_y = (
             torch.bmm(
                 along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
                 x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
             )
             .float()
-            .masked_fill_(a_y == 0, 0.0)
+            .masked_fill_(matrix_y == 0, 0.0)
         )
     if ctx.needs_input_grad[2]:
-        along_y = op(x, a_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
-        grad_a_x = torch.bmm(
+        along_y = op(x, matrix_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
+        grad_matrix_x = torch.bmm(
             grad.permute(0, 2, 3, 1).reshape(batch_size * rows, cols, channels),
             along_y.permute(0, 2, 3, 1).reshape(batch_size * rows, width, channels).transpose(1, 2),
         )
-        grad_a_x = grad_a_x.view(batch_size, rows, cols, width).sum(1).float().masked_fill_(a_x == 0, 0.0)
+        grad_matrix_x = (
+            grad_matrix_x.view(batch_size, rows, cols, width).sum(1).float().masked_fill_(matrix_x == 0, 0.0)
+        )
     grad_residual = grad if ctx.needs_input_grad[3] else None
-    return grad_x, grad_a_y, grad_a_x, grad_residual, None
+    return grad_x, grad_matrix_y, grad_matrix_x, grad_residual, None
 
 
 for _op, _packet, _op_backward in (

@@ -1,10 +1,10 @@
 // Fused separable resampling on channels-last CPU maps: out = epilogue(A_y @ x @ A_x^T), per sample and channel.
 //
-// x is (B, C, H, W) in channels-last memory, i.e. (B, H, W, C) contiguous; a_y (B, P, H) and a_x (B, Q, W) are
+// x is (B, C, H, W) in channels-last memory, i.e. (B, H, W, C) contiguous; matrix_y (B, P, H) and matrix_x (B, Q, W) are
 // float32 matrices; the output is (B, C, P, Q), channels-last. The epilogue optionally adds a residual of the
-// output's shape and applies a ReLU. One pass: each output row p reads only the input rows where a_y[p] is not
+// output's shape and applies a ReLU. One pass: each output row p reads only the input rows where matrix_y[p] is not
 // zero (the band of a Gaussian read-out, its tail cut to exact zeros) into a float32 row buffer over (W, C), then
-// each output pixel q reads only the columns where a_x[q] is not zero, adds the residual, applies the ReLU and
+// each output pixel q reads only the columns where matrix_x[q] is not zero, adds the residual, applies the ReLU and
 // stores -- the full-resolution map is read once and the output written once, with no intermediate tensor.
 // float32 and bfloat16 maps (bfloat16 in and out, float32 accumulation). The same op maps a result back up
 // (P = H of the block, x the small map); the gradients are separable_resample_backward's (below).
@@ -225,19 +225,19 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
 }
 
 template <typename T>
-void resample_kernel(const T* x, const float* a_y, const float* a_x, const T* residual, bool relu, T* out,
+void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, const T* residual, bool relu, T* out,
                      const float* saliency_w, float saliency_b, float* saliency, int64_t batch, int64_t channels,
                      int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
   std::vector<int64_t> y_lo(batch * out_h), y_hi(batch * out_h), x_lo(batch * out_w), x_hi(batch * out_w);
-  nonzero_bands(a_y, batch * out_h, height, y_lo.data(), y_hi.data());
-  nonzero_bands(a_x, batch * out_w, width, x_lo.data(), x_hi.data());
+  nonzero_bands(matrix_y, batch * out_h, height, y_lo.data(), y_hi.data());
+  nonzero_bands(matrix_x, batch * out_w, width, x_lo.data(), x_hi.data());
   // Zero-padded copies of the matrices, a block's size - 1 rows longer per sample, so a block never
   // reads past a sample's matrix (the extra outputs are computed and dropped).
   const int64_t pad_h = out_h + kRowsY - 1, pad_w = out_w + kRowsX - 1;
   std::vector<float> my(batch * pad_h * height, 0.0f), mx(batch * pad_w * width, 0.0f);
   for (int64_t b = 0; b < batch; ++b) {
-    std::memcpy(my.data() + b * pad_h * height, a_y + b * out_h * height, sizeof(float) * out_h * height);
-    std::memcpy(mx.data() + b * pad_w * width, a_x + b * out_w * width, sizeof(float) * out_w * width);
+    std::memcpy(my.data() + b * pad_h * height, matrix_y + b * out_h * height, sizeof(float) * out_h * height);
+    std::memcpy(mx.data() + b * pad_w * width, matrix_x + b * out_w * width, sizeof(float) * out_w * width);
   }
   auto block_band = [](const int64_t* lo, const int64_t* hi, int64_t first, int64_t last) {
     int64_t b_lo = INT64_MAX, b_hi = 0;
@@ -315,19 +315,19 @@ inline void weighted_sum(const float* w, const T* const* src, int64_t lo, int64_
 }
 
 template <typename T>
-void resample_backward_kernel(const T* grad, const T* out, const T* x, const float* a_y, const float* a_x,
-                              T* masked, T* grad_x, float* grad_a_y, float* grad_a_x, int64_t batch,
+void resample_backward_kernel(const T* grad, const T* out, const T* x, const float* matrix_y, const float* matrix_x,
+                              T* masked, T* grad_x, float* grad_matrix_y, float* grad_matrix_x, int64_t batch,
                               int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
   const int64_t row_len = width * channels;  // one (W, C) row of x, u and v
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> u(out_h * row_len), v(grad_a_y ? out_h * row_len : 0), dots(grad_a_y ? height * out_h : 0);
+    std::vector<float> u(out_h * row_len), v(grad_matrix_y ? out_h * row_len : 0), dots(grad_matrix_y ? height * out_h : 0);
     std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width),
         x_lo(out_w), x_hi(out_w);
     std::vector<const float*> u_rows(out_h), v_rows(width);
     std::vector<const T*> x_rows(height), g_rows(out_w);
     for (int64_t b = begin; b < end; ++b) {
-      const float* m_y = a_y + b * out_h * height;
-      const std::vector<float> m_yt = transposed(m_y, out_h, height), m_xt = transposed(a_x + b * out_w * width,
+      const float* m_y = matrix_y + b * out_h * height;
+      const std::vector<float> m_yt = transposed(m_y, out_h, height), m_xt = transposed(matrix_x + b * out_w * width,
                                                                                           out_w, width);
       nonzero_bands(m_y, out_h, height, y_lo.data(), y_hi.data());
       nonzero_bands(m_yt.data(), height, out_h, yt_lo.data(), yt_hi.data());
@@ -348,7 +348,7 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
           }
           for (; i < n; ++i) store1(masked + start + i, load1(out + start + i) > 0.0f ? load1(grad + start + i) : 0.0f);
         }
-        if (!grad_x && !grad_a_y) continue;  // only the residual's gradient asked for
+        if (!grad_x && !grad_matrix_y) continue;  // only the residual's gradient asked for
         for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + (p * out_w + q) * channels;
         for (int64_t w = 0; w < width; ++w)
           weighted_sum<T, float>(m_xt.data() + w * out_w, g_rows.data(), xt_lo[w], xt_hi[w], channels,
@@ -359,7 +359,7 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
         for (int64_t h = 0; h < height; ++h)
           weighted_sum<float, T>(m_yt.data() + h * out_h, u_rows.data(), yt_lo[h], yt_hi[h], row_len,
                                  grad_x + (b * height + h) * row_len);
-      if (!grad_a_y) continue;
+      if (!grad_matrix_y) continue;
       std::fill(dots.begin(), dots.end(), 0.0f);
       for (int64_t p0 = 0; p0 < out_h; p0 += 4) {
         const int64_t p1 = std::min<int64_t>(p0 + 4, out_h);
@@ -369,37 +369,37 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
       }
       for (int64_t p = 0; p < out_h; ++p)
         for (int64_t h = 0; h < height; ++h)
-          grad_a_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
+          grad_matrix_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
       // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
       for (int64_t p = 0; p < out_h; ++p)
         weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v.data() + p * row_len);
       for (int64_t w = 0; w < width; ++w) v_rows[w] = v.data() + w * channels;
       for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
-      const float* m_x = a_x + b * out_w * width;
-      float* g_a_x = grad_a_x + b * out_w * width;
-      std::fill(g_a_x, g_a_x + out_w * width, 0.0f);
+      const float* m_x = matrix_x + b * out_w * width;
+      float* g_matrix_x = grad_matrix_x + b * out_w * width;
+      std::fill(g_matrix_x, g_matrix_x + out_w * width, 0.0f);
       nonzero_bands(m_x, out_w, width, x_lo.data(), x_hi.data());
       for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
         const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
         const auto [lo, hi] = band_union(x_lo.data() + q0, x_hi.data() + q0, q1 - q0);
         dot_matrix<T>(g_rows.data() + q0, q1 - q0, v_rows.data() + lo, hi - lo, out_h, channels, out_w * channels,
-                      row_len, g_a_x + q0 * width + lo, width);
+                      row_len, g_matrix_x + q0 * width + lo, width);
       }
       for (int64_t i = 0; i < out_w * width; ++i)
-        if (m_x[i] == 0.0f) g_a_x[i] = 0.0f;
+        if (m_x[i] == 0.0f) g_matrix_x[i] = 0.0f;
     }
   });
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x) {
+void check_inputs(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "x must be a 4-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels-last contiguous");
-  TORCH_CHECK(a_y.scalar_type() == at::kFloat && a_x.scalar_type() == at::kFloat, "matrices must be float32");
-  TORCH_CHECK(a_y.dim() == 3 && a_x.dim() == 3 && a_y.is_contiguous() && a_x.is_contiguous(),
+  TORCH_CHECK(matrix_y.scalar_type() == at::kFloat && matrix_x.scalar_type() == at::kFloat, "matrices must be float32");
+  TORCH_CHECK(matrix_y.dim() == 3 && matrix_x.dim() == 3 && matrix_y.is_contiguous() && matrix_x.is_contiguous(),
               "matrices must be contiguous (B, P, H) and (B, Q, W)");
-  TORCH_CHECK(a_y.size(0) == x.size(0) && a_y.size(2) == x.size(2) && a_x.size(0) == x.size(0) &&
-                  a_x.size(2) == x.size(3),
+  TORCH_CHECK(matrix_y.size(0) == x.size(0) && matrix_y.size(2) == x.size(2) && matrix_x.size(0) == x.size(0) &&
+                  matrix_x.size(2) == x.size(3),
               "matrix shapes do not fit x");
 }
 
@@ -410,13 +410,13 @@ void check_output_shaped(const at::Tensor& t, const at::Tensor& x, at::IntArrayR
               " must be channels-last with the output's shape");
 }
 
-// out = relu?(residual + a_y x a_x^T), and, given a 1x1 conv's (C,) weight and (1,) bias, that conv of out.
-std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+// out = relu?(residual + matrix_y x matrix_x^T), and, given a 1x1 conv's (C,) weight and (1,) bias, that conv of out.
+std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
                                                  const c10::optional<at::Tensor>& residual, bool relu,
                                                  const at::Tensor* saliency_w, const at::Tensor* saliency_b) {
-  check_inputs(x, a_y, a_x);
+  check_inputs(x, matrix_y, matrix_x);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
+  const int64_t out_h = matrix_y.size(1), out_w = matrix_x.size(1);
   auto out = at::empty({batch, channels, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor* res = nullptr;
   if (residual.has_value()) {
@@ -431,13 +431,13 @@ std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::
                 "saliency_weight must be a contiguous float32 tensor of x's ", channels, " channels");
     TORCH_CHECK(saliency_b->scalar_type() == at::kFloat && saliency_b->numel() == 1,
                 "saliency_bias must be a float32 tensor of one value");
-    saliency = at::empty({batch, 1, out_h, out_w}, a_y.options());
+    saliency = at::empty({batch, 1, out_h, out_w}, matrix_y.options());
     bias = saliency_b->item<float>();
   }
   if (out.numel() == 0) return {out, saliency};
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    resample_kernel<T>(x.data_ptr<T>(), a_y.data_ptr<float>(), a_x.data_ptr<float>(), res ? res->data_ptr<T>() : nullptr,
+    resample_kernel<T>(x.data_ptr<T>(), matrix_y.data_ptr<float>(), matrix_x.data_ptr<float>(), res ? res->data_ptr<T>() : nullptr,
                        relu, out.data_ptr<T>(), saliency_w ? saliency_w->data_ptr<float>() : nullptr, bias,
                        saliency_w ? saliency.data_ptr<float>() : nullptr, batch, channels, height, width, out_h,
                        out_w);
@@ -450,25 +450,25 @@ std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::
   return {out, saliency};
 }
 
-at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
                               const c10::optional<at::Tensor>& residual, bool relu) {
-  return std::get<0>(resample_impl(x, a_y, a_x, residual, relu, nullptr, nullptr));
+  return std::get<0>(resample_impl(x, matrix_y, matrix_x, residual, relu, nullptr, nullptr));
 }
 
-std::tuple<at::Tensor, at::Tensor> separable_resample_saliency(const at::Tensor& x, const at::Tensor& a_y,
-                                                               const at::Tensor& a_x,
+std::tuple<at::Tensor, at::Tensor> separable_resample_saliency(const at::Tensor& x, const at::Tensor& matrix_y,
+                                                               const at::Tensor& matrix_x,
                                                                const c10::optional<at::Tensor>& residual, bool relu,
                                                                const at::Tensor& saliency_weight,
                                                                const at::Tensor& saliency_bias) {
-  return resample_impl(x, a_y, a_x, residual, relu, &saliency_weight, &saliency_bias);
+  return resample_impl(x, matrix_y, matrix_x, residual, relu, &saliency_weight, &saliency_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a_y, const at::Tensor& a_x,
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
     const c10::optional<at::Tensor>& out, bool need_x, bool need_matrices) {
-  check_inputs(x, a_y, a_x);
+  check_inputs(x, matrix_y, matrix_x);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t out_h = a_y.size(1), out_w = a_x.size(1);
+  const int64_t out_h = matrix_y.size(1), out_w = matrix_x.size(1);
   const std::vector<int64_t> out_sizes = {batch, channels, out_h, out_w};
   check_output_shaped(grad, x, out_sizes, "grad");
   const at::Tensor* mask = nullptr;
@@ -480,22 +480,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_ba
   const auto none = x.options();
   at::Tensor masked = mask ? at::empty(out_sizes, cl) : at::empty({0}, none);
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), cl) : at::empty({0}, none);
-  const auto f32 = a_y.options();
-  at::Tensor grad_a_y = need_matrices ? at::empty(a_y.sizes(), f32) : at::empty({0}, f32);
-  at::Tensor grad_a_x = need_matrices ? at::empty(a_x.sizes(), f32) : at::empty({0}, f32);
+  const auto f32 = matrix_y.options();
+  at::Tensor grad_matrix_y = need_matrices ? at::empty(matrix_y.sizes(), f32) : at::empty({0}, f32);
+  at::Tensor grad_matrix_x = need_matrices ? at::empty(matrix_x.sizes(), f32) : at::empty({0}, f32);
   if (x.numel() == 0 || grad.numel() == 0) {
     if (masked.numel()) masked.zero_();
     if (grad_x.numel()) grad_x.zero_();
-    if (need_matrices) grad_a_y.zero_(), grad_a_x.zero_();
-    return {grad_x, grad_a_y, grad_a_x, masked};
+    if (need_matrices) grad_matrix_y.zero_(), grad_matrix_x.zero_();
+    return {grad_x, grad_matrix_y, grad_matrix_x, masked};
   }
   auto run = [&](auto tag) {
     using T = decltype(tag);
     resample_backward_kernel<T>(grad.data_ptr<T>(), mask ? mask->data_ptr<T>() : nullptr, x.data_ptr<T>(),
-                                a_y.data_ptr<float>(), a_x.data_ptr<float>(), mask ? masked.data_ptr<T>() : nullptr,
+                                matrix_y.data_ptr<float>(), matrix_x.data_ptr<float>(), mask ? masked.data_ptr<T>() : nullptr,
                                 need_x ? grad_x.data_ptr<T>() : nullptr,
-                                need_matrices ? grad_a_y.data_ptr<float>() : nullptr,
-                                need_matrices ? grad_a_x.data_ptr<float>() : nullptr, batch, channels, height,
+                                need_matrices ? grad_matrix_y.data_ptr<float>() : nullptr,
+                                need_matrices ? grad_matrix_x.data_ptr<float>() : nullptr, batch, channels, height,
                                 width, out_h, out_w);
   };
   if (x.scalar_type() == at::kFloat) {
@@ -503,20 +503,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_ba
   } else {
     run(c10::BFloat16{});
   }
-  return {grad_x, grad_a_y, grad_a_x, masked};
+  return {grad_x, grad_matrix_y, grad_matrix_x, masked};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(timm_ssb_cpu, m) {
-  m.def("separable_resample(Tensor x, Tensor a_y, Tensor a_x, Tensor? residual, bool relu) -> Tensor");
+  m.def("separable_resample(Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor? residual, bool relu) -> Tensor");
   m.impl("separable_resample", c10::DispatchKey::CPU, TORCH_FN(separable_resample));
   m.def(
-      "separable_resample_saliency(Tensor x, Tensor a_y, Tensor a_x, Tensor? residual, bool relu, "
+      "separable_resample_saliency(Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor? residual, bool relu, "
       "Tensor saliency_weight, Tensor saliency_bias) -> (Tensor, Tensor)");
   m.impl("separable_resample_saliency", c10::DispatchKey::CPU, TORCH_FN(separable_resample_saliency));
   m.def(
-      "separable_resample_backward(Tensor grad, Tensor x, Tensor a_y, Tensor a_x, Tensor? out, bool need_x, "
+      "separable_resample_backward(Tensor grad, Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor? out, bool need_x, "
       "bool need_matrices) -> (Tensor, Tensor, Tensor, Tensor)");
   m.impl("separable_resample_backward", c10::DispatchKey::CPU, TORCH_FN(separable_resample_backward));
 }

@@ -1,4 +1,4 @@
-"""The Triton kernel of ``separable_resample``: ``relu?(residual + a_y @ x @ a_x^T)`` in one pass.
+"""The Triton kernel of ``separable_resample``: ``relu?(residual + matrix_y @ x @ matrix_x^T)`` in one pass.
 
 Imported only when the op first runs on a Triton path (Triton is optional; ``TRITON_INTERPRET`` is read when the
 kernel is defined, i.e. at this module's import).
@@ -6,10 +6,10 @@ kernel is defined, i.e. at this module's import).
 One program computes one output row ``p`` of one sample for a tile of ``BLOCK_Q`` columns and ``BLOCK_C``
 channels, all in registers:
 
-1. the band of ``a_y``'s row ``p`` (its first and last nonzero tap) and the band of columns the tile's rows of
-   ``a_x`` touch, from the matrices themselves (no host sync, no data-dependent shapes);
-2. for each chunk of ``BLOCK_W`` input columns in that band: ``t = sum_h a_y[p, h] * x[h, chunk, :]`` over the
-   band's rows (float32), then ``acc += a_x[tile, chunk] @ t`` (``tl.dot``);
+1. the band of ``matrix_y``'s row ``p`` (its first and last nonzero tap) and the band of columns the tile's rows of
+   ``matrix_x`` touch, from the matrices themselves (no host sync, no data-dependent shapes);
+2. for each chunk of ``BLOCK_W`` input columns in that band: ``t = sum_h matrix_y[p, h] * x[h, chunk, :]`` over the
+   band's rows (float32), then ``acc += matrix_x[tile, chunk] @ t`` (``tl.dot``);
 3. the residual added, the ReLU applied, the tile written once.
 
 So the map is read only where the matrices have weight, the residual once and the output written once. The
@@ -33,8 +33,8 @@ __all__ = ['separable_resample_kernel', 'launch', 'INTERPRETED']
 @triton.jit
 def separable_resample_kernel(
     x_ptr,
-    a_y_ptr,
-    a_x_ptr,
+    matrix_y_ptr,
+    matrix_x_ptr,
     residual_ptr,
     out_ptr,
     channels,
@@ -70,20 +70,20 @@ def separable_resample_kernel(
     q_in = qs < cols
     c_in = cs < channels
 
-    # The rows of x that a_y's row p weighs: [h_lo, h_hi).
-    a_y_row = a_y_ptr + sample_row.to(tl.int64) * height
+    # The rows of x that matrix_y's row p weighs: [h_lo, h_hi).
+    matrix_y_row = matrix_y_ptr + sample_row.to(tl.int64) * height
     hs = tl.arange(0, BLOCK_H)
-    taps = tl.load(a_y_row + hs, mask=hs < height, other=0.0)
+    taps = tl.load(matrix_y_row + hs, mask=hs < height, other=0.0)
     h_lo = tl.min(tl.where(taps != 0.0, hs, BLOCK_H), axis=0)
     h_hi = tl.max(tl.where(taps != 0.0, hs + 1, 0), axis=0)
 
-    # The columns of x that the tile's rows of a_x weigh: [w_lo, w_hi).
-    a_x_tile = a_x_ptr + b * cols * width + qs[:, None] * width
+    # The columns of x that the tile's rows of matrix_x weigh: [w_lo, w_hi).
+    matrix_x_tile = matrix_x_ptr + b * cols * width + qs[:, None] * width
     w_lo = width
     w_hi = 0
     for w0 in range(0, width, BLOCK_W):
         ws = w0 + tl.arange(0, BLOCK_W)
-        weights = tl.load(a_x_tile + ws[None, :], mask=q_in[:, None] & (ws < width)[None, :], other=0.0)
+        weights = tl.load(matrix_x_tile + ws[None, :], mask=q_in[:, None] & (ws < width)[None, :], other=0.0)
         w_lo = tl.minimum(w_lo, tl.min(tl.min(tl.where(weights != 0.0, ws[None, :], width), axis=1), axis=0))
         w_hi = tl.maximum(w_hi, tl.max(tl.max(tl.where(weights != 0.0, ws[None, :] + 1, 0), axis=1), axis=0))
 
@@ -96,9 +96,9 @@ def separable_resample_kernel(
         chunk_mask = w_in[:, None] & c_in[None, :]
         t = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         for h in range(h_lo, h_hi):
-            tap = tl.load(a_y_row + h)
+            tap = tl.load(matrix_y_row + h)
             t += tap * tl.load(x_chunk + h * x_stride_h, mask=chunk_mask, other=0.0).to(tl.float32)
-        weights = tl.load(a_x_tile + ws[None, :], mask=q_in[:, None] & w_in[None, :], other=0.0)
+        weights = tl.load(matrix_x_tile + ws[None, :], mask=q_in[:, None] & w_in[None, :], other=0.0)
         acc += tl.dot(weights, t, input_precision=DOT_PRECISION)
 
     out_mask = q_in[:, None] & c_in[None, :]
@@ -122,11 +122,11 @@ def _block(length: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(length)))
 
 
-def launch(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
-    """Launch the kernel: ``x (B, C, H, W)`` any strides, ``a_y (B, P, H)`` and ``a_x (B, Q, W)`` contiguous
+def launch(x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """Launch the kernel: ``x (B, C, H, W)`` any strides, ``matrix_y (B, P, H)`` and ``matrix_x (B, Q, W)`` contiguous
     float32, ``residual (B, C, P, Q)`` or ``None``; returns ``(B, C, P, Q)`` channels-last in ``x``'s dtype."""
     batch_size, channels, height, width = x.shape
-    rows, cols = a_y.shape[1], a_x.shape[1]
+    rows, cols = matrix_y.shape[1], matrix_x.shape[1]
     out = torch.empty(
         (batch_size, channels, rows, cols), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
     )
@@ -137,8 +137,8 @@ def launch(x: Tensor, a_y: Tensor, a_x: Tensor, residual: Optional[Tensor], relu
     res = residual if residual is not None else out  # not read without a residual
     separable_resample_kernel[grid](
         x,
-        a_y,
-        a_x,
+        matrix_y,
+        matrix_x,
         res,
         out,
         channels,
