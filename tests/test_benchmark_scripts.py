@@ -165,9 +165,19 @@ def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_pat
     assert all(r[k] > 0 for r in payload['results'] for k in keys)
 
 
-def test_speed_table_is_made_from_the_result_files():
+def test_speed_tables_are_made_from_the_result_files():
     script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     payload = json.loads((BENCHMARKS / 'results' / 'cpu_inference_fp32_avx512_amx_native.json').read_text())
     ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
     assert f'| fp32 inference | {ratios}× ({payload["machine"]["git_commit"][:7]})' in out
+    ops = json.loads((BENCHMARKS / 'results' / 'cpu_sampling_products_float32_avx512_amx_native.json').read_text())
+    down = ' / '.join(f'{r["down_ms"] / r["reference_down_ms"]:.2f}' for r in ops['results'])
+    assert f'| down | {down} |' in out
+
+
+def test_the_pages_tables_are_the_result_files():
+    """README.md and docs/performance.md hold the tables the result files give (no typed figures drift)."""
+    script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
+    result = subprocess.run([sys.executable, str(script), '--check'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,50 +1,145 @@
-"""Print the CPU speed table of one machine from its result files, as Markdown: ``python tools/speed_table.py``.
+"""The speed tables of the README and docs/performance.md, made from the result files:
+``python tools/speed_table.py --write``.
 
-Reads ``benchmarks/results/cpu_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>.json`` (written by
-``benchmarks/run_cpu_isa.sh``) and prints one row per setting and a column per build, each cell the SSB / baseline
-ratios of the models in the order measured, with the commit each file was measured at; so the tables in the README
-and docs are copied from the data, not typed.
+Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table -->`` and is made from
+``benchmarks/results/`` alone, so the pages' figures are the data's, never typed:
 
-    python tools/speed_table.py --cpu avx512_amx
+* ``cpu``: one row per setting (``cpu_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>.json``, written by
+  ``benchmarks/run_cpu_isa.sh``) and ONNX Runtime (``onnx_inference_<cpu>.json``), a column per build of the
+  kernels; each cell the SSB / baseline ratios of the models in the order measured and the commit measured at;
+* ``ops``: each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 / layer4
+  (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
+* ``summary`` (the README's): a row per build, a column per setting.
+
+``python tools/speed_table.py`` prints the tables; ``--write`` puts them in the pages; ``--check`` exits 1 where
+a page differs from what the data gives (run by the test suite).
 """
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Dict, List
 
-RESULTS = Path(__file__).resolve().parent.parent / 'benchmarks' / 'results'
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / 'benchmarks' / 'results'
+PAGES = (ROOT / 'README.md', ROOT / 'docs' / 'performance.md')
 SETTINGS = {
     'inference_fp32': 'fp32 inference',
     'train_fp32': 'fp32 training step',
-    'inference_bf16': 'bf16 autocast inference',
+    'inference_bf16': 'bf16 autocast inference (AMX)',
 }
-BUILDS = {'native': 'kernels for this CPU', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
+BUILDS = {'native': 'kernels for this CPU (AVX-512)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
+CPU_NAMES = {'avx512_amx': 'Intel Xeon, AVX-512 + AMX', 'avx512': 'AVX-512', 'avx2': 'AVX2', 'neon': 'Arm NEON'}
+OPS = {
+    'down': ('down_ms', 'reference_down_ms'),
+    'up + residual + ReLU': ('up_residual_relu_ms', 'reference_up_residual_relu_ms'),
+    'down, forward + backward': ('down_fwd_bwd_ms', 'reference_down_fwd_bwd_ms'),
+    'up, forward + backward': ('up_fwd_bwd_ms', 'reference_up_fwd_bwd_ms'),
+}
+_BLOCK = re.compile(r'(<!-- table:(\w+) -->\n).*?(<!-- /table -->)', re.DOTALL)
+_BLOCK_NAMES = re.compile(r'<!-- table:(\w+) -->')
 
 
-def cell(path: Path) -> str:
-    if not path.exists():
-        return '–'
-    payload = json.loads(path.read_text())
-    ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
+def _load(path: Path) -> Dict:
+    return json.loads(path.read_text())
+
+
+def _commit(payload: Dict) -> str:
     machine = payload['machine']
     dirty = ', dirty tree' if machine.get('git_dirty') else ''
-    return f'{ratios}× ({(machine.get("git_commit") or "?")[:7]}{dirty})'
+    return f'{(machine.get("git_commit") or "?")[:7]}{dirty}'
 
 
-def table(cpu: str) -> str:
+def ratio_cell(path: Path) -> str:
+    """The file's SSB / baseline ratios, in the order measured, and its commit; ``–`` where there is no file."""
+    if not path.exists():
+        return '–'
+    payload = _load(path)
+    ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
+    return f'{ratios}× ({_commit(payload)})'
+
+
+def cpu_table(cpu: str) -> str:
     lines = ['| SSB / baseline | ' + ' | '.join(BUILDS.values()) + ' |', '|---|' + '---|' * len(BUILDS)]
     for setting, label in SETTINGS.items():
-        cells = [cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for build in BUILDS]
+        cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for build in BUILDS]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    onnx = RESULTS / f'onnx_inference_{cpu}.json'
+    if onnx.exists():
+        models = ' / '.join(row['model'].removeprefix('ssb_') for row in _load(onnx)['results'])
+        lines.append(f'| onnxruntime fp32 ({models}) | {ratio_cell(onnx)} | |')
     return '\n'.join(lines)
 
 
-def main() -> None:
+def ops_table(cpu: str) -> str:
+    columns: List[str] = []
+    rows: Dict[str, List[str]] = {op: [] for op in OPS}
+    for dtype in ('float32', 'bfloat16'):
+        for build in BUILDS:
+            path = RESULTS / f'cpu_sampling_products_{dtype}_{cpu}_{build}.json'
+            if not path.exists():
+                continue
+            payload = _load(path)
+            columns.append(f'{dtype}, {build} ({_commit(payload)})')
+            for op, (native, reference) in OPS.items():
+                rows[op].append(' / '.join(f'{r[native] / r[reference]:.2f}' for r in payload['results']))
+    lines = ['| native / PyTorch, layer2 / 3 / 4 | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
+    lines += [f'| {op} | ' + ' | '.join(cells) + ' |' for op, cells in rows.items()]
+    return '\n'.join(lines)
+
+
+def summary_table(cpu: str) -> str:
+    lines = ['| | ' + ' | '.join(SETTINGS.values()) + ' |', '|---|' + '---|' * len(SETTINGS)]
+    for build, label in BUILDS.items():
+        cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for setting in SETTINGS]
+        lines.append(f'| {CPU_NAMES.get(cpu, cpu)}, {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def tables(cpu: str) -> Dict[str, str]:
+    return {'cpu': cpu_table(cpu), 'ops': ops_table(cpu), 'summary': summary_table(cpu)}
+
+
+def render(page: str, made: Dict[str, str]) -> str:
+    """``page`` with each ``table:NAME`` block holding ``made[NAME]``."""
+    return _BLOCK.sub(lambda m: f'{m.group(1)}{made[m.group(2)]}\n{m.group(3)}', page)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cpu', default='avx512_amx', help="the CPU's ISA class in the file names")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--write', action='store_true', help='put the tables in the pages')
+    mode.add_argument('--check', action='store_true', help='exit 1 where the page differs from the data')
     args = parser.parse_args()
-    print(table(args.cpu))
+    made = tables(args.cpu)
+    if not (args.write or args.check):
+        print('\n\n'.join(made.values()))
+        return 0
+    pages = {page: page.read_text() for page in PAGES}
+    found = {name for text in pages.values() for name in _BLOCK_NAMES.findall(text)}
+    missing = sorted(set(made) - found)
+    if missing:
+        print(f'no page has a block for table(s) {", ".join(missing)}', file=sys.stderr)
+        return 1
+    stale = []
+    for page, text in pages.items():
+        updated = render(text, made)
+        if updated == text:
+            continue
+        if args.write:
+            page.write_text(updated)
+        else:
+            stale.append(str(page.relative_to(ROOT)))
+    if stale:
+        print(
+            f'{", ".join(stale)} differ from the result files: run python tools/speed_table.py --write', file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
