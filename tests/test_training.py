@@ -255,17 +255,17 @@ def test_warm_start_recipe_runs_with_timms_logit_distillation(tmp_path, monkeypa
     saliency = {k: v.clone() for k, v in student.state_dict().items() if k.endswith('saliency.weight')}
     assert saliency and all(torch.count_nonzero(v) == 0 for v in saliency.values())
     student.train()
-    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
     target = torch.tensor([0, 1, 2, 3])
-    losses = []
-    for _ in range(3):
+    weights = config['task_loss_weight'], config['distill_loss_weight']
+    for _ in range(2):
         result = task(x, target)
-        assert {'loss', 'task_loss', 'kd_loss'} <= set(result)
+        combined = weights[0] * result['task_loss'] + weights[1] * result['kd_loss']
+        torch.testing.assert_close(result['loss'], combined)  # the recipe's weighting, as configured
+        assert torch.isfinite(result['loss']) and result['kd_loss'] > 0
         opt.zero_grad()
         result['loss'].backward()
         opt.step()
-        losses.append(result['loss'].item())
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     moved = student.state_dict()
     assert all(torch.count_nonzero(moved[k]) > 0 for k in saliency)  # the sampler learns where to look
     for k, v in teacher.state_dict().items():
