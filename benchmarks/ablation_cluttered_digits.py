@@ -15,7 +15,6 @@ std per sampler), every run, the settings and machine, and what the adaptive lay
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,7 +25,18 @@ import timm
 import torch
 
 import timm_ssb  # noqa: F401  (registers the models)
-from cluttered_digits import CANVAS, DEFAULT_CANVAS, DIGIT, FRAGMENT, FRAGMENTS, Canvas, accuracy, make_data, train
+from cluttered_digits import (
+    CANVAS,
+    DEFAULT_CANVAS,
+    DIGIT,
+    FRAGMENT,
+    FRAGMENTS,
+    Canvas,
+    accuracy,
+    make_data,
+    train,
+    write_result,
+)
 from timm_ssb.benchmark import machine_info
 from timm_ssb.complexity import model_complexity
 from timm_ssb.visualize import layer_views, plot_layer_views
@@ -170,16 +180,10 @@ def main() -> None:
         f'({c["wins"]} better, {c["losses"]} worse of {len(c["seeds"])}; paired t-test p = {c["p_value"]:.3f})'
         for c in paired
     ]
-    text = '\n'.join(lines)
-    print(text)
-
-    out_dir = Path(args.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    (out_dir / f'{args.name}.txt').write_text(text + '\n')
     payload = dict(
         settings=dict(
             vars(args),
-            out_dir=os.path.relpath(out_dir, REPO_ROOT),
+            out_dir=os.path.relpath(args.out_dir, REPO_ROOT),
             canvas=CANVAS,
             fragment=FRAGMENT,
         ),
@@ -188,7 +192,7 @@ def main() -> None:
         paired=paired,
         runs=runs,
     )
-    (out_dir / f'{args.name}.json').write_text(json.dumps(payload, indent=2) + '\n')
+    out_dir = write_result(args.out_dir, args.name, '\n'.join(lines), payload)
     if 'adaptive' in best:
         model = best['adaptive'][1]
         x = data['test_x'][:1]

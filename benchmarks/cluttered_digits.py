@@ -7,9 +7,12 @@ loop (AdamW, one-cycle schedule, label smoothing; optional logit distillation fr
 Every run is deterministic per seed on one machine (same seed, same threads: the same weights).
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,3 +146,13 @@ def train(
         if after_epoch is not None:
             after_epoch(epoch, model)
     return model
+
+
+def write_result(out_dir: str, name: str, text: str, payload: Dict[str, Any]) -> Path:
+    """Print ``text`` and write it to ``out_dir/name.txt``, ``payload`` to ``name.json``; returns ``out_dir``."""
+    print(text)
+    folder = Path(out_dir)
+    os.makedirs(folder, exist_ok=True)
+    (folder / f'{name}.txt').write_text(text + '\n')
+    (folder / f'{name}.json').write_text(json.dumps(payload, indent=2) + '\n')
+    return folder

@@ -22,7 +22,6 @@ and std over seeds), every run, the settings and the machine.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -32,7 +31,7 @@ from typing import Dict, List, Optional
 import timm
 import torch
 
-from cluttered_digits import DEFAULT_CANVAS, accuracy, make_data, train
+from cluttered_digits import DEFAULT_CANVAS, accuracy, make_data, train, write_result
 from timm_ssb import ssbify
 from timm_ssb.benchmark import machine_info
 from timm_ssb.complexity import model_complexity
@@ -182,14 +181,8 @@ def main() -> None:
         f"first epoch at which the mean reaches the baseline's final mean - std ({target:.4f}): "
         + ', '.join(f'{arm} {"not reached" if e is None else e}' for arm, e in reached.items())
     )
-    text = '\n'.join(lines)
-    print(text)
-
-    out_dir = Path(args.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    (out_dir / f'{args.name}.txt').write_text(text + '\n')
     payload = dict(
-        settings=dict(vars(args), out_dir=os.path.relpath(out_dir, REPO_ROOT), baseline=BASELINE),
+        settings=dict(vars(args), out_dir=os.path.relpath(args.out_dir, REPO_ROOT), baseline=BASELINE),
         machine=machine_info('cpu'),
         gmacs=gmacs,
         target=target,
@@ -197,7 +190,7 @@ def main() -> None:
         curves=list(curves.values()),
         runs=runs,
     )
-    (out_dir / f'{args.name}.json').write_text(json.dumps(payload, indent=2) + '\n')
+    out_dir = write_result(args.out_dir, args.name, '\n'.join(lines), payload)
     plot(
         [curves[arm] for arm in ARMS[1:]],
         curves['baseline'],

@@ -97,15 +97,7 @@ def separable_resample_backward(
 
 
 @separable_resample_backward.register_fake
-def _backward_fake(
-    grad: Tensor,
-    x: Tensor,
-    matrix_y: Tensor,
-    matrix_x: Tensor,
-    out: Optional[Tensor],
-    need_x: bool,
-    need_matrices: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_fake(grad, x, matrix_y, matrix_x, out, need_x, need_matrices) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     def result(like: Tensor, needed: bool, layout: torch.memory_format) -> Tensor:
         if not needed:
             return like.new_empty(0)
