@@ -59,13 +59,21 @@ def reference(x, matrix_y, matrix_x, residual, relu):
 
 
 def check_op_against_reference(
-    op, shape, with_residual: bool, relu: bool, dtype, tolerances, device='cpu', needs_grad='xyzr'
+    op,
+    shape,
+    with_residual: bool,
+    relu: bool,
+    dtype,
+    tolerances,
+    device='cpu',
+    needs_grad='xyzr',
+    structural_zeros: bool = True,
 ) -> None:
-    """``op`` (a fused sampling op) against :func:`reference` on random banded matrices: the output's values,
-    dtype and layout, and the gradients of the inputs named in ``needs_grad`` (the matrices' on their nonzero
-    entries, zero elsewhere) (``x``, ``y``: ``matrix_y``, ``z``: ``matrix_x``,
-    ``r``: the residual); ``tolerances`` maps dtype to (rtol, atol as a fraction of the reference's largest
-    magnitude)."""
+    """``op`` (a fused sampling op) against :func:`reference` on random banded matrices: the output's values, dtype and
+    layout, and the gradients of the inputs named in ``needs_grad`` (``x``, ``y``: ``matrix_y``, ``z``: ``matrix_x``,
+    ``r``: the residual); ``tolerances`` maps dtype to (rtol, atol as a fraction of the reference's largest magnitude).
+    With ``structural_zeros`` (the C++ op) the matrices' gradients are the reference's on the matrices' nonzero entries
+    and zero elsewhere; else (the Triton op) the reference's everywhere."""
     batch_size, channels, height, width, rows, cols = shape
     x = (
         channels_last(torch.randn(batch_size, channels, height, width))
@@ -92,7 +100,7 @@ def check_op_against_reference(
     grads_ref = torch.autograd.grad(ref, list(named.values()), g)
     for (name, t), a, b in zip(named.items(), grads, grads_ref, strict=True):
         assert a.dtype == b.dtype, name
-        if name.startswith('matrix_'):  # structural zeros: the gradient on the nonzero entries only
+        if structural_zeros and name.startswith('matrix_'):  # the gradient on the nonzero entries, zero elsewhere
             assert (a[t == 0] == 0).all(), name
             b = b.masked_fill(t == 0, 0.0)
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * b.abs().max().item(), msg=name)

@@ -2,10 +2,11 @@
 
 ``separable_resample(x, matrix_y, matrix_x, residual, relu) = relu?(residual + matrix_y @ x @ matrix_x^T)`` per sample
 and channel, float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down
-(no residual) and maps a result back up with the block's residual add and ReLU (the output written once). The matrices'
-zeros are structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and is zero elsewhere,
-which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights: their zero entries have
-no derivative) and spares the dense products outside each row's band. Two ops with that one schema:
+(no residual) and maps a result back up with the block's residual add and ReLU (the output written once). The C++ op
+treats the matrices' zeros as structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and
+is zero elsewhere, which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights:
+their zero entries have no derivative) and spares the dense products outside each row's band. Two ops with that one
+schema:
 
 * ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.cpu.build`), float32 and bfloat16,
   channels-last;
@@ -213,7 +214,8 @@ def _backward(op, ctx, grad: Tensor):
     """The Triton op's backward. With ``g`` the output's gradient (zero where the ReLU cut): ``x`` gets
     ``matrix_y^T g matrix_x`` (the same op, transposed matrices), the residual ``g``; the matrices get products of
     ``g`` and ``x`` each resampled along the other axis (``torch.bmm``), only when they need gradients (a learned
-    sampler), on their nonzero entries (zero elsewhere, as the C++ op's)."""
+    sampler), dense: zeroing them off the matrices' support as the C++ op does would cost two more launches per
+    matrix, for values the samplers' own backward multiplies by zero."""
     x, matrix_y, matrix_x, out = ctx.saved_tensors
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
@@ -226,23 +228,17 @@ def _backward(op, ctx, grad: Tensor):
         grad_x = op(grad, matrix_y_t, matrix_x_t, None, False)
     if ctx.needs_input_grad[1]:
         along_x = op(grad, _identity(batch_size, rows, x), matrix_x_t, None, False)  # (B, C, P, W)
-        grad_matrix_y = (
-            torch.bmm(
-                along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
-                x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
-            )
-            .float()
-            .masked_fill_(matrix_y == 0, 0.0)
-        )
+        grad_matrix_y = torch.bmm(
+            along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
+            x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
+        ).float()
     if ctx.needs_input_grad[2]:
         along_y = op(x, matrix_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
         grad_matrix_x = torch.bmm(
             grad.permute(0, 2, 3, 1).reshape(batch_size * rows, cols, channels),
             along_y.permute(0, 2, 3, 1).reshape(batch_size * rows, width, channels).transpose(1, 2),
         )
-        grad_matrix_x = (
-            grad_matrix_x.view(batch_size, rows, cols, width).sum(1).float().masked_fill_(matrix_x == 0, 0.0)
-        )
+        grad_matrix_x = grad_matrix_x.view(batch_size, rows, cols, width).sum(1).float()
     grad_residual = grad if ctx.needs_input_grad[3] else None
     return grad_x, grad_matrix_y, grad_matrix_x, grad_residual, None
 
