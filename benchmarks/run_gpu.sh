@@ -4,7 +4,7 @@
 # In order of what matters if time runs out, each step writing its files as it finishes:
 # 1. the Triton kernels' tests and the CUDA model tests (no host syncs, CUDA-graph capture), natively (gpu_tests.txt);
 # 2. the sampling ops alone (resampling and the adaptive matrices), Triton against PyTorch and against a copy of
-#    the map, bf16 (gpu_sampling_bfloat16);
+#    the map, bf16 (gpu_sampling_bfloat16), and the traffic model's bytes beside them (gpu_traffic_bfloat16);
 # 3. eager inference (with each part's time) and training step against the timm baselines: bf16 autocast,
 #    channels_last, batch 256, with peak memory (gpu_{inference,train}_eager);
 # 4. where the time goes (gpu_profile.py): wall vs device-busy time, launches, top kernels and the operators
@@ -29,6 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
     -k 'triton or cuda' 2>&1 | tee -a "$out/gpu_tests.txt" || echo 'TESTS FAILED: see above' | tee -a "$out/gpu_tests.txt"
 "$py" benchmarks/gpu_sampling.py --dtype bfloat16 --json "$out/gpu_sampling_bfloat16.json" |
     tee "$out/gpu_sampling_bfloat16.txt"
+"$py" benchmarks/traffic_model.py --measured "$out/gpu_sampling_bfloat16.json" --json "$out/gpu_traffic_bfloat16.json" |
+    tee "$out/gpu_traffic_bfloat16.txt"
 common=(--device cuda --amp bfloat16 --batch-size 256 --rounds 5 --iters 5 --warmup 3)
 "$py" -m timm_ssb.cli bench --models "${models[@]}" "${common[@]}" --stages --json "$out/gpu_inference_eager.json" |
     tee "$out/gpu_inference_eager.txt"

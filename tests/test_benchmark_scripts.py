@@ -181,3 +181,20 @@ def test_the_pages_tables_are_the_result_files():
     script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
     result = subprocess.run([sys.executable, str(script), '--check'], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_traffic_model_counts_what_the_kernel_reads_and_writes():
+    """benchmarks/traffic_model.py on a case counted by hand: identity matrices on a (32, 4, 4) bfloat16 map. Each of
+    the 4 programs (one per output row, one column tile, one channel tile) reads one input row of 4 pixels x 32
+    channels (256 bytes), scans its matrix_y row (4 taps, then the 1 in its band) and the tile's matrix_x rows
+    twice (4 x 4 floats for the bands, 4 x 4 for the weights): 404 bytes; it stores 4 x 32 x 2 = 256 bytes."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import traffic_model
+
+    eye = torch.eye(4)
+    traffic = traffic_model.kernel_traffic(eye, eye, channels=32, itemsize=2, residual=False)
+    assert traffic == {'loads': 4 * 404, 'stores': 1024, 'floor': 2048, 'full_map_bytes': 1024}
+    with_residual = traffic_model.kernel_traffic(eye, eye, channels=32, itemsize=2, residual=True)
+    assert with_residual['loads'] == 4 * (404 + 256) and with_residual['floor'] == 2048 + 1024
+    out = run_script('traffic_model.py', '--batch-size', '2')
+    assert 'layer2  down' in out and 'up + residual + ReLU' in out
