@@ -518,3 +518,16 @@ def test_cuda_graph_capture_replays_eval_forward():
     with torch.no_grad():
         expected = model(new_x)
     torch.testing.assert_close(static_out, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_compiled_reduce_overhead_replays_to_eager():
+    """torch.compile(mode='reduce-overhead') captures the compiled eval forward in CUDA graphs (no host sync may
+    break the capture, no autotuning inside it) and replays it to the eager result, on new inputs too."""
+    model = _create().cuda().eval().to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode='reduce-overhead', fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # record, then replay
+            x = torch.randn(2, 3, 96, 96, device='cuda').contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(compiled(x).clone(), model(x), rtol=1e-3, atol=1e-3)

@@ -443,3 +443,35 @@ def test_an_ssb_block_launches_few_more_kernels_than_its_baseline_block(backend,
     extra = {mode: counts['ssb', mode] - counts['base', mode] for mode in ('inference', 'training', 'backward')}
     assert extra['inference'] <= 4 and extra['training'] <= 4, (extra, counts)
     assert extra['backward'] <= 27, (extra, counts)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_on_the_triton_ops_is_one_graph(backend, no_tf32):
+    """The compiled path CUDA maps take, checked without a GPU (issue #23): with the Triton ops a live model's
+    training step under torch.compile(fullgraph=True) is one graph holding both custom ops (no graph break, no
+    fallback to PyTorch's products), its backward traced by AOTAutograd, and its outputs and gradients are the
+    eager ones."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    backend('triton')
+    model = make_live(timm.create_model('ssb_resnetd26', num_classes=4, ssb_sizes=(4, 2, 1))).to(DEVICE)
+    model = model.train().to(memory_format=torch.channels_last)
+    x = on_device(channels_last(torch.randn(2, 3, 48, 48)))
+    ops = []
+
+    def recording(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=recording, fullgraph=True)(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert any('separable_resample_triton' in op for op in ops) and any('adaptive_matrices_triton' in op for op in ops)
+    assert not any('bmm' in op for op in ops)  # the sampling did not fall back to PyTorch's products
+    model.zero_grad()
+    expected = model(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4, msg=name)
