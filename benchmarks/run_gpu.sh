@@ -17,6 +17,8 @@
 # Triton compiling its kernels included): run them in one lease, the rest in another if need be.
 # MODELS (default: the four SSB models) narrows steps 3 and 5, COMPILE_MODELS (default: ssb_resnetd50) step 5.
 # PYTHON (default: python3) is the interpreter that has torch, timm and this package (or PYTHONPATH=src).
+# OUT_DIR gets gpu_commit.txt (the commit, or a digest of src/ where there is no git) and, at the end or when the
+# run is stopped, gpu_results.tgz with every file written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
@@ -24,6 +26,16 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 read -r -a models <<<"${MODELS:-ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152}"
 read -r -a compile_models <<<"${COMPILE_MODELS:-ssb_resnetd50}"
+# What ran, whatever the machine's git says (a device machine may get a copy of the tree without its .git): the
+# commit if there is one, and a digest of the package's sources, so that the results can be tied to a commit here.
+{
+    git rev-parse HEAD 2>/dev/null || echo 'no git here'
+    git status --porcelain 2>/dev/null | head -20
+    find src -type f \( -name '*.py' -o -name '*.cpp' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum
+} >"$out/gpu_commit.txt"
+archive() { tar -czf "$out/gpu_results.tgz" -C "$out" --exclude gpu_results.tgz . 2>/dev/null || true; }
+trap archive EXIT  # one archive of whatever finished, also when a step fails or the lease's limit stops the run
+trap 'exit 143' TERM INT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_tests.txt"
 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_models.py tests/test_sampling.py \
     -k 'triton or cuda' 2>&1 | tee -a "$out/gpu_tests.txt" || echo 'TESTS FAILED: see above' | tee -a "$out/gpu_tests.txt"
