@@ -180,7 +180,7 @@ class SSBBottleneck(Bottleneck):
         return z
 
     @torch.jit.unused
-    def forward_passing_saliency(
+    def forward_fusing_saliency(
         self, x: torch.Tensor, saliency_logits: Optional[torch.Tensor], next_saliency: Optional[nn.Conv2d]
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`forward` for :class:`SSBStage`'s inference path, with ReLU as ``act3`` and no drop path in use:
@@ -216,8 +216,8 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _passes_saliency(block: nn.Module) -> bool:
-    """Whether ``block`` can run :meth:`SSBBottleneck.forward_passing_saliency` in place of a call: an SSB block
+def _can_fuse_saliency(block: nn.Module) -> bool:
+    """Whether ``block`` can run :meth:`SSBBottleneck.forward_fusing_saliency` in place of a call: an SSB block
     whose forward it equals (ReLU as ``act3``, no drop path in use) and that has no hooks it would skip."""
     return (
         isinstance(block, SSBBottleneck)
@@ -227,9 +227,9 @@ def _passes_saliency(block: nn.Module) -> bool:
     )
 
 
-def _saliency_to_fuse(block: nn.Module) -> Optional[nn.Conv2d]:
+def _fusable_saliency_conv(block: nn.Module) -> Optional[nn.Conv2d]:
     """The 1x1 saliency conv of ``block`` that the block before it may compute, or ``None``."""
-    if not _passes_saliency(block) or not isinstance(block.sampler, AdaptiveSampler):
+    if not _can_fuse_saliency(block) or not isinstance(block.sampler, AdaptiveSampler):
         return None
     saliency = block.sampler.saliency
     if saliency.kernel_size != (1, 1) or _has_hooks(block.sampler) or _has_hooks(saliency):
@@ -248,14 +248,16 @@ class SSBStage(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._passing_saliency_applies(x):
-            return self._forward_passing_saliency(x)
+        if not torch.jit.is_scripting() and self._fuses_saliency(x):
+            return self._forward_fusing_saliency(x)
         for module in self:
             x = module(x)
         return x
 
     @torch.jit.unused
-    def _passing_saliency_applies(self, x: torch.Tensor) -> bool:
+    def _fuses_saliency(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the fused path: CPU inference with autograd off, not traced, exported or
+        under global hooks."""
         return (
             not torch.is_grad_enabled()
             and type(x) is torch.Tensor
@@ -268,13 +270,13 @@ class SSBStage(nn.Sequential):
         )
 
     @torch.jit.unused
-    def _forward_passing_saliency(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fusing_saliency(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self)
         logits = None
         for i, block in enumerate(blocks):
-            if _passes_saliency(block):
-                next_saliency = _saliency_to_fuse(blocks[i + 1]) if i + 1 < len(blocks) else None
-                x, logits = block.forward_passing_saliency(x, logits, next_saliency)
+            if _can_fuse_saliency(block):
+                next_saliency = _fusable_saliency_conv(blocks[i + 1]) if i + 1 < len(blocks) else None
+                x, logits = block.forward_fusing_saliency(x, logits, next_saliency)
             else:
                 x, logits = block(x), None
         return x

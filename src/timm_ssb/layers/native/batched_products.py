@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ['BatchedProductsResample', 'x_product', 'y_product']
+__all__ = ['BatchedProductsResample', 'x_product', 'y_product', 'x_matrix_gradient', 'y_matrix_gradient']
 
 
 def y_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -23,6 +23,24 @@ def x_product(matrix: torch.Tensor, rows: torch.Tensor, out: Optional[torch.Tens
     per_row = matrix.unsqueeze(1).expand(batch_size, r, m, width).reshape(batch_size * r, m, width)
     result = torch.bmm(per_row, rows.reshape(batch_size * r, width, channels), out=out)
     return result.view(batch_size, r, m, channels)
+
+
+def y_matrix_gradient(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the matrix of a :func:`y_product` that gave ``(B, n, k, C)`` with gradient ``grad`` from
+    ``rows (B, h, k, C)``: ``(B, n, h)``, the dot products of whole rows."""
+    batch_size, n = grad.shape[:2]
+    return torch.bmm(grad.reshape(batch_size, n, -1), rows.reshape(batch_size, rows.shape[1], -1).transpose(1, 2))
+
+
+def x_matrix_gradient(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the matrix of an :func:`x_product` that gave ``(B, r, m, C)`` with gradient ``grad`` from
+    ``rows (B, r, w, C)``: ``(B, m, w)``, summed over the rows."""
+    batch_size, r, m, channels = grad.shape
+    width = rows.shape[2]
+    per_row = torch.bmm(
+        grad.reshape(batch_size * r, m, channels), rows.reshape(batch_size * r, width, channels).transpose(1, 2)
+    )
+    return per_row.view(batch_size, r, m, width).sum(1)
 
 
 class BatchedProductsResample(torch.autograd.Function):
@@ -79,8 +97,6 @@ class BatchedProductsResample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         rows, matrix_y, matrix_x, t, out = ctx.saved_tensors
-        batch_size, height, width, channels = rows.shape
-        n, m = matrix_y.shape[1], matrix_x.shape[1]
         if ctx.relu:
             grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
         grad_residual = grad_out if ctx.needs_input_grad[3] else None
@@ -97,14 +113,7 @@ class BatchedProductsResample(torch.autograd.Function):
         if t is None and ctx.needs_input_grad[1 if ctx.x_first else 2]:
             t = x_product(matrix_x, rows) if ctx.x_first else y_product(matrix_y, rows)
         if ctx.needs_input_grad[1]:
-            left, right = (grad_z, t) if ctx.x_first else (grad_t, rows)
-            grad_y = torch.bmm(left.reshape(batch_size, n, -1), right.reshape(batch_size, height, -1).transpose(1, 2))
+            grad_y = y_matrix_gradient(*((grad_z, t) if ctx.x_first else (grad_t, rows)))
         if ctx.needs_input_grad[2]:
-            left, right = (grad_t, rows) if ctx.x_first else (grad_z, t)
-            r = height if ctx.x_first else n
-            grad_x = torch.bmm(
-                left.reshape(batch_size * r, m, channels),
-                right.reshape(batch_size * r, width, channels).transpose(1, 2),
-            )
-            grad_x = grad_x.view(batch_size, r, m, width).sum(1)
+            grad_x = x_matrix_gradient(*((grad_t, rows) if ctx.x_first else (grad_z, t)))
         return grad_rows, grad_y, grad_x, grad_residual, None

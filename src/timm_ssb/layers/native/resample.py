@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .batched_products import x_matrix_gradient, y_matrix_gradient
 from .cpu.build import cpu_library
 from .triton import triton_kernels
 
@@ -189,6 +190,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, matrix_y, matrix_x, output if relu else None)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """A channels-last ``(B, C, H, W)`` map as its contiguous ``(B, H, W, C)`` rows (a view)."""
+    return t.permute(0, 2, 3, 1)
+
+
 def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
     return torch.eye(length, dtype=torch.float32, device=like.device).expand(batch_size, length, length).contiguous()
 
@@ -220,25 +226,17 @@ def _backward(op, ctx, grad: Tensor):
     if ctx.relu:
         grad = torch.ops.aten.threshold_backward(grad, out, 0)
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-    batch_size, channels, height, width = x.shape
-    rows, cols = matrix_y.shape[1], matrix_x.shape[1]
+    batch_size, width, rows = x.shape[0], x.shape[3], matrix_y.shape[1]
     matrix_y_t, matrix_x_t = matrix_y.transpose(1, 2).contiguous(), matrix_x.transpose(1, 2).contiguous()
     grad_x = grad_matrix_y = grad_matrix_x = None
     if ctx.needs_input_grad[0]:
         grad_x = op(grad, matrix_y_t, matrix_x_t, None, False)
     if ctx.needs_input_grad[1]:
         along_x = op(grad, _identity(batch_size, rows, x), matrix_x_t, None, False)  # (B, C, P, W)
-        grad_matrix_y = torch.bmm(
-            along_x.permute(0, 2, 3, 1).reshape(batch_size, rows, width * channels),
-            x.permute(0, 2, 3, 1).reshape(batch_size, height, width * channels).transpose(1, 2),
-        ).float()
+        grad_matrix_y = y_matrix_gradient(_rows(along_x), _rows(x)).float()
     if ctx.needs_input_grad[2]:
         along_y = op(x, matrix_y, _identity(batch_size, width, x), None, False)  # (B, C, P, W)
-        grad_matrix_x = torch.bmm(
-            grad.permute(0, 2, 3, 1).reshape(batch_size * rows, cols, channels),
-            along_y.permute(0, 2, 3, 1).reshape(batch_size * rows, width, channels).transpose(1, 2),
-        )
-        grad_matrix_x = grad_matrix_x.view(batch_size, rows, cols, width).sum(1).float()
+        grad_matrix_x = x_matrix_gradient(_rows(grad), _rows(along_y)).float()
     grad_residual = grad if ctx.needs_input_grad[3] else None
     return grad_x, grad_matrix_y, grad_matrix_x, grad_residual, None
 
