@@ -63,11 +63,12 @@ def train_one(
     batch_size: int,
     lr: float,
     canvas: Canvas = DEFAULT_CANVAS,
+    saliency_lr_scale: float = 1.0,
 ) -> Tuple[float, torch.nn.Module]:
     """A model of ``kwargs`` (with ``'model'``, its name) trained from scratch with ``seed``: its test accuracy."""
     torch.manual_seed(seed)
     model = timm.create_model(kwargs.pop('model'), **kwargs)
-    model = train(model, data, seed, epochs, batch_size, lr, canvas)
+    model = train(model, data, seed, epochs, batch_size, lr, canvas, saliency_lr_scale=saliency_lr_scale)
     return accuracy(model, data), model
 
 
@@ -110,6 +111,9 @@ def main() -> None:
     parser.add_argument('--sizes', type=int, nargs=3, default=None, help='ssb_sizes (default: 6 3 2)')
     parser.add_argument('--digit', type=int, default=DIGIT, help="the digit's side on the canvas (default 16)")
     parser.add_argument('--fragments', type=int, default=FRAGMENTS, help='clutter fragments per canvas (default 8)')
+    parser.add_argument(
+        '--saliency-lr-scale', type=float, default=1.0, help="the saliency convs' learning rate over the rest's"
+    )
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--out-dir', default=str(REPO_ROOT / 'benchmarks' / 'results'))
     parser.add_argument('--name', default='ablation_cluttered_digits')
@@ -119,6 +123,8 @@ def main() -> None:
     for flag in ('epochs', 'batch_size', 'digit', 'threads'):
         if getattr(args, flag) <= 0:
             parser.error(f'--{flag.replace("_", "-")} must be positive')
+    if args.saliency_lr_scale <= 0:
+        parser.error(f'--saliency-lr-scale must be positive; got {args.saliency_lr_scale}')
     if not 0 < args.digit <= CANVAS or args.fragments < 0:
         parser.error(f'--digit must be in 1..{CANVAS} and --fragments at least 0')
     canvas = Canvas(digit=args.digit, fragments=args.fragments)
@@ -132,7 +138,9 @@ def main() -> None:
         ).gmacs
         for seed in args.seeds:
             start = time.perf_counter()
-            accuracy, model = train_one(dict(kwargs), seed, data, args.epochs, args.batch_size, args.lr, canvas)
+            accuracy, model = train_one(
+                dict(kwargs), seed, data, args.epochs, args.batch_size, args.lr, canvas, args.saliency_lr_scale
+            )
             runs.append(
                 dict(
                     sampler=sampler,
@@ -171,7 +179,8 @@ def main() -> None:
         f'digits, {len(data["train_y"])} train / {len(data["test_y"])} test), {args.model} narrow {MODEL_KWARGS}, '
         f'{args.epochs} epochs, seeds {args.seeds}'
         + (f', adaptive sigma_g {args.sigma_g}' if args.sigma_g is not None else '')
-        + (f', ssb_sizes {tuple(args.sizes)}' if args.sizes else ''),
+        + (f', ssb_sizes {tuple(args.sizes)}' if args.sizes else '')
+        + (f', saliency lr x{args.saliency_lr_scale:g}' if args.saliency_lr_scale != 1.0 else ''),
         f'{"sampler":<10} {"accuracy":>18} {"runs":>5} {"GMACs":>8}',
     ]
     lines += [f'{r["sampler"]:<10} {r["mean"]:>9.4f} ± {r["std"]:.4f} {r["n"]:>5} {r["gmacs"]:>8.4f}' for r in table]

@@ -110,16 +110,27 @@ def train(
     temperature: float = 1.0,
     distill_weight: float = 0.5,
     after_epoch: Optional[Callable[[int, torch.nn.Module], None]] = None,
+    saliency_lr_scale: float = 1.0,
 ) -> torch.nn.Module:
     """Train ``model`` (channels-last) for ``epochs`` on fresh canvases each epoch: AdamW (weight decay 0.05),
     one-cycle to ``lr``, label smoothing 0.1. With a ``teacher``, the loss is ``(1 - distill_weight)`` times the
     task's plus ``distill_weight`` times the KL divergence from the teacher's logits at ``temperature`` (scaled
     by its square), as timm's ``LogitDistillationTask``. ``after_epoch(epoch, model)`` is called after each epoch
-    (1-based)."""
+    (1-based). ``saliency_lr_scale`` other than 1 gives the saliency convs their own group: that multiple of the
+    learning rate, no weight decay."""
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    params, max_lr = model.parameters(), lr
+    if saliency_lr_scale != 1.0:
+        named = list(model.named_parameters())
+        saliency = [p for name, p in named if '.saliency.' in name]
+        params = [
+            {'params': [p for name, p in named if '.saliency.' not in name]},
+            {'params': saliency, 'lr': lr * saliency_lr_scale, 'weight_decay': 0.0},
+        ]
+        max_lr = [lr, lr * saliency_lr_scale]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(len(data['train_y']) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(1000 + seed)
     if teacher is not None:
         teacher = teacher.to(memory_format=torch.channels_last).eval()
