@@ -166,7 +166,7 @@ def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_pat
 
 
 def test_speed_tables_are_made_from_the_result_files():
-    script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
+    script = BENCHMARKS.parent / 'tools' / 'doc_tables.py'
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     payload = json.loads((BENCHMARKS / 'results' / 'cpu_inference_fp32_avx512_amx_native.json').read_text())
     ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
@@ -177,8 +177,8 @@ def test_speed_tables_are_made_from_the_result_files():
 
 
 def test_the_pages_tables_are_the_result_files():
-    """README.md and docs/performance.md hold the tables the result files give (no typed figures drift)."""
-    script = BENCHMARKS.parent / 'tools' / 'speed_table.py'
+    """The README and the docs hold the tables the result files give (speed, experiments: no typed figure drifts)."""
+    script = BENCHMARKS.parent / 'tools' / 'doc_tables.py'
     result = subprocess.run([sys.executable, str(script), '--check'], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -1,5 +1,5 @@
-"""The speed tables of the README and docs/performance.md, made from the result files:
-``python tools/speed_table.py --write``.
+"""The tables of the README and the docs that hold measured figures, made from the result files:
+``python tools/doc_tables.py --write``.
 
 Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table -->`` and is made from
 ``benchmarks/results/`` alone, so the pages' figures are the data's, never typed:
@@ -9,9 +9,12 @@ Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table --
   kernels; each cell the SSB / baseline ratios of the models in the order measured and the commit measured at;
 * ``ops``: each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 / layer4
   (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
-* ``summary`` (the README's): a row per build, a column per setting.
+* ``summary`` (the README's): a row per build, a column per setting;
+* ``small_digit`` (docs/adaptive-sampling.md): each sampler's accuracy and its paired difference from uniform
+  (``ablation_small_digit*.json``);
+* ``warm_start`` (docs/training.md): accuracy by epoch of the four arms of ``warm_start_digits.json``.
 
-``python tools/speed_table.py`` prints the tables; ``--write`` puts them in the pages; ``--check`` exits 1 where
+``python tools/doc_tables.py`` prints the tables; ``--write`` puts them in the pages; ``--check`` exits 1 where
 a page differs from what the data gives (run by the test suite).
 """
 
@@ -24,7 +27,9 @@ from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'benchmarks' / 'results'
-PAGES = (ROOT / 'README.md', ROOT / 'docs' / 'performance.md')
+PAGES = tuple(
+    ROOT / page for page in ('README.md', 'docs/performance.md', 'docs/adaptive-sampling.md', 'docs/training.md')
+)
 SETTINGS = {
     'inference_fp32': 'fp32 inference',
     'train_fp32': 'fp32 training step',
@@ -98,8 +103,58 @@ def summary_table(cpu: str) -> str:
     return '\n'.join(lines)
 
 
+def _mean_std(mean: float, std: float) -> str:
+    return f'{mean:.4f} ± {std:.4f}'
+
+
+def small_digit_table() -> str:
+    lines = [
+        '| setting (12 × 12 digit, 16 fragments) | adaptive | uniform | bilinear | adaptive − uniform, paired |',
+        '|---|---|---|---|---|',
+    ]
+    for path in sorted(RESULTS.glob('ablation_small_digit*.json')):
+        payload = _load(path)
+        settings = payload['settings']
+        accuracy = {row['sampler']: _mean_std(row['mean'], row['std']) for row in payload['table']}
+        paired = next((c for c in payload['paired'] if c['sampler'] == 'adaptive'), None)
+        difference = (
+            f'{paired["mean_difference"]:+.4f} ± {paired["std_difference"]:.4f} ({paired["wins"]} better, '
+            f'{paired["losses"]} worse; p = {paired["p_value"]:.2f})'
+            if paired
+            else '–'
+        )
+        sizes = tuple(settings['sizes']) if settings.get('sizes') else (6, 3, 2)
+        extra = (
+            f', saliency lr × {settings["saliency_lr_scale"]:g}' if settings.get('saliency_lr_scale', 1) != 1 else ''
+        )
+        label = f'sizes {sizes}{extra}, {len(settings["seeds"])} seeds ({_commit(payload)})'
+        cells = [accuracy.get(sampler, '–') for sampler in ('adaptive', 'uniform', 'bilinear')]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {difference} |')
+    return '\n'.join(lines)
+
+
+def warm_start_table() -> str:
+    path = RESULTS / 'warm_start_digits.json'
+    if not path.exists():
+        return '(no result file yet)'
+    payload = _load(path)
+    curves = {curve['arm']: {p['epoch']: p for p in curve['points']} for curve in payload['curves']}
+    epochs = sorted({e for points in curves.values() for e in points if e <= 4} | {8, 15})
+    lines = ['| arm | ' + ' | '.join(f'epoch {e}' for e in epochs) + ' |', '|---|' + '---|' * len(epochs)]
+    for arm, points in curves.items():
+        cells = [_mean_std(points[e]['mean'], points[e]['std']) if e in points else '' for e in epochs]
+        lines.append(f'| {arm.replace("_", " ")} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + f'\n\n({len(payload["settings"]["seeds"])} seeds, {_commit(payload)})'
+
+
 def tables(cpu: str) -> Dict[str, str]:
-    return {'cpu': cpu_table(cpu), 'ops': ops_table(cpu), 'summary': summary_table(cpu)}
+    return {
+        'cpu': cpu_table(cpu),
+        'ops': ops_table(cpu),
+        'summary': summary_table(cpu),
+        'small_digit': small_digit_table(),
+        'warm_start': warm_start_table(),
+    }
 
 
 def render(page: str, made: Dict[str, str]) -> str:
@@ -135,7 +190,7 @@ def main() -> int:
             stale.append(str(page.relative_to(ROOT)))
     if stale:
         print(
-            f'{", ".join(stale)} differ from the result files: run python tools/speed_table.py --write', file=sys.stderr
+            f'{", ".join(stale)} differ from the result files: run python tools/doc_tables.py --write', file=sys.stderr
         )
         return 1
     return 0
