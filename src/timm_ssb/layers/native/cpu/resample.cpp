@@ -99,6 +99,17 @@ inline void store1(float* p, float value) { *p = value; }
 
 inline void store1(c10::BFloat16* p, float value) { *p = c10::BFloat16(value); }  // round to nearest even
 
+// A float buffer of at least n values, one per calling thread and per Slot, kept between calls and left
+// uninitialised (its users write every value before reading it). A fresh buffer per call cost a zero fill, and for
+// the larger ones (above glibc's mmap threshold, 128 KiB) new pages and their page faults on every call, which made
+// the kernel's time depend on the allocator's state: up to several times slower, erratically.
+template <int Slot>
+float* thread_scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // [first, last + 1) of the nonzero entries of each row of a (rows, cols) matrix; an all-zero row gives [0, 0).
 void nonzero_bands(const float* m, int64_t rows, int64_t cols, int64_t* lo, int64_t* hi) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -252,7 +263,7 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
   const int64_t row_len = width * channels;
   const int64_t blocks_h = (out_h + kRowsY - 1) / kRowsY, blocks_w = (out_w + kRowsX - 1) / kRowsX;
   at::parallel_for(0, batch * blocks_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> t(kRowsY * row_len);        // output rows read along y: kRowsY x (W, C)
+    float* const t = thread_scratch<0>(kRowsY * row_len);  // output rows read along y: kRowsY x (W, C)
     std::vector<T> scratch_out(channels), scratch_res(channels, T(0));  // for blocks past the last pixel
     std::vector<const float*> t_rows(width);
     std::vector<const T*> x_rows(height);
@@ -263,12 +274,12 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
       const auto rows = block_band(y_lo.data() + b * out_h, y_hi.data() + b * out_h, p0, p1);
       for (int64_t h = rows.first; h < rows.second; ++h) x_rows[h - rows.first] = x + (b * height + h) * row_len;
       float* t_dst[kRowsY];
-      for (int r = 0; r < kRowsY; ++r) t_dst[r] = t.data() + r * row_len;
+      for (int r = 0; r < kRowsY; ++r) t_dst[r] = t + r * row_len;
       weighted_rows_range<T, float, kRowsY>(my.data() + (b * pad_h + p0) * height + rows.first, height,
                                            x_rows.data(), rows.second - rows.first, cols.first * channels,
                                            (cols.second - cols.first) * channels, t_dst, nullptr, false);
       for (int64_t p = p0; p < p1; ++p) {
-        const float* t_p = t.data() + (p - p0) * row_len;
+        const float* t_p = t + (p - p0) * row_len;
         for (int64_t w = 0; w < width; ++w) t_rows[w] = t_p + w * channels;
         for (int64_t qb = 0; qb < blocks_w; ++qb) {
           const int64_t q0 = qb * kRowsX;
@@ -320,7 +331,9 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
                               int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
   const int64_t row_len = width * channels;  // one (W, C) row of x, u and v
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> u(out_h * row_len), v(grad_matrix_y ? out_h * row_len : 0), dots(grad_matrix_y ? height * out_h : 0);
+    float* const u = thread_scratch<0>(out_h * row_len);
+    float* const v = thread_scratch<1>(grad_matrix_y ? out_h * row_len : 0);
+    float* const dots = thread_scratch<2>(grad_matrix_y ? height * out_h : 0);
     std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width),
         x_lo(out_w), x_hi(out_w);
     std::vector<const float*> u_rows(out_h), v_rows(width);
@@ -336,7 +349,7 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
       const int64_t g_offset = b * out_h * out_w * channels;
       const T* g_b = out ? masked + g_offset : grad + g_offset;
       for (int64_t h = 0; h < height; ++h) x_rows[h] = x_b + h * row_len;
-      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u.data() + p * row_len;
+      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u + p * row_len;
       // u[p] = g[p] A_x, g[p] first masked by the ReLU (and written out) where there is one.
       for (int64_t p = 0; p < out_h; ++p) {
         const int64_t n = out_w * channels, start = g_offset + p * n;
@@ -352,7 +365,7 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
         for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + (p * out_w + q) * channels;
         for (int64_t w = 0; w < width; ++w)
           weighted_sum<T, float>(m_xt.data() + w * out_w, g_rows.data(), xt_lo[w], xt_hi[w], channels,
-                                 u.data() + p * row_len + w * channels);
+                                 u + p * row_len + w * channels);
       }
       // grad_x[h] = sum_p A_y[p][h] u[p]; grad_A_y[p][h] = <x[h], u[p]>.
       if (grad_x)
@@ -360,20 +373,20 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
           weighted_sum<float, T>(m_yt.data() + h * out_h, u_rows.data(), yt_lo[h], yt_hi[h], row_len,
                                  grad_x + (b * height + h) * row_len);
       if (!grad_matrix_y) continue;
-      std::fill(dots.begin(), dots.end(), 0.0f);
+      std::fill(dots, dots + height * out_h, 0.0f);
       for (int64_t p0 = 0; p0 < out_h; p0 += 4) {
         const int64_t p1 = std::min<int64_t>(p0 + 4, out_h);
         const auto [lo, hi] = band_union(y_lo.data() + p0, y_hi.data() + p0, p1 - p0);
         dot_matrix<T>(x_rows.data() + lo, hi - lo, u_rows.data() + p0, p1 - p0, 1, row_len, 0, 0,
-                      dots.data() + lo * out_h + p0, out_h);
+                      dots + lo * out_h + p0, out_h);
       }
       for (int64_t p = 0; p < out_h; ++p)
         for (int64_t h = 0; h < height; ++h)
           grad_matrix_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
       // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
       for (int64_t p = 0; p < out_h; ++p)
-        weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v.data() + p * row_len);
-      for (int64_t w = 0; w < width; ++w) v_rows[w] = v.data() + w * channels;
+        weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v + p * row_len);
+      for (int64_t w = 0; w < width; ++w) v_rows[w] = v + w * channels;
       for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
       const float* m_x = matrix_x + b * out_w * width;
       float* g_matrix_x = grad_matrix_x + b * out_w * width;
