@@ -5,14 +5,14 @@ PyTorch's products on AVX2 CPUs), and no list of rules covers the CPUs nobody me
 ``'auto'`` the native resampling runs only where it was measured to be faster: the first time a dtype and mode is
 needed (inference; training: forward and backward), both paths are timed, the way down and the way back up with
 the residual and ReLU each on its own, on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of
-uniform saliency, as a fresh adaptive sampler builds them), in interleaved rounds, and the medians compared per
-way. The result is kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype,
-mode and thread count), so each machine measures each once (a fraction of a second); a busy machine can skew it, and
-``timm-ssb info --check --recalibrate`` measures again.
+uniform saliency, as a fresh adaptive sampler builds them), interleaved, and the fastest of 16 calls of each
+compared per way (:func:`fastest_times`). The result is kept in the kernel library's cache directory
+(:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread count), so each machine measures each once (a
+fraction of a second); a busy machine can still skew it, and ``timm-ssb info --check --recalibrate`` measures
+again.
 """
 
 import json
-import statistics
 import time
 from typing import Callable, Dict, List
 
@@ -22,14 +22,20 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .batched_products import BatchedProductsResample
 from .cpu.build import cache_dir, cpu_library
 
-__all__ = ['CALIBRATION_FILE', 'CALIBRATION_SHAPE', 'calibrate', 'forget_calibration', 'native_resample_is_faster']
+__all__ = [
+    'CALIBRATION_FILE',
+    'CALIBRATION_SHAPE',
+    'calibrate',
+    'fastest_times',
+    'forget_calibration',
+    'native_resample_is_faster',
+]
 
 CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_SHAPE = (4, 512, 28, 16)
 """(batch, channels, map side, sampled side) of the timed map: a ResNet-D layer2 block's at 224 x 224."""
 
-_ROUNDS = 5
-_REPEATS = 3
+_ROUNDS = 16
 _memory: Dict[str, dict] = {}
 
 
@@ -131,16 +137,23 @@ def _measure(dtype: torch.dtype, training: bool) -> dict:
             for way in ('down', 'up')
             for name, op in (('native', native), ('reference', reference))
         }
-        times: Dict[str, List[float]] = {name: [] for name in candidates}
-        for run in candidates.values():  # warm-up
-            run()
-        for _ in range(_ROUNDS):
-            for name, run in candidates.items():
-                start = time.perf_counter()
-                for _ in range(_REPEATS):
-                    run()
-                times[name].append((time.perf_counter() - start) / _REPEATS * 1e3)
-    return {
-        **{name: statistics.median(values) for name, values in times.items()},
-        'shape': list(CALIBRATION_SHAPE),
-    }
+        times = fastest_times(candidates, _ROUNDS)
+    return {**times, 'shape': list(CALIBRATION_SHAPE)}
+
+
+def fastest_times(candidates: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+    """The fastest of ``rounds`` single calls of each candidate, in ms, after one untimed call each; interleaved,
+    each round starting at the next candidate, so that none always runs after the same one. The fastest, not the
+    median: what slows a call of these small ops is the machine (another process, pages the allocator maps in
+    again), not the op (docs/kernels.md, "Which implementation runs")."""
+    names = list(candidates)
+    for name in names:  # warm-up
+        candidates[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: min(values) for name, values in times.items()}
