@@ -177,8 +177,8 @@ def _fake(x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tens
 
 
 def _flops(x_shape, matrix_y_shape, matrix_x_shape, residual_shape, relu, *args, **kwargs) -> int:
-    """The FLOPs of the dense products this op replaces (y axis first, as :func:`resample_reference` and the
-    paper count them), so ``FlopCounterMode`` counts a model the same whichever path its sampling takes."""
+    """The FLOPs of the dense products this op replaces, y axis first as the paper counts them: on a square map
+    (every order costs the same) ``FlopCounterMode`` counts a model the same whichever path its sampling takes."""
     batch_size, channels, height, width = x_shape
     rows, cols = matrix_y_shape[1], matrix_x_shape[1]
     return 2 * batch_size * channels * rows * width * (height + cols)
