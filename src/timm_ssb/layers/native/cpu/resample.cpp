@@ -57,7 +57,7 @@ typedef uint32_t u32vec __attribute__((vector_size(kVectorBytes)));
 // bands, so larger blocks multiply more zero weights. Of the pairs tried (1-8 each; fp32 and bf16, layer2-4 maps,
 // AVX-512 and AVX2 builds) 4/2 was at or near the fastest everywhere; against 4/4 it took the AVX-512 build's
 // fp32 layer2 way up from 2.2 to 1.75 ms (batch 16, 2 threads), elsewhere within the run-to-run noise (~10%).
-constexpr int kRowsY = 4, kRowsX = 4;
+constexpr int kRowsY = 4, kRowsX = 2;
 constexpr int kRows = kRowsY > kRowsX ? kRowsY : kRowsX;
 // Vectors per output row in weighted_rows: kRows x kVectors accumulators, kVectors inputs and a broadcast weight
 // fit the register file (AVX-512 4, AVX2 2, NEON 4, SSE 2).
