@@ -318,11 +318,19 @@ std::vector<float> transposed(const float* m, int64_t rows, int64_t cols) {
   return t;
 }
 
-// dst = sum_k w[k] * src[k] over n values for the k in [lo, hi) (R = 1 of weighted_rows_range).
+// dst[r] = sum_k m[r * m_cols + k] * src[k] over n values, k in the band [lo[r], hi[r]) of row r, for r < rows:
+// blocks of kRowsY rows share each load of src[k] (k over the union of their bands), the rows left one by one.
 template <typename T, typename D>
-inline void weighted_sum(const float* w, const T* const* src, int64_t lo, int64_t hi, int64_t n, D* dst) {
-  D* const dst_rows[1] = {dst};
-  weighted_rows_range<T, D, 1>(w + lo, 0, src + lo, hi - lo, 0, n, dst_rows, nullptr, false);
+void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int64_t* hi, int64_t rows,
+                   const T* const* src, int64_t n, D* const* dst) {
+  int64_t r = 0;
+  for (; r + kRowsY <= rows; r += kRowsY) {
+    const auto [first, last] = band_union(lo + r, hi + r, kRowsY);
+    weighted_rows_range<T, D, kRowsY>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n, dst + r,
+                                      nullptr, false);
+  }
+  for (; r < rows; ++r)
+    weighted_rows_range<T, D, 1>(m + r * m_cols + lo[r], 0, src + lo[r], hi[r] - lo[r], 0, n, dst + r, nullptr, false);
 }
 
 template <typename T>
@@ -337,7 +345,9 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
     std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width),
         x_lo(out_w), x_hi(out_w);
     std::vector<const float*> u_rows(out_h), v_rows(width);
+    std::vector<float*> u_pixels(width), v_dst(out_h);
     std::vector<const T*> x_rows(height), g_rows(out_w);
+    std::vector<T*> grad_x_rows(height);
     for (int64_t b = begin; b < end; ++b) {
       const float* m_y = matrix_y + b * out_h * height;
       const std::vector<float> m_yt = transposed(m_y, out_h, height), m_xt = transposed(matrix_x + b * out_w * width,
@@ -363,15 +373,16 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
         }
         if (!grad_x && !grad_matrix_y) continue;  // only the residual's gradient asked for
         for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + (p * out_w + q) * channels;
-        for (int64_t w = 0; w < width; ++w)
-          weighted_sum<T, float>(m_xt.data() + w * out_w, g_rows.data(), xt_lo[w], xt_hi[w], channels,
-                                 u + p * row_len + w * channels);
+        for (int64_t w = 0; w < width; ++w) u_pixels[w] = u + p * row_len + w * channels;
+        weighted_sums<T, float>(m_xt.data(), out_w, xt_lo.data(), xt_hi.data(), width, g_rows.data(), channels,
+                                u_pixels.data());
       }
       // grad_x[h] = sum_p A_y[p][h] u[p]; grad_A_y[p][h] = <x[h], u[p]>.
-      if (grad_x)
-        for (int64_t h = 0; h < height; ++h)
-          weighted_sum<float, T>(m_yt.data() + h * out_h, u_rows.data(), yt_lo[h], yt_hi[h], row_len,
-                                 grad_x + (b * height + h) * row_len);
+      if (grad_x) {
+        for (int64_t h = 0; h < height; ++h) grad_x_rows[h] = grad_x + (b * height + h) * row_len;
+        weighted_sums<float, T>(m_yt.data(), out_h, yt_lo.data(), yt_hi.data(), height, u_rows.data(), row_len,
+                                grad_x_rows.data());
+      }
       if (!grad_matrix_y) continue;
       std::fill(dots, dots + height * out_h, 0.0f);
       for (int64_t p0 = 0; p0 < out_h; p0 += 4) {
@@ -384,8 +395,8 @@ void resample_backward_kernel(const T* grad, const T* out, const T* x, const flo
         for (int64_t h = 0; h < height; ++h)
           grad_matrix_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
       // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
-      for (int64_t p = 0; p < out_h; ++p)
-        weighted_sum<T, float>(m_y + p * height, x_rows.data(), y_lo[p], y_hi[p], row_len, v + p * row_len);
+      for (int64_t p = 0; p < out_h; ++p) v_dst[p] = v + p * row_len;
+      weighted_sums<T, float>(m_y, height, y_lo.data(), y_hi.data(), out_h, x_rows.data(), row_len, v_dst.data());
       for (int64_t w = 0; w < width; ++w) v_rows[w] = v + w * channels;
       for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
       const float* m_x = matrix_x + b * out_w * width;
