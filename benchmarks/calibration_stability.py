@@ -5,7 +5,8 @@ Each process starts from a copy of this machine's kernel build without its kept 
 ``timm_ssb.layers.native.calibrate`` for fp32 and bf16, inference and training, and reports the ratio native /
 PyTorch per way; the table gives each ratio's range and how many processes chose the native kernel.
 
-    python benchmarks/calibration_stability.py --json benchmarks/results/cpu_calibration_stability_<cpu>.json
+    python benchmarks/calibration_stability.py --json benchmarks/results/cpu_calibration_stability_<cpu>_<build>.json \\
+        | tee benchmarks/results/cpu_calibration_stability_<cpu>_<build>.txt
 """
 
 import argparse
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from timm_ssb.benchmark import machine_info, write_json
+from timm_ssb.benchmark import machine_info, report
 from timm_ssb.layers.native.cpu.build import cache_dir, cpu_library
 
 SETTINGS = [
@@ -79,10 +80,7 @@ def main() -> None:
             f'{r["dtype"]:<9} {r["mode"]:<10} {r["way"]:<5} {min(r["ratios"]):>18.2f} {max(r["ratios"]):>6.2f} '
             f'{r["native_chosen"]:>9} of {args.processes}'
         )
-    print('\n'.join(lines))
-    if args.json:
-        write_json(args.json, dict(settings=vars(args), machine=machine, rows=rows))
-        Path(args.json).with_suffix('.txt').write_text('\n'.join(lines) + '\n')
+    report('\n'.join(lines), args.json, {'settings': vars(args), 'machine': machine, 'results': rows})
 
 
 if __name__ == '__main__':

@@ -18,8 +18,8 @@ reports, per model:
 
 Usage (inference, channels_last; fp32, or bf16 autocast with ``--amp bfloat16``):
 
-    python benchmarks/time_ceiling.py --json benchmarks/results/cpu_time_ceiling.json
-    python benchmarks/time_ceiling.py --amp bfloat16 --json benchmarks/results/cpu_time_ceiling_bf16.json
+    python benchmarks/time_ceiling.py --json benchmarks/results/cpu_time_ceiling_fp32_<cpu>_<build>.json
+    python benchmarks/time_ceiling.py --amp bfloat16 --json benchmarks/results/cpu_time_ceiling_bf16_<cpu>_<build>.json
 """
 
 import argparse
@@ -35,9 +35,11 @@ from timm_ssb import BASELINES, SSBBottleneck
 from timm_ssb.benchmark import machine_info, model_parts, report
 from timm_ssb.complexity import count_gmacs
 
-CPU_INFERENCE_TARGETS = {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65}
-"""Issue #11's fp32 CPU inference targets (SSB throughput / baseline throughput); results made before this
-commit show issue #4's (1.35, 1.6, 1.8, 1.8)."""
+CPU_INFERENCE_TARGETS = {
+    None: {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
+    torch.bfloat16: {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
+}
+"""Issue #22's CPU inference targets (SSB throughput / baseline throughput) per autocast dtype (None: fp32)."""
 
 
 def time_parts(
@@ -124,7 +126,7 @@ def analyse(
         'ceiling_at_gmacs': total_base / (shared_ms + blocks_base_ms / blocks_gmacs_ratio),
         'ceiling_at_branch': total_base / (shared_ms + sum(branch_ms.values())),
         'ceiling_if_free': total_base / shared_ms,
-        'target': CPU_INFERENCE_TARGETS.get(name),
+        'target': CPU_INFERENCE_TARGETS[amp_dtype].get(name),
         'per_stage': per_stage,
         'parts_ms': {'ssb': ssb_ms, 'base': base_ms, 'ssb_branch': branch_ms},
     }
@@ -162,7 +164,7 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=list(CPU_INFERENCE_TARGETS))
+    parser.add_argument('--models', nargs='+', default=list(CPU_INFERENCE_TARGETS[None]))
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=2)

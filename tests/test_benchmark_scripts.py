@@ -63,6 +63,31 @@ def test_time_ceiling_writes_table_and_json(tmp_path):
     assert 'bfloat16 autocast' in out and json.loads(path.read_text())['settings']['amp'] == 'bfloat16'
 
 
+@pytest.mark.slow
+def test_calibration_stability_calibrates_in_fresh_processes_leaving_the_cache_alone(tmp_path):
+    from timm_ssb.layers.native.calibration import CALIBRATION_FILE
+    from timm_ssb.layers.native.cpu.build import cache_dir, cpu_library
+
+    if not cpu_library():
+        pytest.skip(f'the native CPU kernels cannot be built here: {cpu_library.error}')
+    kept = cache_dir() / CALIBRATION_FILE
+    before = kept.read_bytes() if kept.exists() else None
+    path = tmp_path / 'stability.json'
+    out = run_script('calibration_stability.py', '--processes', '2', '--json', str(path))
+    assert 'native chosen' in out and 'of 2' in out
+    rows = json.loads(path.read_text())['results']
+    assert [(r['dtype'], r['mode'], r['way']) for r in rows] == [
+        (dtype, mode, way)
+        for dtype in ('float32', 'bfloat16')
+        for mode in ('inference', 'training')
+        for way in ('down', 'up')
+    ]
+    for row in rows:
+        assert len(row['ratios']) == 2 and all(r > 0 for r in row['ratios'])
+        assert row['native_chosen'] == sum(r < 1 for r in row['ratios'])
+    assert (kept.read_bytes() if kept.exists() else None) == before
+
+
 def test_benchmark_scripts_reject_bad_arguments():
     for name, args in [('sampling_products.py', ['--repeats', '0']), ('time_ceiling.py', ['--models', 'resnet50d'])]:
         result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True)

@@ -1,15 +1,11 @@
 """Whether the native CPU resampling beats PyTorch's batched products on this machine: measured once, kept.
 
-A kernel tuned on one CPU can lose to PyTorch's path on another (the AVX-512 register tiling ran 3-4x slower than
-PyTorch's products on AVX2 CPUs), and no list of rules covers the CPUs nobody measured. So under the backend
-``'auto'`` the native resampling runs only where it was measured to be faster: the first time a dtype and mode is
-needed (inference; training: forward and backward), both paths are timed, the way down and the way back up with
-the residual and ReLU each on its own, on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the Gaussian matrices of
-uniform saliency, as a fresh adaptive sampler builds them), interleaved, and the fastest of 16 calls of each
-compared per way (:func:`fastest_times`). The result is kept in the kernel library's cache directory
-(:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread count), so each machine measures each once (a
-fraction of a second); a busy machine can still skew it, and ``timm-ssb info --check --recalibrate`` measures
-again.
+Under the backend ``'auto'`` the native resampling runs only where it was measured faster (no list of rules covers
+the CPUs nobody measured): the first time a dtype and mode (inference; training: forward and backward) is needed,
+both paths are timed per way (down; up with the residual and ReLU) on a layer2-sized map
+(:data:`CALIBRATION_SHAPE`, the matrices of uniform saliency), by :func:`fastest_times`. The result is kept in the
+kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread count);
+``timm-ssb info --check --recalibrate`` measures again. Why it is measured so: docs/kernels.md.
 """
 
 import json

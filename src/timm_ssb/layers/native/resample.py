@@ -1,27 +1,19 @@
 """The fused sampling ops, with their fake, FLOP and autograd registrations.
 
 ``separable_resample(x, matrix_y, matrix_x, residual, relu) = relu?(residual + matrix_y @ x @ matrix_x^T)`` per sample
-and channel, float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype. It samples a map down
-(no residual) and maps a result back up with the block's residual add and ReLU (the output written once). The C++ op
-treats the matrices' zeros as structural, as in a sparse matrix: their gradient is taken on the nonzero entries only and
-is zero elsewhere, which is exact for the sampling matrices (a softmax with its tail cut to zero, bilinear weights:
-their zero entries have no derivative) and spares the dense products outside each row's band. Two ops with that one
-schema:
+and channel, float32 matrices, float32 accumulation, the result channels-last in ``x``'s dtype: sampling a map down
+(no residual), or mapping a result back up with the block's residual add and ReLU. Two ops with that one schema:
 
 * ``timm_ssb::separable_resample``: the native CPU kernel (C++, :mod:`.cpu.build`), float32 and bfloat16,
-  channels-last;
-* ``timm_ssb::separable_resample_triton``: the Triton kernel (:mod:`.triton.resample_kernel`), float32,
-  bfloat16 and float16, any strides; on CUDA, and on CPU tensors under Triton's interpreter
-  (``TRITON_INTERPRET=1``), which is how it is tested without a GPU.
+  channels-last; differentiated by ``timm_ssb::separable_resample_backward`` (:func:`separable_resample_backward`,
+  the whole backward in one call; the matrices' zeros are structural: their gradient is taken on each row's band);
+* ``timm_ssb::separable_resample_triton``: the Triton kernel (:mod:`.triton.resample_kernel`), float32, bfloat16
+  and float16, any strides; on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``; differentiated by
+  :func:`_backward` (the same op again and ``torch.bmm``).
 
-Registered with ``torch.library`` so that ``torch.compile(fullgraph=True)`` keeps each as one op (its fake gives
-the output's shape, dtype and layout). Autograd differentiates the C++ op through
-``timm_ssb::separable_resample_backward`` (:func:`separable_resample_backward`: the whole backward, the ReLU's
-mask and the matrices' gradients included, in one C++ call that reads the full-resolution map from memory once
-per sample and a second time, back to back, where it can come from cache), which has no backward of its own (no
-double backward); the Triton op through :func:`_backward`, whose products are the same op again and ``torch.bmm``.
-``timm_ssb::separable_resample_saliency`` (:func:`separable_resample_saliency`) is the C++ op plus a 1x1 conv of
-its output, for inference only (no autograd registration).
+``timm_ssb::separable_resample_saliency`` (:func:`separable_resample_saliency`) is the C++ op plus a 1x1 conv of its
+output, for inference only. None has a double backward. Registered with ``torch.library`` so that
+``torch.compile(fullgraph=True)`` keeps each as one op. Why each is built as it is: docs/kernels.md.
 """
 
 import functools
