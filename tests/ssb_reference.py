@@ -95,7 +95,7 @@ def bilinear_1d(in_length: int, out_length: int) -> torch.Tensor:
 
 
 def sampling_matrices(sampler: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """``[D_y (B, s, H), D_x (B, s, W), U_y (B, H, s), U_x (B, W, s)]`` for float64 ``x``; differentiable
+    """``[down_y (B, s, H), down_x (B, s, W), up_y (B, H, s), up_x (B, W, s)]`` for float64 ``x``; differentiable
     in the saliency conv (adaptive)."""
     batch_size, _, height, width = x.shape
     size = sampler.size
@@ -130,7 +130,7 @@ def residual_branch(block: SSBBottleneck, z: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(block: SSBBottleneck, x: torch.Tensor) -> torch.Tensor:
-    """``act(x + drop_path(U_y . branch(D_y . x . D_x^T) . U_x^T))`` on a float64 block."""
+    """``act(x + drop_path(up_y . branch(down_y . x . down_x^T) . up_x^T))`` on a float64 block."""
     sampler = block.sampler
     if isinstance(sampler, DConvSampler):
         y = residual_branch(block, sampler.bn(sampler.conv(x)))

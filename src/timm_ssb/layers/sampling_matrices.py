@@ -366,6 +366,13 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+@torch.jit.unused
+def _fast_paths_serve(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`_resample_channels_last` may take these maps: channels-last (``x``, and ``residual`` if given),
+    and no export or tracing under way. Which op then runs is :func:`.native.native_op`'s choice."""
+    return not _exporting() and _is_channels_last(x) and (residual is None or _is_channels_last(residual))
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     """Channels-last and not also NCHW-contiguous (the layouts agree when ``C == 1`` or ``H * W == 1``)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -408,7 +415,7 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
     Other layouts, export, tracing and TorchScript use :func:`resample_reference` (the x-axis product first
     on the way down).
     """
-    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x):
+    if not torch.jit.is_scripting() and _fast_paths_serve(x, None):
         return _resample_channels_last(x, matrix_y, matrix_x)
     return resample_reference(x, matrix_y, matrix_x)
 
@@ -431,7 +438,7 @@ def resample_residual(
     expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
     if list(residual.shape) != expected:
         raise ValueError(f'residual must have the shape of the resampled map, {expected}; got {list(residual.shape)}')
-    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x) and _is_channels_last(residual):
+    if not torch.jit.is_scripting() and _fast_paths_serve(x, residual):
         out = _resample_channels_last(x, matrix_y, matrix_x, residual, relu)
         if out is not None:
             return out
@@ -454,7 +461,7 @@ def resample_residual_saliency(
         t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual, saliency.weight, saliency.bias)
     ):
         return None
-    if _exporting() or not (_is_channels_last(x) and _is_channels_last(residual)):
+    if not _fast_paths_serve(x, residual):
         return None
     x = _in_autocast_dtype(x)
     if residual.dtype != x.dtype or native_op(x, up=True) is not separable_resample:
