@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from timm_ssb.benchmark import machine_info, report
+from timm_ssb.layers.native.calibration import chooses_native
 from timm_ssb.layers.native.cpu.build import cache_dir, cpu_library
 
 SETTINGS = [
@@ -69,7 +70,9 @@ def main() -> None:
     rows = []
     for dtype, mode, way in SETTINGS:
         ratios = [run[f'{dtype}/{mode}/{way}'] for run in runs]
-        rows.append(dict(dtype=dtype, mode=mode, way=way, ratios=ratios, native_chosen=sum(r < 1 for r in ratios)))
+        rows.append(
+            dict(dtype=dtype, mode=mode, way=way, ratios=ratios, native_chosen=sum(chooses_native(r) for r in ratios))
+        )
     lines = [
         f'first-use calibration in {args.processes} fresh processes, {args.threads} threads, '
         f'{machine["processor"]} ({machine["cpu_isa"]}, kernels -march={machine["kernel_arch"]})',

@@ -301,6 +301,21 @@ def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp
     assert len(json.loads((tmp_path / calibration_module.CALIBRATION_FILE).read_text())) == 2
 
 
+def test_calibration_chooses_the_kernel_only_where_it_was_clearly_faster(monkeypatch):
+    """The kept timings decide per way: the kernel where it took at most NATIVE_MARGIN of PyTorch's time; a close
+    call (native 0.95 of PyTorch's time) goes to PyTorch."""
+    import timm_ssb.layers.native.calibration as calibration_module
+
+    margin = calibration_module.NATIVE_MARGIN
+    assert 0.5 < margin < 1
+    entry = {'down_native_ms': margin * 2.0, 'down_reference_ms': 2.0, 'up_native_ms': 0.95, 'up_reference_ms': 1.0}
+    monkeypatch.setattr(calibration_module, 'calibrate', lambda dtype, training: entry)
+    assert calibration_module.native_resample_is_faster(torch.float32, True, up=False)
+    assert not calibration_module.native_resample_is_faster(torch.float32, True, up=True)
+    entry['up_native_ms'] = 1.2
+    assert not calibration_module.native_resample_is_faster(torch.float32, True, up=True)
+
+
 def test_calibration_takes_each_candidates_fastest_call_in_rotating_order(monkeypatch):
     """A candidate slowed on most calls by something outside it (page faults, another process) is judged by its
     fast calls, not by its median; no candidate always runs after the same one."""

@@ -30,7 +30,7 @@ from .layers.native import (
     set_sampling_backend,
     triton_kernels,
 )
-from .layers.native.calibration import CALIBRATION_SHAPE, calibrate, forget_calibration
+from .layers.native.calibration import CALIBRATION_SHAPE, calibrate, chooses_native, forget_calibration
 from .layers.native.cpu import build
 from .layers.native.cpu.features import cpu_flags, cpu_name, vector_isa
 from .layers.samplers import DEFAULT_SIGMA_G
@@ -218,7 +218,7 @@ def format_report(report: Dict[str, Any]) -> str:
                 native, reference = entry[f'{way}_native_ms'], entry[f'{way}_reference_ms']
                 lines.append(
                     f'    {mode}, {way}: {native:.2f} vs {reference:.2f} ({reference / native:.2f}x): auto uses '
-                    + ('native' if native < reference else 'PyTorch')
+                    + ('native' if chooses_native(native / reference) else 'PyTorch')
                 )
     elif cpu['built']:
         lines.append('  auto uses it where it measures faster than PyTorch (timed at first use; --check shows it)')

@@ -1,11 +1,12 @@
 """Whether the native CPU resampling beats PyTorch's batched products on this machine: measured once, kept.
 
-Under the backend ``'auto'`` the native resampling runs only where it was measured faster (no list of rules covers
-the CPUs nobody measured): the first time a dtype and mode (inference; training: forward and backward) is needed,
-both paths are timed per way (down; up with the residual and ReLU) on a layer2-sized map
-(:data:`CALIBRATION_SHAPE`, the matrices of uniform saliency), by :func:`fastest_times`. The result is kept in the
-kernel library's cache directory (:data:`CALIBRATION_FILE`, one entry per dtype, mode and thread count);
-``timm-ssb info --check --recalibrate`` measures again. Why it is measured so: docs/kernels.md.
+Under the backend ``'auto'`` the native resampling runs only where it was measured clearly faster (at most
+:data:`NATIVE_MARGIN` of PyTorch's time; no list of rules covers the CPUs nobody measured): the first time a dtype
+and mode (inference; training: forward and backward) is needed, both paths are timed per way (down; up with the
+residual and ReLU) on a layer2-sized map (:data:`CALIBRATION_SHAPE`, the matrices of uniform saliency), by
+:func:`fastest_times`. The result is kept in the kernel library's cache directory (:data:`CALIBRATION_FILE`, one
+entry per dtype, mode and thread count); ``timm-ssb info --check --recalibrate`` measures again. Why it is
+measured so: docs/kernels.md.
 """
 
 import json
@@ -21,7 +22,9 @@ from .cpu.build import cache_dir, cpu_library
 __all__ = [
     'CALIBRATION_FILE',
     'CALIBRATION_SHAPE',
+    'NATIVE_MARGIN',
     'calibrate',
+    'chooses_native',
     'fastest_times',
     'forget_calibration',
     'native_resample_is_faster',
@@ -31,16 +34,28 @@ CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_SHAPE = (4, 512, 28, 16)
 """(batch, channels, map side, sampled side) of the timed map: a ResNet-D layer2 block's at 224 x 224."""
 
+NATIVE_MARGIN = 0.9
+"""The native resampling is chosen where it took at most this fraction of PyTorch's time on the calibration's map."""
+
 _ROUNDS = 16
 _memory: Dict[str, dict] = {}
 
 
 def native_resample_is_faster(dtype: torch.dtype, training: bool, up: bool) -> bool:
     """Whether the native resampling of the way ``up`` (with residual and ReLU) or down, with its backward if
-    ``training``, took less time than PyTorch's batched products on :data:`CALIBRATION_SHAPE` in ``dtype`` here."""
+    ``training``, took at most :data:`NATIVE_MARGIN` of the time of PyTorch's batched products on
+    :data:`CALIBRATION_SHAPE` in ``dtype`` here."""
     entry = calibrate(dtype, training)
     way = 'up' if up else 'down'
-    return entry[f'{way}_native_ms'] < entry[f'{way}_reference_ms']
+    return chooses_native(entry[f'{way}_native_ms'] / entry[f'{way}_reference_ms'])
+
+
+def chooses_native(ratio: float) -> bool:
+    """The calibration's rule, from the ratio of the native resampling's time to PyTorch's: the native one where it
+    is at most :data:`NATIVE_MARGIN`. The margin is for the maps the calibration did not time (other layers, batch
+    sizes), where a close call can turn: choosing PyTorch's path at a ratio of 0.9-1 costs at most a tenth of that
+    op's time."""
+    return ratio <= NATIVE_MARGIN
 
 
 TIMES = ('down_native_ms', 'down_reference_ms', 'up_native_ms', 'up_reference_ms')
