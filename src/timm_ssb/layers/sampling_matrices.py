@@ -400,18 +400,18 @@ def resample_reference(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.
 
 @register_notrace_function
 def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
-    """``matrix_y @ x @ matrix_x^T`` per sample and channel: ``(B, C, H, W) -> (B, C, n, m)``.
+    """``matrix_y @ x @ matrix_x^T`` per sample and channel: ``(B, C, H, W) -> (B, C, P, Q)``.
 
     Args:
         x: ``(B, C, H, W)`` map, NCHW- or channels-last-contiguous; the result keeps its layout.
-        matrix_y: ``(B, n, H)``.
-        matrix_x: ``(B, m, W)``.
+        matrix_y: ``(B, P, H)``.
+        matrix_x: ``(B, Q, W)``.
 
-    The y-axis product first costs ``C * (n*H*W + n*m*W)`` multiply-accumulates, the count the paper's
+    The y-axis product first costs ``C * (P*H*W + P*Q*W)`` multiply-accumulates, the count the paper's
     complexity figures assume; on a square map every order costs the same. Channels-last maps (the fast
     paths) take the fused kernel of their device (C++ on the CPU, Triton on CUDA; :mod:`.native`) where the
     sampling backend allows it, else a custom autograd function whose products, forward and backward, are
-    batched matrix products over contiguous views (the x-axis product first when mapping up, ``n > H``).
+    batched matrix products over contiguous views (the x-axis product first when mapping up, ``P > H``).
     Other layouts, export, tracing and TorchScript use :func:`resample_reference` (the x-axis product first
     on the way down).
     """

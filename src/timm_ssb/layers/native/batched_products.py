@@ -72,15 +72,15 @@ class BatchedProductsResample(torch.autograd.Function):
     ) -> torch.Tensor:
         rows = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
         batch_size, height, width, channels = rows.shape
-        n, m = matrix_y.shape[1], matrix_x.shape[1]
-        x_first = n > height
+        out_h, out_w = matrix_y.shape[1], matrix_x.shape[1]
+        x_first = out_h > height
         t = x_product(matrix_x, rows) if x_first else y_product(matrix_y, rows)
         out = torch.empty(
-            (batch_size, channels, n, m), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+            (batch_size, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
         )
-        out_rows = out.permute(0, 2, 3, 1).view(batch_size * (1 if x_first else n), -1, channels)
+        out_rows = out.permute(0, 2, 3, 1).view(batch_size * (1 if x_first else out_h), -1, channels)
         if x_first:
-            y_product(matrix_y, t, out=out_rows.view(batch_size, n, m * channels))
+            y_product(matrix_y, t, out=out_rows.view(batch_size, out_h, out_w * channels))
         else:
             x_product(matrix_x, t, out=out_rows)
         if residual is not None:
@@ -100,12 +100,12 @@ class BatchedProductsResample(torch.autograd.Function):
         if ctx.relu:
             grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
         grad_residual = grad_out if ctx.needs_input_grad[3] else None
-        grad_z = grad_out.to(rows.dtype).permute(0, 2, 3, 1).contiguous()  # (B, n, m, C)
+        grad_z = grad_out.to(rows.dtype).permute(0, 2, 3, 1).contiguous()  # (B, P, Q, C)
         matrix_y_t, matrix_x_t = matrix_y.transpose(1, 2), matrix_x.transpose(1, 2)
         if ctx.x_first:
-            grad_t = y_product(matrix_y_t, grad_z)  # (B, H, m, C)
+            grad_t = y_product(matrix_y_t, grad_z)  # (B, H, Q, C)
         else:
-            grad_t = x_product(matrix_x_t, grad_z)  # (B, n, W, C)
+            grad_t = x_product(matrix_x_t, grad_z)  # (B, P, W, C)
         grad_rows = grad_y = grad_x = None
         if ctx.needs_input_grad[0]:
             grad_rows = x_product(matrix_x_t, grad_t) if ctx.x_first else y_product(matrix_y_t, grad_t)
