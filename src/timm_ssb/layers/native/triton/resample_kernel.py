@@ -13,10 +13,8 @@ channels, all in registers:
 3. the residual added, the ReLU applied, the tile written once.
 
 So the map is read only where the matrices have weight, the residual once and the output written once. The
-``tl.dot`` runs in float32 at full precision (``'ieee'``) for float32 maps and in TF32 for 16-bit maps (tensor
-cores; a 10-bit mantissa, finer than bfloat16's 7 bits, which the PyTorch reference rounds its intermediate to
-under autocast); it accumulates in float32. (Not bfloat16 operands: Triton 3.8's interpreter multiplies those
-wrongly, and the interpreter is how this kernel is tested without a GPU.)
+``tl.dot`` runs in float32 at full precision (``'ieee'``) for float32 maps and in TF32 for 16-bit maps; it
+accumulates in float32 (why: docs/kernels.md).
 """
 
 from typing import Optional
