@@ -91,7 +91,9 @@ inline void store_vec(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
 // the integer rounding and PyTorch's keep them as bfloat16 subnormals.
 inline void store_vec(c10::BFloat16* p, fvec v) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  const __m256bh converted = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+  __m512 wide;
+  std::memcpy(&wide, &v, sizeof(wide));
+  const __m256bh converted = _mm512_cvtneps_pbh(wide);
   std::memcpy(p, &converted, sizeof(converted));
 #else
   u32vec bits;
