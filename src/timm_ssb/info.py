@@ -221,7 +221,9 @@ def format_report(report: Dict[str, Any]) -> str:
                     + ('native' if chooses_native(native / reference) else 'PyTorch')
                 )
     elif cpu['built']:
-        lines.append('  auto uses it where it measures faster than PyTorch (timed at first use; --check shows it)')
+        lines.append(
+            '  auto uses it where it measures clearly faster than PyTorch (timed at first use; --check shows it)'
+        )
     lines += [
         '',
         'Triton kernels:',

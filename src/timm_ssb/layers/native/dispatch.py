@@ -3,7 +3,7 @@
 Backends (``TIMM_SSB_SAMPLING_BACKEND`` at import, :func:`set_sampling_backend` at run time):
 
 * ``'auto'`` (default): the native kernel for the map's device, loaded at first use -- the C++ kernel
-  (:mod:`.cpu.build`) for float32/bfloat16 CPU maps where it was measured faster than PyTorch's products on this
+  (:mod:`.cpu.build`) for float32/bfloat16 CPU maps where it was measured clearly faster than PyTorch's products on this
   machine for that dtype, mode (inference or training) and way (down, or up; :mod:`.calibration`), the Triton kernel
   (:mod:`.triton.resample_kernel`) for float32/bfloat16/float16 CUDA maps; if it cannot be built or loaded, one warning
   and PyTorch from then on.
