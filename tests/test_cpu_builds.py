@@ -31,16 +31,25 @@ def test_bad_arch_is_an_error_naming_the_variable(monkeypatch, arch):
         build.cflags()
 
 
+AVX512_LEVEL_FLAGS = AVX2_LEVEL_FLAGS | {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl'}
+"""The CPU flags that ``-march=x86-64-v4`` code may use: AVX-512 without AVX512-BF16 (its bf16 stores take the
+integer rounding, as on Skylake-X or Ice Lake)."""
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(
-    platform.machine() not in ('x86_64', 'AMD64') or not AVX2_LEVEL_FLAGS <= cpu_flags(),
-    reason='an x86-64-v3 (AVX2) build runs on x86-64 CPUs with AVX2, FMA and BMI2 only',
+@pytest.mark.parametrize(
+    'arch,flags',
+    [('x86-64-v3', AVX2_LEVEL_FLAGS), ('x86-64-v4', AVX512_LEVEL_FLAGS)],
+    ids=['avx2', 'avx512-without-bf16'],
 )
-def test_native_kernels_in_an_avx2_build_match_the_reference(monkeypatch):
+def test_native_kernels_in_another_isa_build_match_the_reference(monkeypatch, arch, flags):
     """The whole native-kernel suite (values and gradients against the reference, dispatch, compile) with the
-    kernels built for AVX2, as on CPUs without AVX-512 (the tiling differs per instruction set)."""
+    kernels built for AVX2, as on CPUs without AVX-512, and for AVX-512 without AVX512-BF16 (the tiling and the bf16
+    store differ per instruction set)."""
+    if platform.machine() not in ('x86_64', 'AMD64') or not flags <= cpu_flags():
+        pytest.skip(f'an {arch} build runs on x86-64 CPUs with {", ".join(sorted(flags))} only')
     tests = Path(__file__).parent
-    env = {**os.environ, build.CPU_ARCH_ENV: 'x86-64-v3'}
+    env = {**os.environ, build.CPU_ARCH_ENV: arch}
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(tests / 'test_native.py')],
         cwd=tests.parent,
@@ -51,8 +60,8 @@ def test_native_kernels_in_an_avx2_build_match_the_reference(monkeypatch):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert ' passed' in result.stdout.splitlines()[-1] and 'skipped' not in result.stdout.splitlines()[-1]
-    monkeypatch.setenv(build.CPU_ARCH_ENV, 'x86-64-v3')
-    assert list(build.cache_dir().glob('*.so')), 'the suite ran, but no x86-64-v3 library was built'
+    monkeypatch.setenv(build.CPU_ARCH_ENV, arch)
+    assert list(build.cache_dir().glob('*.so')), f'the suite ran, but no {arch} library was built'
 
 
 @pytest.mark.parametrize(
