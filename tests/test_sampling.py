@@ -119,6 +119,47 @@ def test_gradient_reaches_saliency_conv():
     assert sampler.saliency.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_saliency_logits_are_the_convs_values_and_gradients(dtype, channels_last):
+    """The 1x1 saliency conv computed as a product over channels (channels-last maps) is the conv: same values,
+    dtype and gradients, in float32 and under bfloat16 autocast."""
+    sampler = AdaptiveSampler(24, 4)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    torch.nn.init.normal_(sampler.saliency.bias)
+    x = torch.randn(3, 24, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_conv = x.clone().requires_grad_()
+    x = x.requires_grad_()
+    grad = torch.randn(3, 1, 9, 7)
+    results = []
+    for inputs, logits_of in ((x, sampler.saliency_logits), (x_conv, sampler.saliency)):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = logits_of(inputs)
+        weight_grad, bias_grad, x_grad = torch.autograd.grad(
+            logits, (sampler.saliency.weight, sampler.saliency.bias, inputs), grad.to(logits.dtype)
+        )
+        results.append((logits, weight_grad, bias_grad, x_grad))
+    (logits, *grads), (conv_logits, *conv_grads) = results
+    assert logits.shape == conv_logits.shape == (3, 1, 9, 7) and logits.dtype == conv_logits.dtype == dtype
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, conv_logits, **tol)
+    for got, want in zip(grads, conv_grads, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_saliency_conv_hooks_still_run():
+    """A hook on the saliency conv fires: the product path is taken only where calling the conv runs no hook."""
+    sampler = AdaptiveSampler(8, 4)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    seen = []
+    sampler.saliency.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, 8, 14, 14).contiguous(memory_format=torch.channels_last)
+    logits = sampler.saliency_logits(x)
+    assert len(seen) == 1 and torch.equal(seen[0], logits)
+
+
 @pytest.mark.parametrize('length,size', [(28, 16), (14, 8), (7, 4), (9, 2), (4, 3)])
 def test_bilinear_matrices_match_interpolate(length, size):
     x = torch.randn(2, 3, length, length + 3)

@@ -24,6 +24,8 @@ from timm.layers import register_notrace_function
 
 from .sampling_matrices import (
     SamplingMatrices,
+    _exporting,
+    _is_channels_last,
     adaptive_matrices,
     add_residual,
     bilinear_matrices,
@@ -44,6 +46,8 @@ __all__ = [
     'DConvSampler',
     'apply_sampling',
     'apply_sampling_residual',
+    'saliency_conv1x1',
+    'has_forward_hooks',
     'create_sampler',
     'check_saliency_kernel',
     'check_sampler',
@@ -98,6 +102,33 @@ def apply_sampling_residual(
     if _is_identity(matrix_y, matrix_x):
         return add_residual(_tie_to_matrices(x, matrix_y, matrix_x), residual, relu)
     return resample_residual(x, matrix_y, matrix_x, residual, relu)
+
+
+@register_notrace_function
+def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 conv to one channel (``weight`` of shape ``(1, C, 1, 1)``).
+
+    A channels-last map takes it as what it is there, a matrix-vector product over the channels: the forward
+    reads the map once; the backward writes the map's gradient once and reads the map once for the weight's.
+    oneDNN's convolution with a single output channel took 2-4x that time in float32 (forward and backward, 2
+    threads, batch 8-16, the maps of stages 2-4), about as long as the backward of the block's resampling. The
+    result has the conv's dtype (also under autocast). Other layouts, TorchScript and exports take the conv.
+    """
+    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x):
+        logits = (x.permute(0, 2, 3, 1) @ weight.reshape(-1)).unsqueeze(1)
+        return logits if bias is None else logits + bias.to(logits.dtype)
+    return F.conv2d(x, weight, bias)
+
+
+@torch.jit.unused
+def has_forward_hooks(module: nn.Module, include_global: bool = False) -> bool:
+    """Whether calling ``module`` runs forward (pre-)hooks: its own, and with ``include_global`` the global
+    ones. A path that computes a module's result without calling it must not skip them."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    if not include_global:
+        return False
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
 
 
 def _is_identity(matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> bool:
@@ -217,8 +248,20 @@ class AdaptiveSampler(GaussianSampler):
         nn.init.zeros_(self.saliency.bias)
 
     def saliency_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` saliency logits."""
-        return self.saliency(x)
+        """``(B, 1, H, W)`` saliency logits: the conv's, by :func:`saliency_conv1x1` where it is 1x1 and has no
+        hooks to run. TorchScript and FX tracing call the conv (an FX graph keeps it as a module)."""
+        conv = self.saliency
+        if not torch.jit.is_scripting() and self._saliency_as_product():
+            return saliency_conv1x1(x, conv.weight, conv.bias)
+        return conv(x)
+
+    @torch.jit.unused
+    def _saliency_as_product(self) -> bool:
+        return (
+            self.saliency.kernel_size == (1, 1)
+            and not has_forward_hooks(self.saliency, include_global=True)
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        )
 
     def matrices(self, x: torch.Tensor) -> SamplingMatrices:
         return self.matrices_from_logits(self.saliency_logits(x))

@@ -31,7 +31,7 @@ from timm.models import (
 )
 from timm.models.resnet import Bottleneck, ResNet
 
-from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler
+from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler, has_forward_hooks
 
 __all__ = [
     'SSBResNet',
@@ -212,10 +212,6 @@ class SSBBottleneck(Bottleneck):
         return self.act3(y)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _can_fuse_saliency(block: nn.Module) -> bool:
     """Whether ``block`` can run :meth:`SSBBottleneck.forward_fusing_saliency` in place of a call: an SSB block
     whose forward it equals (ReLU as ``act3``, no drop path in use) and that has no hooks it would skip."""
@@ -223,7 +219,7 @@ def _can_fuse_saliency(block: nn.Module) -> bool:
         isinstance(block, SSBBottleneck)
         and isinstance(block.act3, nn.ReLU)
         and (block.drop_path is None or not block.training)
-        and not _has_hooks(block)
+        and not has_forward_hooks(block)
     )
 
 
@@ -232,7 +228,7 @@ def _fusable_saliency_conv(block: nn.Module) -> Optional[nn.Conv2d]:
     if not _can_fuse_saliency(block) or not isinstance(block.sampler, AdaptiveSampler):
         return None
     saliency = block.sampler.saliency
-    if saliency.kernel_size != (1, 1) or _has_hooks(block.sampler) or _has_hooks(saliency):
+    if saliency.kernel_size != (1, 1) or has_forward_hooks(block.sampler) or has_forward_hooks(saliency):
         return None
     return saliency
 
