@@ -210,6 +210,7 @@ def backend():
 def count_calls(monkeypatch, name: str, record: Callable[[tuple], object]) -> list:
     """Calls of ``torch.ops.timm_ssb_cpu.<name>`` from now on in this test, each as ``record(args)``."""
     calls = []
+    native.cpu_library.require()
     op = getattr(torch.ops.timm_ssb_cpu, name)
 
     def counted(*args):
@@ -599,6 +600,76 @@ def test_saliency_op_is_the_resampling_and_a_1x1_conv_of_it(shape, dtype):
         native.separable_resample_saliency(x, matrix_y, matrix_x, residual, True, torch.randn(channels + 1), bias)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('with_saliency', [True, False])
+def test_into_residual_op_writes_the_saliency_ops_values_into_the_residual(dtype, with_saliency):
+    batch_size, channels, height, width, rows, cols = 2, 70, 8, 8, 28, 28
+    x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)
+    residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype)
+    matrix_y, matrix_x = banded(batch_size, rows, height), banded(batch_size, cols, width)
+    weight, bias = (torch.randn(channels), torch.randn(1)) if with_saliency else (None, None)
+    if with_saliency:
+        expected, expected_logits = native.separable_resample_saliency(
+            x, matrix_y, matrix_x, residual, True, weight, bias
+        )
+    else:
+        expected = separable_resample(x, matrix_y, matrix_x, residual, True)
+    torch.library.opcheck(
+        native.separable_resample_into_residual, (x, matrix_y, matrix_x, residual.clone(), True, weight, bias)
+    )
+    data_ptr = residual.data_ptr()
+    logits = native.separable_resample_into_residual(x, matrix_y, matrix_x, residual, True, weight, bias)
+    assert residual.data_ptr() == data_ptr and torch.equal(residual, expected)
+    if with_saliency:
+        assert torch.equal(logits, expected_logits)
+    else:
+        assert logits.numel() == 0
+    with pytest.raises(RuntimeError, match='must not alias x'):
+        square_y, square_x = banded(batch_size, height, height), banded(batch_size, width, width)
+        native.separable_resample_into_residual(x, square_y, square_x, x, True, None, None)
+    with pytest.raises(RuntimeError, match='given together'):
+        native.separable_resample_into_residual(x, matrix_y, matrix_x, residual, True, torch.randn(channels), None)
+
+
+def test_stages_write_into_block_inputs_only_nothing_else_holds(monkeypatch):
+    """In eager inference an SSB block writes its output into its input's memory only where that input is the
+    output of the fused SSB block before it: never the stage's input, never a tensor a hook was given."""
+    model = live_ssb_resnetd50()
+    written = count_calls(monkeypatch, 'separable_resample_into_residual', lambda args: args[3].data_ptr())
+    with torch.enable_grad():
+        expected = model(X_96).detach()  # autograd on: the blocks one by one, nothing written in place
+    assert written == []
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out=None):
+            tensor = args[0] if out is None else out
+            seen.setdefault(name, (tensor, tensor.clone()))
+
+        return hook
+
+    hooks = [
+        model.layer2[0].register_forward_hook(keep('layer2[0]')),
+        model.layer3.register_forward_pre_hook(keep('layer3 input')),
+    ]
+    with torch.no_grad():
+        out = model(X_96)
+    # 10 SSB blocks, 3 of them first in their stage: the other 7 write into their inputs
+    assert len(written) == 7
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for name, (held, value) in seen.items():
+        assert torch.equal(held, value), name
+    for hook in hooks:
+        hook.remove()
+    hook = model.layer3[2].register_forward_hook(keep('layer3[2]'))  # layer3[2] is called; layer3[3] keeps its input
+    written.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X_96), out, rtol=1e-5, atol=1e-5 * out.abs().max().item())
+    hook.remove()
+    held, value = seen['layer3[2]']
+    assert len(written) == 5 and torch.equal(held, value)
+
+
 def live_ssb_resnetd50() -> torch.nn.Module:
     """A live ``ssb_resnetd50`` whose 96 x 96 input is resampled in every SSB block: stage 2-4 maps of 12, 6, 3 to
     sizes 4, 2, 2; 7 SSB blocks followed by another SSB block (2 + 4 + 1), 3 that start a stage's SSB blocks."""
@@ -611,7 +682,18 @@ X_96 = channels_last(torch.randn(2, 3, 96, 96, generator=torch.Generator().manua
 
 
 def count_saliency_passes(monkeypatch) -> list:
-    return count_calls(monkeypatch, 'separable_resample_saliency', lambda args: tuple(args[0].shape))
+    """Ways up that compute the next block's saliency logits: ``separable_resample_saliency``, and
+    ``separable_resample_into_residual`` given a saliency conv."""
+    passes = count_calls(monkeypatch, 'separable_resample_saliency', lambda args: tuple(args[0].shape))
+    into_residual = torch.ops.timm_ssb_cpu.separable_resample_into_residual
+
+    def counted(*args):
+        if args[5] is not None:
+            passes.append(tuple(args[0].shape))
+        return into_residual(*args)
+
+    monkeypatch.setattr(torch.ops.timm_ssb_cpu, 'separable_resample_into_residual', counted)
+    return passes
 
 
 def test_stages_pass_the_next_saliency_logits_in_inference(monkeypatch):

@@ -79,6 +79,21 @@ class SpatialSampler(nn.Module):
         """
         return add_residual(self.inverse(y, state, residual), residual, relu)
 
+    @torch.jit.unused
+    def inverse_residual_saliency(
+        self,
+        y: torch.Tensor,
+        state: List[torch.Tensor],
+        residual: torch.Tensor,
+        relu: bool,
+        saliency: Optional[nn.Conv2d],
+        into_residual: bool = False,
+    ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """:meth:`inverse_residual` fused with ``saliency`` of its result (and, with ``into_residual``, written into
+        ``residual``), for inference: ``(out, logits)``, or ``None`` where the sampler has no such form (then the
+        caller runs :meth:`inverse_residual` and the conv). Samplers with one override this."""
+        return None
+
 
 @register_notrace_function
 def apply_sampling(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
@@ -176,14 +191,22 @@ class MatrixSampler(SpatialSampler):
 
     @torch.jit.unused
     def inverse_residual_saliency(
-        self, y: torch.Tensor, state: SamplingMatrices, residual: torch.Tensor, relu: bool, saliency: nn.Conv2d
-    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`inverse_residual` and ``saliency`` (a 1x1 conv to one channel, e.g. the next block's) of its
-        result in one pass, for inference: ``(out, logits)``; ``None`` where that does not apply (an axis not
-        resampled, a map the native kernel does not serve)."""
+        self,
+        y: torch.Tensor,
+        state: SamplingMatrices,
+        residual: torch.Tensor,
+        relu: bool,
+        saliency: Optional[nn.Conv2d],
+        into_residual: bool = False,
+    ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """:meth:`inverse_residual` and ``saliency`` (a 1x1 conv to one channel, e.g. the next block's; ``None``:
+        no logits) of its result in one pass, for inference: ``(out, logits)``; with ``into_residual`` written into
+        ``residual``, which the caller no longer needs; ``None`` where that does not apply (an axis not resampled,
+        a map the native kernel does not serve). See
+        :func:`~timm_ssb.layers.sampling_matrices.resample_residual_saliency`."""
         if _is_identity(state.up_y, state.up_x):
             return None
-        return resample_residual_saliency(y, state.up_y, state.up_x, residual, relu, saliency)
+        return resample_residual_saliency(y, state.up_y, state.up_x, residual, relu, saliency, into_residual)
 
     def extra_repr(self) -> str:
         return f'size={self.size}'

@@ -30,6 +30,7 @@ from .native import (
     native_matrices_op,
     native_op,
     separable_resample,
+    separable_resample_into_residual,
     separable_resample_saliency,
 )
 from .tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
@@ -452,13 +453,18 @@ def resample_residual_saliency(
     matrix_x: torch.Tensor,
     residual: torch.Tensor,
     relu: bool,
-    saliency: nn.Conv2d,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`resample_residual` and ``saliency`` (a 1x1 conv to one channel) of its result in one pass of the
-    native CPU kernel: ``(out, logits)``, the logits float32. For inference: ``None`` where autograd would need the
-    op's backward (it has none) or the kernel does not serve these maps (then the caller runs the two separately)."""
+    saliency: Optional[nn.Conv2d],
+    into_residual: bool = False,
+) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """:func:`resample_residual` and ``saliency`` (a 1x1 conv to one channel, or ``None``: no logits) of its result in
+    one pass of the native CPU kernel: ``(out, logits)``, the logits float32 (``None`` without ``saliency``). With
+    ``into_residual`` the output is written into ``residual`` and ``out`` is ``residual``: for a caller to whom the
+    residual is dead after the call (it spares a new full-resolution tensor). For inference: ``None`` where autograd
+    would need the op's backward (it has none) or the kernel does not serve these maps (then the caller runs the
+    unfused ops)."""
+    parameters = () if saliency is None else (saliency.weight, saliency.bias)
     if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual, saliency.weight, saliency.bias)
+        t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual, *parameters)
     ):
         return None
     if not _fast_paths_serve(x, residual):
@@ -466,12 +472,18 @@ def resample_residual_saliency(
     x = _in_autocast_dtype(x)
     if residual.dtype != x.dtype or native_op(x, up=True) is not separable_resample:
         return None
-    weight = saliency.weight.float().reshape(-1).contiguous()
-    bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)
+    weight = bias = None
+    if saliency is not None:
+        weight = saliency.weight.float().reshape(-1).contiguous()
+        bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)
     with torch.autocast(x.device.type, enabled=False):
-        return separable_resample_saliency(
-            x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu, weight, bias
-        )
+        matrix_y, matrix_x = matrix_y.float().contiguous(), matrix_x.float().contiguous()
+        if into_residual:
+            logits = separable_resample_into_residual(x, matrix_y, matrix_x, residual, relu, weight, bias)
+            return residual, logits if saliency is not None else None
+        if saliency is None:
+            return separable_resample(x, matrix_y, matrix_x, residual, relu), None
+        return separable_resample_saliency(x, matrix_y, matrix_x, residual, relu, weight, bias)
 
 
 def add_residual(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:

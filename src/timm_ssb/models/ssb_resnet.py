@@ -181,20 +181,25 @@ class SSBBottleneck(Bottleneck):
 
     @torch.jit.unused
     def forward_fusing_saliency(
-        self, x: torch.Tensor, saliency_logits: Optional[torch.Tensor], next_saliency: Optional[nn.Conv2d]
+        self,
+        x: torch.Tensor,
+        saliency_logits: Optional[torch.Tensor],
+        next_saliency: Optional[nn.Conv2d],
+        overwrite_input: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`forward` for :class:`SSBStage`'s inference path, with ReLU as ``act3`` and no drop path in use:
         takes ``x``'s saliency logits when the block before computed them (else ``None``), and returns with the
         output ``next_saliency`` (the next block's 1x1 saliency conv) of it where that is fused into the way back up
-        (else ``None``)."""
+        (else ``None``). With ``overwrite_input`` (``x`` is not needed after the call) the way back up may write the
+        output into ``x``'s memory, which it reads as the residual."""
         shortcut = x
         if saliency_logits is None:
             z, state = self.sampler(x)
         else:
             z, state = self.sampler.forward_with_logits(x, saliency_logits)
         z = self.residual_branch(z)
-        if next_saliency is not None:
-            fused = self.sampler.inverse_residual_saliency(z, state, shortcut, True, next_saliency)
+        if next_saliency is not None or overwrite_input:
+            fused = self.sampler.inverse_residual_saliency(z, state, shortcut, True, next_saliency, overwrite_input)
             if fused is not None:
                 return fused
         return self.sampler.inverse_residual(z, state, shortcut, relu=True), None
@@ -237,9 +242,11 @@ class SSBStage(nn.Sequential):
     """A stage of blocks: timm's ``nn.Sequential``, except that in inference on the CPU (autograd off; eager or
     ``torch.compile``) each SSB block whose next block is an adaptive SSB block with a 1x1 saliency conv computes
     that conv of its output in its way back up (:func:`~timm_ssb.layers.sampling_matrices.resample_residual_saliency`),
-    while each output pixel is in cache, sparing the next block a read of the whole map. Elsewhere (training,
-    TorchScript, FX, export, blocks or samplers with hooks) it runs its blocks one after the other, as
-    ``nn.Sequential``.
+    while each output pixel is in cache, sparing the next block a read of the whole map. In eager mode an SSB block
+    whose input is the output of the fused SSB block before it (a tensor no hook has seen and nothing else holds)
+    writes its output into that input's memory, dead after the block: one full-resolution tensor fewer per block.
+    Elsewhere (training, TorchScript, FX, export, blocks or samplers with hooks) it runs its blocks one after the
+    other, as ``nn.Sequential``.
     The fused logits equal the conv's up to float32 rounding (another order of the sum over channels).
     """
 
@@ -268,13 +275,15 @@ class SSBStage(nn.Sequential):
     @torch.jit.unused
     def _forward_fusing_saliency(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self)
-        logits = None
+        eager = not torch.compiler.is_compiling()  # a compiled graph would functionalise the write into a copy
+        logits, x_is_internal = None, False
         for i, block in enumerate(blocks):
             if _can_fuse_saliency(block):
                 next_saliency = _fusable_saliency_conv(blocks[i + 1]) if i + 1 < len(blocks) else None
-                x, logits = block.forward_fusing_saliency(x, logits, next_saliency)
+                x, logits = block.forward_fusing_saliency(x, logits, next_saliency, eager and x_is_internal)
+                x_is_internal = True  # made by a fused block: no hook, and nothing outside this loop, holds it
             else:
-                x, logits = block(x), None
+                x, logits, x_is_internal = block(x), None, False
         return x
 
 

@@ -32,6 +32,7 @@ from .resample import (
     TRITON_KERNEL_DTYPES,
     separable_resample,
     separable_resample_backward,
+    separable_resample_into_residual,
     separable_resample_saliency,
     separable_resample_triton,
 )
@@ -51,6 +52,7 @@ __all__ = [
     'BatchedProductsResample',
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_into_residual',
     'separable_resample_saliency',
     'separable_resample_triton',
     'adaptive_matrices_cpu',

@@ -12,7 +12,9 @@ and channel, float32 matrices, float32 accumulation, the result channels-last in
   :func:`_backward` (the same op again and ``torch.bmm``).
 
 ``timm_ssb::separable_resample_saliency`` (:func:`separable_resample_saliency`) is the C++ op plus a 1x1 conv of its
-output, for inference only. None has a double backward. Registered with ``torch.library`` so that
+output, for inference only; ``timm_ssb::separable_resample_into_residual`` (:func:`separable_resample_into_residual`)
+the same written into the residual, for inference where the residual is not needed after. None has a double
+backward. Registered with ``torch.library`` so that
 ``torch.compile(fullgraph=True)`` keeps each as one op. Why each is built as it is: docs/kernels.md.
 """
 
@@ -30,6 +32,7 @@ from .triton import triton_kernels
 __all__ = [
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_into_residual',
     'separable_resample_saliency',
     'separable_resample_triton',
     'TRITON_KERNEL_DTYPES',
@@ -69,6 +72,33 @@ def separable_resample_saliency(
 def _saliency_fake(x, matrix_y, matrix_x, residual, relu, saliency_weight, saliency_bias) -> Tuple[Tensor, Tensor]:
     out = _fake(x, matrix_y, matrix_x, residual, relu)
     return out, matrix_y.new_empty(x.shape[0], 1, matrix_y.shape[1], matrix_x.shape[1])
+
+
+@torch.library.custom_op('timm_ssb::separable_resample_into_residual', mutates_args=('residual',), device_types='cpu')
+def separable_resample_into_residual(
+    x: Tensor,
+    matrix_y: Tensor,
+    matrix_x: Tensor,
+    residual: Tensor,
+    relu: bool,
+    saliency_weight: Optional[Tensor],
+    saliency_bias: Optional[Tensor],
+) -> Tensor:
+    """:func:`separable_resample_saliency` with its output written into ``residual`` (each value where its residual
+    value was read), which must not alias ``x``: returns the logits, or an empty tensor without
+    ``saliency_weight``/``saliency_bias``. For inference where the residual is dead after the call: it spares a new
+    full-resolution tensor. Raises ``RuntimeError`` if the kernel is not built."""
+    cpu_library.require()
+    return torch.ops.timm_ssb_cpu.separable_resample_into_residual(
+        x, matrix_y, matrix_x, residual, relu, saliency_weight, saliency_bias
+    )
+
+
+@separable_resample_into_residual.register_fake
+def _into_residual_fake(x, matrix_y, matrix_x, residual, relu, saliency_weight, saliency_bias) -> Tensor:
+    if saliency_weight is None:
+        return matrix_y.new_empty(0)
+    return matrix_y.new_empty(x.shape[0], 1, matrix_y.shape[1], matrix_x.shape[1])
 
 
 @torch.library.custom_op('timm_ssb::separable_resample_backward', mutates_args=(), device_types='cpu')

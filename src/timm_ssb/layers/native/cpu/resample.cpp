@@ -9,7 +9,9 @@
 // float32 and bfloat16 maps (bfloat16 in and out, float32 accumulation). The same op maps a result back up
 // (P = H of the block, x the small map); the gradients are separable_resample_backward's (below).
 // separable_resample_saliency also computes a 1x1 conv of the output to one channel (the next block's saliency
-// logits) while each output pixel is still in cache, sparing the next block a read of the whole map.
+// logits) while each output pixel is still in cache, sparing the next block a read of the whole map;
+// separable_resample_into_residual writes the output (and those logits) into the residual, for inference where the
+// residual is dead after the call.
 //
 // separable_resample_backward is the whole backward in one call per sample: with g the output's gradient (zero
 // where the ReLU cut, written out once for the residual), u = g A_x (P, W, C) and v = A_y x (P, W, C), it computes
@@ -456,18 +458,26 @@ void check_output_shaped(const at::Tensor& t, const at::Tensor& x, at::IntArrayR
 }
 
 // out = relu?(residual + matrix_y x matrix_x^T), and, given a 1x1 conv's (C,) weight and (1,) bias, that conv of out.
+// With into_residual, out is the residual itself: each output value is written where its residual value was just
+// read, sparing a new full-resolution tensor (its allocation, and the cache-line reads a write to fresh memory costs).
 std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
                                                  const c10::optional<at::Tensor>& residual, bool relu,
-                                                 const at::Tensor* saliency_w, const at::Tensor* saliency_b) {
+                                                 const at::Tensor* saliency_w, const at::Tensor* saliency_b,
+                                                 bool into_residual = false) {
   check_inputs(x, matrix_y, matrix_x);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_h = matrix_y.size(1), out_w = matrix_x.size(1);
-  auto out = at::empty({batch, channels, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const std::vector<int64_t> out_sizes = {batch, channels, out_h, out_w};
   const at::Tensor* res = nullptr;
   if (residual.has_value()) {
     res = &residual.value();
-    check_output_shaped(*res, x, out.sizes(), "residual");
+    check_output_shaped(*res, x, out_sizes, "residual");
   }
+  TORCH_CHECK(!into_residual || res, "writing into the residual needs a residual");
+  if (into_residual) {
+    TORCH_CHECK(!res->is_same(x) && !res->is_alias_of(x), "the residual written into must not alias x");
+  }
+  auto out = into_residual ? *res : at::empty(out_sizes, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor saliency;
   float bias = 0.0f;
   if (saliency_w) {
@@ -493,6 +503,20 @@ std::tuple<at::Tensor, at::Tensor> resample_impl(const at::Tensor& x, const at::
     run(c10::BFloat16{});
   }
   return {out, saliency};
+}
+
+// separable_resample_saliency's values written into the residual: returns the logits (an empty tensor without a
+// saliency conv).
+at::Tensor separable_resample_into_residual(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
+                                            const at::Tensor& residual, bool relu,
+                                            const c10::optional<at::Tensor>& saliency_weight,
+                                            const c10::optional<at::Tensor>& saliency_bias) {
+  TORCH_CHECK(saliency_weight.has_value() == saliency_bias.has_value(),
+              "saliency_weight and saliency_bias are given together or not at all");
+  const at::Tensor* weight = saliency_weight.has_value() ? &saliency_weight.value() : nullptr;
+  const at::Tensor* bias = saliency_bias.has_value() ? &saliency_bias.value() : nullptr;
+  const auto logits = std::get<1>(resample_impl(x, matrix_y, matrix_x, residual, relu, weight, bias, true));
+  return weight ? logits : at::empty({0}, matrix_y.options());
 }
 
 at::Tensor separable_resample(const at::Tensor& x, const at::Tensor& matrix_y, const at::Tensor& matrix_x,
@@ -560,6 +584,10 @@ TORCH_LIBRARY(timm_ssb_cpu, m) {
       "separable_resample_saliency(Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor? residual, bool relu, "
       "Tensor saliency_weight, Tensor saliency_bias) -> (Tensor, Tensor)");
   m.impl("separable_resample_saliency", c10::DispatchKey::CPU, TORCH_FN(separable_resample_saliency));
+  m.def(
+      "separable_resample_into_residual(Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor(a!) residual, bool relu, "
+      "Tensor? saliency_weight, Tensor? saliency_bias) -> Tensor");
+  m.impl("separable_resample_into_residual", c10::DispatchKey::CPU, TORCH_FN(separable_resample_into_residual));
   m.def(
       "separable_resample_backward(Tensor grad, Tensor x, Tensor matrix_y, Tensor matrix_x, Tensor? out, bool need_x, "
       "bool need_matrices) -> (Tensor, Tensor, Tensor, Tensor)");
