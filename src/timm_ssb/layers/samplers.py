@@ -123,13 +123,14 @@ def apply_sampling_residual(
 def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 conv to one channel (``weight`` of shape ``(1, C, 1, 1)``).
 
-    A channels-last map takes it as what it is there, a matrix-vector product over the channels: the forward
+    A channels-last CPU map takes it as what it is there, a matrix-vector product over the channels: the forward
     reads the map once; the backward writes the map's gradient once and reads the map once for the weight's.
     oneDNN's convolution with a single output channel took 2-4x that time in float32 (forward and backward, 2
     threads, batch 8-16, the maps of stages 2-4), about as long as the backward of the block's resampling. The
-    result has the conv's dtype (also under autocast). Other layouts, TorchScript and exports take the conv.
+    result has the conv's dtype (also under autocast). Other layouts and devices (not measured there; on a GPU the
+    product's backward is two more kernel launches), TorchScript and exports take the conv.
     """
-    if not torch.jit.is_scripting() and not _exporting() and _is_channels_last(x):
+    if not torch.jit.is_scripting() and x.device.type == 'cpu' and not _exporting() and _is_channels_last(x):
         logits = (x.permute(0, 2, 3, 1) @ weight.reshape(-1)).unsqueeze(1)
         return logits if bias is None else logits + bias.to(logits.dtype)
     return F.conv2d(x, weight, bias)
