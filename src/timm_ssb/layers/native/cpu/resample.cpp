@@ -251,6 +251,36 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
   }
 }
 
+// out[r] = bias + <pixels[r], w> over n values, for R pixels: each weight vector loaded once for all R, and 4
+// independent sums in flight (R x 2 or 4 accumulators), where one sum a pixel waited on each add's latency (the
+// way up's saliency logits had taken ~15% of its time so).
+template <typename T, int R>
+inline void saliency_dots(const T* const* pixels, const float* w, int64_t n, float bias, float* out) {
+  constexpr int U = R >= 2 ? 2 : 4;
+  fvec acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = fvec{};
+  int64_t k = 0;
+  for (; k + U * kLanes <= n; k += U * kLanes) {
+    for (int u = 0; u < U; ++u) {
+      const fvec weight = load_vec(w + k + u * kLanes);
+      for (int r = 0; r < R; ++r) acc[r][u] += load_vec(pixels[r] + k + u * kLanes) * weight;
+    }
+  }
+  for (; k + kLanes <= n; k += kLanes) {
+    const fvec weight = load_vec(w + k);
+    for (int r = 0; r < R; ++r) acc[r][0] += load_vec(pixels[r] + k) * weight;
+  }
+  for (int r = 0; r < R; ++r) {
+    fvec total = acc[r][0];
+    for (int u = 1; u < U; ++u) total += acc[r][u];
+    float sum = bias;
+    for (int l = 0; l < kLanes; ++l) sum += total[l];
+    for (int64_t j = k; j < n; ++j) sum += load1(pixels[r] + j) * w[j];
+    out[r] = sum;
+  }
+}
+
 template <typename T>
 void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, const T* residual, bool relu, T* out,
                      const float* saliency_w, float saliency_b, float* saliency, int64_t batch, int64_t channels,
@@ -314,11 +344,14 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
                                                out_dst, residual ? res_src : nullptr, relu);
           // A 1x1 conv of the output to one channel (the next block's saliency logits), from the pixels just
           // written, which are still in cache.
-          for (int r = 0; saliency && r < kRowsX && q0 + r < out_w; ++r) {
-            float logit = saliency_b;
-            const T* pixel[1] = {out_dst[r]};
-            dot_tile<T, 1, 1>(pixel, &saliency_w, 1, channels, 0, 0, &logit, 1);
-            saliency[(b * out_h + p) * out_w + q0 + r] = logit;
+          if (saliency) {
+            float* const logits = saliency + (b * out_h + p) * out_w + q0;
+            const T* const* written = out_dst;
+            if (q0 + kRowsX <= out_w) {
+              saliency_dots<T, kRowsX>(written, saliency_w, channels, saliency_b, logits);
+            } else {
+              for (int r = 0; q0 + r < out_w; ++r) saliency_dots<T, 1>(written + r, saliency_w, channels, saliency_b, logits + r);
+            }
           }
         }
       }
