@@ -350,7 +350,8 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
             if (q0 + kRowsX <= out_w) {
               saliency_dots<T, kRowsX>(written, saliency_w, channels, saliency_b, logits);
             } else {
-              for (int r = 0; q0 + r < out_w; ++r) saliency_dots<T, 1>(written + r, saliency_w, channels, saliency_b, logits + r);
+              for (int r = 0; q0 + r < out_w; ++r)
+                saliency_dots<T, 1>(written + r, saliency_w, channels, saliency_b, logits + r);
             }
           }
         }
