@@ -160,6 +160,61 @@ def test_saliency_conv_hooks_still_run():
     assert len(seen) == 1 and torch.equal(seen[0], logits)
 
 
+def _graph_holds(tensor, node_name):
+    """Whether ``node_name`` is among the autograd nodes ``tensor``'s gradient passes through."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == node_name:
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_saliency_gradient_added_into_the_way_downs_is_autograds(dtype, monkeypatch):
+    """In training on a channels-last CPU map the saliency conv's gradient with respect to the map is added in place
+    into the way down's: the map's and the conv's gradients are those of the plain graph (float32 1e-5, bfloat16
+    within its rounding)."""
+    sampler = AdaptiveSampler(24, 4)
+    torch.nn.init.normal_(sampler.saliency.weight)
+    torch.nn.init.normal_(sampler.saliency.bias)
+    x = torch.randn(3, 24, 13, 9).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(AdaptiveSampler, '_fuses_saliency_gradient', lambda self, x: False)
+        inputs = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            z, state = sampler(inputs)
+            out = sampler.inverse(z.square(), state, inputs)
+        assert _graph_holds(z, '_SaliencyGradientIntoInputBackward') == fused
+        params = (inputs, sampler.saliency.weight)
+        grads.append(torch.autograd.grad(out.float().square().sum(), params))
+    tol = dict(rtol=2e-2, atol=2e-2 * grads[1][0].abs().max().item()) if dtype == torch.bfloat16 else {}
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_saliency_gradient_is_fused_only_where_it_applies():
+    """Eager training, a channels-last CPU map that the way down resamples, a 1x1 saliency conv without hooks."""
+    sampler = AdaptiveSampler(8, 4)
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    assert sampler._fuses_saliency_gradient(x.contiguous(memory_format=torch.channels_last))
+    assert not sampler._fuses_saliency_gradient(x)  # NCHW: the conv runs
+    assert not sampler._fuses_saliency_gradient(x.detach().contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        assert not sampler._fuses_saliency_gradient(x.contiguous(memory_format=torch.channels_last))
+    small = torch.randn(2, 8, 4, 4, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    assert not sampler._fuses_saliency_gradient(small)  # no axis sampled: the way down is the map itself
+    assert not AdaptiveSampler(8, 4, saliency_kernel=3)._fuses_saliency_gradient(x)
+    sampler.saliency.register_forward_hook(lambda *args: None)
+    assert not sampler._fuses_saliency_gradient(x.contiguous(memory_format=torch.channels_last))
+
+
 @pytest.mark.parametrize('length,size', [(28, 16), (14, 8), (7, 4), (9, 2), (4, 3)])
 def test_bilinear_matrices_match_interpolate(length, size):
     x = torch.randn(2, 3, length, length + 3)

@@ -130,10 +130,45 @@ def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     result has the conv's dtype (also under autocast). Other layouts and devices (not measured there; on a GPU the
     product's backward is two more kernel launches), TorchScript and exports take the conv.
     """
-    if not torch.jit.is_scripting() and x.device.type == 'cpu' and not _exporting() and _is_channels_last(x):
+    if not torch.jit.is_scripting() and _saliency_product_serves(x):
         logits = (x.permute(0, 2, 3, 1) @ weight.reshape(-1)).unsqueeze(1)
         return logits if bias is None else logits + bias.to(logits.dtype)
     return F.conv2d(x, weight, bias)
+
+
+@torch.jit.unused
+def _saliency_product_serves(x: torch.Tensor) -> bool:
+    """Whether :func:`saliency_conv1x1` computes the conv as a product for ``x``: a channels-last CPU map, no export."""
+    return x.device.type == 'cpu' and not _exporting() and _is_channels_last(x)
+
+
+class _SaliencyGradientIntoInput(torch.autograd.Function):
+    """``(x, logits)`` unchanged; the backward adds the saliency conv's gradient with respect to the map,
+    ``grad_logits * weight``, into the map's gradient from the way down, in place.
+
+    The saliency logits are computed from ``x.detach()`` (so their backward gives the conv's parameters their
+    gradients only), and the way down reads this function's ``x``. Their two gradients with respect to the map then
+    meet here, where the one from the way down is a fresh tensor of the resampling's backward that nothing else
+    holds: one pass over it, where autograd would write the conv's gradient as a new full-resolution tensor and add
+    it to the other (in a training step, each new tensor of that size can cost page faults as well).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(weight)
+        return x.view_as(x), logits.view_as(logits)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x: Optional[torch.Tensor], grad_logits: Optional[torch.Tensor]):
+        (weight,) = ctx.saved_tensors
+        if grad_logits is not None:
+            term = weight.reshape(1, -1, 1, 1)
+            if grad_x is None:
+                grad_x = grad_logits * term
+            else:
+                grad_x.addcmul_(grad_logits.to(grad_x.dtype), term.to(grad_x.dtype))
+        return grad_x, grad_logits, None
 
 
 @torch.jit.unused
@@ -278,6 +313,34 @@ class AdaptiveSampler(GaussianSampler):
         if not torch.jit.is_scripting() and self._saliency_as_product():
             return saliency_conv1x1(x, conv.weight, conv.bias)
         return conv(x)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, SamplingMatrices]:
+        if not torch.jit.is_scripting() and self._fuses_saliency_gradient(x):
+            return self._forward_fusing_saliency_gradient(x)
+        mats = self.matrices(x)
+        return apply_sampling(x, mats.down_y, mats.down_x), mats
+
+    @torch.jit.unused
+    def _fuses_saliency_gradient(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` adds the saliency conv's gradient into the way down's
+        (:class:`_SaliencyGradientIntoInput`): eager training on a map the saliency product serves and the way down
+        resamples (its gradient with respect to ``x`` is then a fresh tensor of the resampling's backward)."""
+        return (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and self._saliency_as_product()  # first: it also rules out FX tracing, where x is a proxy
+            and x.requires_grad
+            and (x.shape[-2] > self.size or x.shape[-1] > self.size)
+            and _saliency_product_serves(x)
+        )
+
+    @torch.jit.unused
+    def _forward_fusing_saliency_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, SamplingMatrices]:
+        conv = self.saliency
+        logits = saliency_conv1x1(x.detach(), conv.weight, conv.bias)
+        x, logits = _SaliencyGradientIntoInput.apply(x, logits, conv.weight.detach())
+        mats = self.matrices_from_logits(logits)
+        return apply_sampling(x, mats.down_y, mats.down_x), mats
 
     @torch.jit.unused
     def _saliency_as_product(self) -> bool:
