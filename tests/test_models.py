@@ -362,6 +362,14 @@ def test_training_gradients_with_the_saliency_gradient_fused_are_autograds(monke
     sizes."""
     model = make_live(timm.create_model('ssb_resnetd50', num_classes=4)).train().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 160, 160).contiguous(memory_format=torch.channels_last)
+    fusing = AdaptiveSampler._forward_fusing_saliency_gradient
+    calls = []
+
+    def counted(sampler, inputs):
+        calls.append(sampler)
+        return fusing(sampler, inputs)
+
+    monkeypatch.setattr(AdaptiveSampler, '_forward_fusing_saliency_gradient', counted)
     grads = []
     for fused in (True, False):
         if not fused:
@@ -370,6 +378,7 @@ def test_training_gradients_with_the_saliency_gradient_fused_are_autograds(monke
         inputs = x.clone().requires_grad_()
         model(inputs).square().sum().backward()
         grads.append([inputs.grad] + [p.grad for p in model.parameters()])
+    assert len(calls) == len(_ssb_blocks(model)) == 10  # every SSB block fused, once
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
 

@@ -210,7 +210,9 @@ def test_saliency_gradient_is_fused_only_where_it_applies():
         assert not sampler._fuses_saliency_gradient(x.contiguous(memory_format=torch.channels_last))
     small = torch.randn(2, 8, 4, 4, requires_grad=True).contiguous(memory_format=torch.channels_last)
     assert not sampler._fuses_saliency_gradient(small)  # no axis sampled: the way down is the map itself
-    assert not AdaptiveSampler(8, 4, saliency_kernel=3)._fuses_saliency_gradient(x)
+    assert not AdaptiveSampler(8, 4, saliency_kernel=3)._fuses_saliency_gradient(
+        x.contiguous(memory_format=torch.channels_last)
+    )
     sampler.saliency.register_forward_hook(lambda *args: None)
     assert not sampler._fuses_saliency_gradient(x.contiguous(memory_format=torch.channels_last))
 
