@@ -174,15 +174,15 @@ def _graph_holds(tensor, node_name):
     return False
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
 def test_saliency_gradient_added_into_the_way_downs_is_autograds(dtype, monkeypatch):
     """In training on a channels-last CPU map the saliency conv's gradient with respect to the map is added in place
-    into the way down's: the map's and the conv's gradients are those of the plain graph (float32 1e-5, bfloat16
-    within its rounding)."""
-    sampler = AdaptiveSampler(24, 4)
+    into the way down's: the map's and the conv's gradients are those of the plain graph (float64 and float32 to
+    their rounding, bfloat16 autocast within its rounding)."""
+    sampler = AdaptiveSampler(24, 4).to(torch.float64 if dtype == torch.float64 else torch.float32)
     torch.nn.init.normal_(sampler.saliency.weight)
     torch.nn.init.normal_(sampler.saliency.bias)
-    x = torch.randn(3, 24, 13, 9).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 24, 13, 9, dtype=sampler.saliency.weight.dtype).contiguous(memory_format=torch.channels_last)
     grads = []
     for fused in (True, False):
         if not fused:

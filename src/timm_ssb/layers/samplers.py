@@ -317,7 +317,7 @@ class AdaptiveSampler(GaussianSampler):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, SamplingMatrices]:
         if not torch.jit.is_scripting() and self._fuses_saliency_gradient(x):
             return self._forward_fusing_saliency_gradient(x)
-        mats = self.matrices(x)
+        mats = self.matrices(x)  # MatrixSampler.forward's (TorchScript does not compile super())
         return apply_sampling(x, mats.down_y, mats.down_x), mats
 
     @torch.jit.unused
@@ -339,8 +339,7 @@ class AdaptiveSampler(GaussianSampler):
         conv = self.saliency
         logits = saliency_conv1x1(x.detach(), conv.weight, conv.bias)
         x, logits = _SaliencyGradientIntoInput.apply(x, logits, conv.weight.detach())
-        mats = self.matrices_from_logits(logits)
-        return apply_sampling(x, mats.down_y, mats.down_x), mats
+        return self.forward_with_logits(x, logits)
 
     @torch.jit.unused
     def _saliency_as_product(self) -> bool:

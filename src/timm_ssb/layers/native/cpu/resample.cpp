@@ -79,8 +79,8 @@ inline fvec load_vec(const float* p) {
 
 // bfloat16 is float32's upper half: each value widened to 32 bits and shifted up. On x86 the widening is one
 // vpmovzxwd from memory; GCC (12) lowers the generic vector conversion below to four shuffles (two half-width
-// widenings, an extract and an insert), all on the one shuffle port, which made that port the bound of every
-// bfloat16 loop here (the way up's saliency dots spent most of their time on it).
+// widenings, an extract and an insert), all on the one shuffle port, which bounded the bfloat16 loops here (perf
+// put the way up's hottest instructions, in its saliency dot products, on those shuffles).
 inline fvec load_vec(const c10::BFloat16* p) {
 #if defined(__AVX512F__)
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
