@@ -43,6 +43,7 @@ from timm_ssb.layers import (
 )
 from timm_ssb.layers.native import resample as resample_op
 from timm_ssb.layers.native import separable_resample_triton, triton_kernels
+from timm_ssb.models.ssb_resnet import SSBBottleneck
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -429,6 +430,7 @@ def test_an_ssb_block_launches_few_more_kernels_than_its_baseline_block(backend,
     backend('triton')
     if DEVICE == 'cpu':  # as on a GPU, where the saliency conv runs as a conv (on CPU maps, a product over channels)
         monkeypatch.setattr(AdaptiveSampler, '_saliency_as_product', lambda self: False)
+        monkeypatch.setattr(SSBBottleneck, '_convs_as_products', lambda self, z: False)  # likewise the branch's
     torch.manual_seed(0)
     ssb = make_live(timm.create_model('ssb_resnetd26', num_classes=5, ssb_sizes=(4, 2, 1))).layer2[1]
     base = make_live(timm.create_model('resnet26d', num_classes=5)).layer2[1]
@@ -479,8 +481,10 @@ def test_compiled_training_step_on_the_triton_ops_is_one_graph(backend, no_tf32,
     assert any('separable_resample_triton' in op for op in ops) and any('adaptive_matrices_triton' in op for op in ops)
     assert not any('bmm' in op for op in ops)  # the sampling did not fall back to PyTorch's products
     model.zero_grad()
-    # eager on the compiled step's graph: without the saliency gradient added in place (see test_models)
+    # eager on the compiled step's graph: without the saliency gradient added in place (see test_models), and with
+    # the small maps' convs as convs
     monkeypatch.setattr(AdaptiveSampler, '_fuses_saliency_gradient', lambda self, x: False)
+    monkeypatch.setattr(SSBBottleneck, '_convs_as_products', lambda self, z: False)
     expected = model(x)
     expected.sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,7 @@ from timm.models import (
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.samplers import AdaptiveSampler, check_saliency_kernel, check_sampler, create_sampler, has_forward_hooks
+from ..layers.small_map_conv import conv2d_as_product, convs_run_as_products
 
 __all__ = [
     'SSBResNet',
@@ -161,23 +162,29 @@ class SSBBottleneck(Bottleneck):
         return ssb.train(block.training)
 
     def residual_branch(self, z: torch.Tensor) -> torch.Tensor:
-        """The bottleneck's residual branch (convs, norms, SE) on the sampled map ``z``."""
-        z = self.conv1(z)
+        """The bottleneck's residual branch (convs, norms, SE) on the sampled map ``z``; on a map of a few
+        positions the convs run as matrix products (:mod:`~timm_ssb.layers.small_map_conv`)."""
+        as_products = not torch.jit.is_scripting() and self._convs_as_products(z)
+        z = conv2d_as_product(z, self.conv1.weight, self.conv1.bias) if as_products else self.conv1(z)
         z = self.bn1(z)
         z = self.act1(z)
 
-        z = self.conv2(z)
+        z = conv2d_as_product(z, self.conv2.weight, self.conv2.bias) if as_products else self.conv2(z)
         z = self.bn2(z)
         z = self.drop_block(z)
         z = self.act2(z)
         z = self.aa(z)
 
-        z = self.conv3(z)
+        z = conv2d_as_product(z, self.conv3.weight, self.conv3.bias) if as_products else self.conv3(z)
         z = self.bn3(z)
 
         if self.se is not None:
             z = self.se(z)
         return z
+
+    @torch.jit.unused
+    def _convs_as_products(self, z: torch.Tensor) -> bool:
+        return convs_run_as_products((self.conv1, self.conv2, self.conv3), z)
 
     @torch.jit.unused
     def forward_fusing_saliency(
