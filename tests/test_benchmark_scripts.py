@@ -38,6 +38,23 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert 'allocator_env' in payload['machine']
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_small_map_convs_writes_table_and_json(tmp_path, dtype):
+    path = tmp_path / 'convs.json'
+    args = ['--batch-size', '1', '--repeats', '1', '--dtype', dtype, '--json', str(path)]
+    out = run_script('small_map_convs.py', *args)
+    assert 'branch prod/conv' in out and dtype in out
+    rows = json.loads(path.read_text())['results']
+    assert [(r['stage'], r['side']) for r in rows] == [
+        ('layer2', 12), ('layer2', 16), ('layer2', 20), ('layer3', 6), ('layer3', 8), ('layer3', 10),
+        ('layer4', 3), ('layer4', 4), ('layer4', 5),
+    ]  # fmt: skip
+    assert [r['rule'] for r in rows] == ['conv'] * 6 + ['products', 'products', 'conv']
+    for r in rows:
+        assert r['branch_product_ms'] == pytest.approx(sum(r[f'conv{i}_product_ms'] for i in (1, 2, 3)))
+        assert r['branch_ratio_fwd_bwd'] == pytest.approx(r['branch_product_fwd_bwd_ms'] / r['branch_conv_fwd_bwd_ms'])
+
+
 def test_saliency_pass_writes_table_and_json(tmp_path):
     path = tmp_path / 'pass.json'
     out = run_script(
@@ -91,7 +108,11 @@ def test_calibration_stability_calibrates_in_fresh_processes_leaving_the_cache_a
 
 
 def test_benchmark_scripts_reject_bad_arguments():
-    for name, args in [('sampling_products.py', ['--repeats', '0']), ('time_ceiling.py', ['--models', 'resnet50d'])]:
+    for name, args in [
+        ('sampling_products.py', ['--repeats', '0']),
+        ('small_map_convs.py', ['--repeats', '0']),
+        ('time_ceiling.py', ['--models', 'resnet50d']),
+    ]:
         result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True)
         assert result.returncode == 2 and ('--repeats must be positive' in result.stderr or '--models' in result.stderr)
 
