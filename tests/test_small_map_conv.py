@@ -64,9 +64,10 @@ SMALL_MAP = _channels_last(torch.randn(2, 8, 4, 4))
 
 
 def test_the_rule_takes_small_channels_last_cpu_maps_and_plain_convs():
-    assert SMALL_MAP_POSITIONS == 16
+    assert SMALL_MAP_POSITIONS == 25
     assert convs_run_as_products([_conv(), _conv(kernel_size=1, padding=0)], SMALL_MAP)
-    assert convs_run_as_products([_conv()], _channels_last(torch.randn(2, 8, 2, 8)))  # 16 positions, any shape
+    assert convs_run_as_products([_conv()], _channels_last(torch.randn(2, 8, 5, 5)))
+    assert convs_run_as_products([_conv()], _channels_last(torch.randn(2, 8, 2, 12)))  # 24 positions, any shape
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_the_rule_calls_conv_subclasses_and_hooked_convs():
 
 def test_the_rule_calls_the_convs_on_larger_or_nchw_maps_and_in_traces():
     conv = _conv()
-    assert not convs_run_as_products([conv], _channels_last(torch.randn(2, 8, 4, 5)))
+    assert not convs_run_as_products([conv], _channels_last(torch.randn(2, 8, 2, 13)))
     assert not convs_run_as_products([conv], torch.randn(2, 8, 4, 4))
     assert not convs_run_as_products([conv], torch.randn(2, 8, 1, 1))  # both layouts at once: NCHW's user
 
@@ -165,14 +166,14 @@ def test_model_calls_a_hooked_conv(monkeypatch):
     assert len(calls) == 3  # the other SSB block of stage 4 only
 
 
-def test_model_takes_the_products_on_4_by_4_maps_only(monkeypatch):
+def test_model_takes_the_products_on_small_maps_only(monkeypatch):
     """``ssb_sizes`` are absolute: at 224 x 224 stage 4's branches run on 4 x 4 maps as at 160 x 160; with a
-    sampled side of 5 there (25 positions) every conv is called."""
+    sampled side of 6 there (36 positions) every conv is called."""
     x = _channels_last(torch.randn(1, 3, 224, 224))
     calls = _count_products(monkeypatch)
     with torch.no_grad():
         _ssb_model().eval()(x)
         assert calls == [(4, 4)] * 6
         calls.clear()
-        _ssb_model(ssb_sizes=(16, 8, 5)).eval()(x)
+        _ssb_model(ssb_sizes=(16, 8, 6)).eval()(x)
     assert calls == []

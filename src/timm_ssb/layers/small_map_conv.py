@@ -1,13 +1,14 @@
 """Convolutions on maps of a few positions, computed as matrix products.
 
-An SSB block runs its whole residual branch on the sampled ``s x s`` map, and with the default sizes stage 4's is
-4 x 4: 16 positions a sample. oneDNN's convolution (PyTorch's CPU path) is slow on maps that small: at 4 x 4, 12 of
-the 16 positions of a 3x3 conv lie on the border, and its blocked kernels are tiled for wider rows. Measured on an
-Intel Xeon (AVX-512 + AMX, 2 threads, batch 16, channels-last, stage 4's channels), the matrix products below took
-0.56-0.65x the convolution's time in float32 (1x1 and 3x3 alike) and 0.41-0.51x in bfloat16; with oneDNN and MKL
-held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``) 0.69 (1x1) and 0.85 (3x3) in float32.
-From 8 x 8 positions (stage 3's map) the 3x3 product lost (1.1-1.4x the convolution's time), and in the model the
-1x1 products gained nothing measurable there, so the rule is a map of at most :data:`SMALL_MAP_POSITIONS`.
+An SSB block runs its whole residual branch on the sampled ``s x s`` map, and stage 4's is 3 x 3, 4 x 4 or 5 x 5 with
+the paper's sizes: 9-25 positions a sample. oneDNN's convolution (PyTorch's CPU path) is slow on maps that small:
+at 4 x 4, 12 of the 16 positions of a 3x3 conv lie on the border, and its blocked kernels are tiled for wider rows
+(its 512-channel 3x3 conv ran at half the rate it has at 8 x 8). As the matrix products below, stage 4's three
+convs took 0.51 / 0.66 / 0.82x the convs' time at sides 3 / 4 / 5 in float32 (0.47-0.78x with their backward),
+0.48-0.79x under bf16 autocast, and 0.69-0.89x with oneDNN and MKL held to AVX2 (Intel Xeon, AVX-512 + AMX, 2
+threads, batch 16, channels-last: ``benchmarks/small_map_convs.py``, ``benchmarks/results/cpu_small_map_convs_*``).
+From 6 x 6 (stage 3's maps) the products lost (1.03-1.35x), chiefly the 3x3 one: hence the rule, a map of at most
+:data:`SMALL_MAP_POSITIONS` positions.
 
 A 1x1 conv on a channels-last map is a linear map of its channels: ``F.linear`` on the ``(B, H, W, C)`` view. A 3x3
 conv (stride 1, padding 1) is one over the nine shifted copies of the zero-padded map, stacked in the order the
@@ -27,7 +28,7 @@ from .sampling_matrices import _exporting, _in_autocast_dtype, _is_channels_last
 
 __all__ = ['SMALL_MAP_POSITIONS', 'conv2d_as_product', 'convs_run_as_products']
 
-SMALL_MAP_POSITIONS = 16
+SMALL_MAP_POSITIONS = 25
 """The most positions (``H * W``) a map may have for :func:`convs_run_as_products` to take the products."""
 
 
