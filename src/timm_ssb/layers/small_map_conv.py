@@ -4,11 +4,11 @@ An SSB block runs its whole residual branch on the sampled ``s x s`` map, and st
 the paper's sizes: 9-25 positions a sample. oneDNN's convolution (PyTorch's CPU path) is slow on maps that small:
 at 4 x 4, 12 of the 16 positions of a 3x3 conv lie on the border, and its blocked kernels are tiled for wider rows
 (its 512-channel 3x3 conv ran at half the rate it has at 8 x 8). As the matrix products below, stage 4's three
-convs took 0.51 / 0.66 / 0.82x the convs' time at sides 3 / 4 / 5 in float32 (0.47-0.78x with their backward),
-0.48-0.79x under bf16 autocast, and 0.69-0.89x with oneDNN and MKL held to AVX2 (Intel Xeon, AVX-512 + AMX, 2
+convs took 0.49 / 0.67 / 0.81x the convs' time at sides 3 / 4 / 5 in float32 (0.47-0.78x with their backward),
+0.48-0.77x under bf16 autocast, and 0.68-0.88x with oneDNN and MKL held to AVX2 (Intel Xeon, AVX-512 + AMX, 2
 threads, batch 16, channels-last: ``benchmarks/small_map_convs.py``, ``benchmarks/results/cpu_small_map_convs_*``).
-From 6 x 6 (stage 3's maps) the products lost (1.03-1.35x), chiefly the 3x3 one: hence the rule, a map of at most
-:data:`SMALL_MAP_POSITIONS` positions.
+From 6 x 6 (stage 3's maps) the products were no faster (1.00-1.64x), chiefly the 3x3 one: hence the rule, a map
+of at most :data:`SMALL_MAP_POSITIONS` positions.
 
 A 1x1 conv on a channels-last map is a linear map of its channels: ``F.linear`` on the ``(B, H, W, C)`` view. A 3x3
 conv (stride 1, padding 1) is one over the nine shifted copies of the zero-padded map, stacked in the order the
