@@ -37,7 +37,7 @@ from cluttered_digits import (
     train,
     write_result,
 )
-from timm_ssb.benchmark import machine_info
+from timm_ssb.benchmark import machine_info, require_positive
 from timm_ssb.complexity import model_complexity
 from timm_ssb.visualize import layer_views, plot_layer_views
 
@@ -120,9 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    for flag in ('epochs', 'batch_size', 'digit', 'threads'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'epochs', 'batch_size', 'digit', 'threads')
     if args.saliency_lr_scale <= 0:
         parser.error(f'--saliency-lr-scale must be positive; got {args.saliency_lr_scale}')
     if not 0 < args.digit <= CANVAS or args.fragments < 0:

@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import timm_ssb  # noqa: F401  (registers the models)
-from timm_ssb.benchmark import machine_info, report
+from timm_ssb.benchmark import machine_info, report, require_positive
 
 
 def profile_model(name: str, args: argparse.Namespace) -> Dict[str, object]:
@@ -127,9 +127,7 @@ def main() -> None:
     )
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for option in ('batch_size', 'img_size', 'steps', 'top'):
-        if getattr(args, option) < 1:
-            parser.error(f'--{option.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'img_size', 'steps', 'top')
     if args.warmup < 0:
         parser.error('--warmup must be zero or more')
     if args.device not in ('cpu', 'cuda') and not args.device.startswith('cuda:'):

@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report
+from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report, require_positive
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
@@ -105,9 +105,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=30)
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'repeats'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'repeats')
     if not torch.cuda.is_available():
         parser.error('needs a CUDA GPU')
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's fp32 products at full precision, like the kernel

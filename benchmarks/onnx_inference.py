@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import timm_ssb  # noqa: F401  (registers the models)
-from timm_ssb.benchmark import machine_info, report
+from timm_ssb.benchmark import machine_info, report, require_positive
 from timm_ssb.models import baseline_of
 
 
@@ -125,9 +125,7 @@ def main() -> None:
     parser.add_argument('--profile', action='store_true', help="also time onnxruntime's operators by type")
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'img_size', 'threads', 'rounds', 'iters', 'warmup'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'img_size', 'threads', 'rounds', 'iters', 'warmup')
     unknown = [m for m in args.models if baseline_of(m) is None]
     if unknown:
         parser.error(f'--models must be SSB models with a baseline; got {", ".join(unknown)}')

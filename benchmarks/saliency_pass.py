@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_ssb.benchmark import machine_info, report
+from timm_ssb.benchmark import machine_info, report, require_positive
 from timm_ssb.models.ssb_resnet import SSB_STAGES, SSBStage
 
 
@@ -64,9 +64,7 @@ def main() -> None:
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (inductor, default mode)')
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'threads', 'rounds'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'threads', 'rounds')
     torch.set_num_threads(args.threads)
     rows = [time_model(name, args.batch_size, args.rounds, args.compile) for name in args.models]
     machine = machine_info('cpu')

@@ -36,7 +36,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report
+from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report, require_positive
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
@@ -197,9 +197,7 @@ def main() -> None:
     parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help="the map's dtype")
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'threads', 'repeats'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'threads', 'repeats')
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
         rows = [

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from timm_ssb.benchmark import machine_info, median_ms, report
+from timm_ssb.benchmark import machine_info, median_ms, report, require_positive
 from timm_ssb.layers.small_map_conv import SMALL_MAP_POSITIONS, conv2d_as_product
 
 STAGES = (('layer2', 512, 128, (12, 16, 20)), ('layer3', 1024, 256, (6, 8, 10)), ('layer4', 2048, 512, (3, 4, 5)))
@@ -121,9 +121,7 @@ def main() -> None:
     parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help='float32, or bf16 autocast')
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'threads', 'repeats'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'threads', 'repeats')
     torch.set_num_threads(args.threads)
     rows = [row(stage, channels, width, side, args) for stage, channels, width, sides in STAGES for side in sides]
     machine = machine_info('cpu')

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from timm_ssb import BASELINES, SSBBottleneck
-from timm_ssb.benchmark import machine_info, model_parts, report
+from timm_ssb.benchmark import machine_info, model_parts, report, require_positive
 from timm_ssb.complexity import count_gmacs
 
 CPU_INFERENCE_TARGETS = {
@@ -172,9 +172,7 @@ def main() -> None:
     parser.add_argument('--amp', choices=['bfloat16'], default=None, help='CPU autocast dtype (default: fp32)')
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    for flag in ('batch_size', 'img_size', 'threads', 'rounds'):
-        if getattr(args, flag) <= 0:
-            parser.error(f'--{flag.replace("_", "-")} must be positive')
+    require_positive(parser, args, 'batch_size', 'img_size', 'threads', 'rounds')
     unknown = [m for m in args.models if m not in BASELINES]
     if unknown:
         parser.error(f'--models: unknown {unknown}; choose from {sorted(BASELINES)}')

@@ -9,6 +9,7 @@ statistics, the bytes of tensors saved for backward in one training step (the ac
 that dominates training memory), and nothing for inference.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -443,6 +444,14 @@ def run_benchmark(models: Sequence[str], settings: BenchSettings, json_path: Opt
     }
     report(format_table(results, settings, machine), json_path, payload)
     return results
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *dests: str) -> None:
+    """``parser.error`` (exit 2, naming the option) for the first of ``dests`` whose value is not positive: the
+    benchmarks' check of their counts and sizes."""
+    for dest in dests:
+        if getattr(args, dest) <= 0:
+            parser.error(f'--{dest.replace("_", "-")} must be positive')
 
 
 def report(text: str, json_path: Optional[str], payload: Dict[str, Any]) -> None:
