@@ -70,6 +70,14 @@ def test_the_rule_takes_small_channels_last_cpu_maps_and_plain_convs():
     assert convs_run_as_products([_conv()], _channels_last(torch.randn(2, 8, 2, 12)))  # 24 positions, any shape
 
 
+def test_the_rule_reads_its_threshold_at_each_call(monkeypatch):
+    """Setting ``SMALL_MAP_POSITIONS`` to 0 (the documented switch) calls the convs everywhere."""
+    from timm_ssb.layers import small_map_conv
+
+    monkeypatch.setattr(small_map_conv, 'SMALL_MAP_POSITIONS', 0)
+    assert not convs_run_as_products([_conv()], SMALL_MAP)
+
+
 @pytest.mark.parametrize(
     'conv',
     [
