@@ -53,6 +53,16 @@ def make_live(model: nn.Module, seed: int = 0, saliency_std: float = 2.0) -> nn.
     return model
 
 
+def output_and_gradients(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """``model(x)``, then the gradients of ``sum(model(x) ** 2)`` with respect to ``x`` and every parameter (those
+    of earlier calls cleared): what tests comparing two forms of a model's computation compare."""
+    model.zero_grad(set_to_none=True)
+    inputs = x.clone().requires_grad_()
+    out = model(inputs)
+    out.square().sum().backward()
+    return [out, inputs.grad] + [p.grad for p in model.parameters()]
+
+
 def centres(length: int) -> torch.Tensor:
     """Pixel centres ``q_j = (j + 1/2) / L``; also the uniform targets ``p_i`` when ``length`` is ``s``."""
     return torch.tensor([(j + 0.5) / length for j in range(length)], dtype=torch.float64)

@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.models import create_feature_extractor
 
-from ssb_reference import make_live
+from ssb_reference import make_live, output_and_gradients
 from timm_ssb.layers import AdaptiveSampler
 from timm_ssb.models import baseline_of
 from timm_ssb.models.ssb_resnet import SSBBottleneck
@@ -372,16 +372,11 @@ def test_training_gradients_with_the_saliency_gradient_fused_are_autograds(monke
         return fusing(sampler, inputs)
 
     monkeypatch.setattr(AdaptiveSampler, '_forward_fusing_saliency_gradient', counted)
-    grads = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(AdaptiveSampler, '_fuses_saliency_gradient', lambda self, x: False)
-        model.zero_grad(set_to_none=True)
-        inputs = x.clone().requires_grad_()
-        model(inputs).square().sum().backward()
-        grads.append([inputs.grad] + [p.grad for p in model.parameters()])
+    fused = output_and_gradients(model, x)
+    monkeypatch.setattr(AdaptiveSampler, '_fuses_saliency_gradient', lambda self, x: False)
+    plain = output_and_gradients(model, x)
     assert len(calls) == len(_ssb_blocks(model)) == 10  # every SSB block fused, once
-    for got, want in zip(*grads, strict=True):
+    for got, want in zip(fused, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * max(1.0, want.abs().max().item()))
 
 

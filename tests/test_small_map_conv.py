@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_ssb.models.ssb_resnet as ssb_resnet
-from ssb_reference import make_live
+from ssb_reference import make_live, output_and_gradients
 from timm_ssb.layers.small_map_conv import SMALL_MAP_POSITIONS, conv2d_as_product, convs_run_as_products
 from timm_ssb.models.ssb_resnet import SSBBottleneck
 
@@ -51,9 +51,11 @@ def test_conv2d_as_product_under_autocast_has_the_convs_dtype(kernel):
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_conv2d_as_product_refuses_other_kernels():
-    with pytest.raises(ValueError, match='1x1 or 3x3 weights, got 5x5'):
+def test_conv2d_as_product_names_what_it_refuses():
+    with pytest.raises(ValueError, match='weight must be 1x1 or 3x3, got 5x5'):
         conv2d_as_product(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 5, 5), None)
+    with pytest.raises(ValueError, match='x and weight must be 4-D.*got 3-D and 4-D'):
+        conv2d_as_product(torch.randn(2, 4, 4), torch.randn(2, 2, 1, 1), None)
 
 
 def _conv(**kwargs) -> nn.Conv2d:
@@ -148,17 +150,11 @@ def test_model_runs_stage_4_convs_as_products_with_the_convs_values_and_gradient
     model = _ssb_model().double().train(train)
     x = _channels_last(torch.randn(2, 3, 160, 160, dtype=torch.float64))
     calls = _count_products(monkeypatch)
-    results = []
-    for as_products in (True, False):
-        if not as_products:
-            monkeypatch.setattr(SSBBottleneck, '_convs_as_products', lambda self, z: False)
-        model.zero_grad(set_to_none=True)
-        inputs = x.clone().requires_grad_()
-        out = model(inputs)
-        out.square().sum().backward()
-        results.append([out, inputs.grad] + [p.grad for p in model.parameters()])
+    as_products = output_and_gradients(model, x)
+    monkeypatch.setattr(SSBBottleneck, '_convs_as_products', lambda self, z: False)
+    as_convs = output_and_gradients(model, x)
     assert calls == [(4, 4)] * 6
-    for got, want in zip(*results, strict=True):
+    for got, want in zip(as_products, as_convs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * max(1.0, want.abs().max().item()))
 
 

@@ -42,11 +42,15 @@ def conv2d_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         weight: ``(O, C, 1, 1)`` or ``(O, C, 3, 3)``, in either memory format.
         bias: ``(O,)`` or ``None``.
     """
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f'x and weight must be 4-D, (B, C, H, W) and (O, C, kH, kW); got {x.dim()}-D and {weight.dim()}-D'
+        )
     out_chs, _, kh, kw = weight.shape
     if (kh, kw) == (1, 1):
         return F.linear(x.permute(0, 2, 3, 1), weight.reshape(out_chs, -1), bias).permute(0, 3, 1, 2)
     if (kh, kw) != (3, 3):
-        raise ValueError(f'conv2d_as_product takes 1x1 or 3x3 weights, got {kh}x{kw}')
+        raise ValueError(f'weight must be 1x1 or 3x3, got {kh}x{kw}')
     batch, _, height, width = x.shape
     padded = F.pad(_in_autocast_dtype(x).permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     taps = [padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)]
