@@ -64,10 +64,12 @@ typedef uint32_t u32vec __attribute__((vector_size(kVectorBytes)));
 // AVX-512 and AVX2 builds) 4/2 was at or near the fastest everywhere; against 4/4 it took the AVX-512 build's
 // fp32 layer2 way up from 2.2 to 1.75 ms (batch 16, 2 threads), elsewhere within the run-to-run noise (~10%).
 constexpr int kRowsY = 4, kRowsX = 2;
-constexpr int kRows = kRowsY > kRowsX ? kRowsY : kRowsX;
-// Vectors per output row in weighted_rows: kRows x kVectors accumulators, kVectors inputs and a broadcast weight
-// fit the register file (AVX-512 4, AVX2 2, NEON 4, SSE 2).
-constexpr int kVectors = (kVectorRegisters - 1) / (kRows + 1) >= 4 ? 4 : 2;
+// Vectors per output row when weighted_rows computes R rows: R x V accumulators, V inputs and a broadcast weight
+// fit the register file, up to 4 (AVX-512 and NEON 4 for any R; AVX2 and SSE 3 for 4 rows, 4 for 2 or 1). Sized per
+// R rather than for the largest block, the AVX2 build's way down went 7-12% faster than with 2 vectors throughout
+// (fp32 and bf16, layer2/3 maps, batch 16, 2 threads); its way up stayed within the noise (+-4%).
+template <int R>
+constexpr int kVectorsFor = std::min(4, (kVectorRegisters - 1) / (R + 1));
 // Rows of dot_tile's I x 4 tile: its I x 4 sums, I + 4 loaded vectors fit the register file.
 constexpr int kDotRows = kVectorRegisters >= 32 ? 4 : 2;
 
@@ -186,14 +188,14 @@ inline void weighted_rows(const float* w, int64_t w_stride, const T* const* src,
   }
 }
 
-// weighted_rows over [offset, offset + n), any n: blocks of kVectors and of one vector, then a scalar tail.
-template <typename T, typename D, int R>
+// weighted_rows over [offset, offset + n), any n: blocks of V vectors and of one vector, then a scalar tail.
+template <typename T, typename D, int R, int V = kVectorsFor<R>>
 void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, int64_t count, int64_t offset,
                          int64_t n, D* const* dst, const D* const* res, bool relu) {
   const int64_t end = offset + n;
   int64_t j = offset;
-  for (; j + kLanes * kVectors <= end; j += kLanes * kVectors)
-    weighted_rows<T, D, R, kVectors>(w, w_stride, src, count, j, dst, res, relu);
+  for (; j + kLanes * V <= end; j += kLanes * V)
+    weighted_rows<T, D, R, V>(w, w_stride, src, count, j, dst, res, relu);
   for (; j + kLanes <= end; j += kLanes) weighted_rows<T, D, R, 1>(w, w_stride, src, count, j, dst, res, relu);
   for (; j < end; ++j) {
     for (int r = 0; r < R; ++r) {
@@ -388,6 +390,10 @@ constexpr int kSumRows = std::is_same_v<T, float> && std::is_same_v<D, float> &&
 
 // dst[r] = sum_k m[r * m_cols + k] * src[k] over n values, k in the band [lo[r], hi[r]) of row r, for r < rows:
 // blocks of kSumRows rows share each load of src[k] (k over the union of their bands), the rows left one by one.
+// Their V stays 2 on 16-register ISAs: kVectorsFor's 3 or 4 made the AVX2 build's fp32 backward slower (the input's
+// gradient by up to 30% at layer2/3 maps).
+constexpr int kSumVectors = kVectorRegisters >= 32 ? 4 : 2;
+
 template <typename T, typename D>
 void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int64_t* hi, int64_t rows,
                    const T* const* src, int64_t n, D* const* dst) {
@@ -395,11 +401,12 @@ void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int6
   int64_t r = 0;
   for (; r + R <= rows; r += R) {
     const auto [first, last] = band_union(lo + r, hi + r, R);
-    weighted_rows_range<T, D, R>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n, dst + r, nullptr,
-                                 false);
+    weighted_rows_range<T, D, R, kSumVectors>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n,
+                                              dst + r, nullptr, false);
   }
   for (; r < rows; ++r)
-    weighted_rows_range<T, D, 1>(m + r * m_cols + lo[r], 0, src + lo[r], hi[r] - lo[r], 0, n, dst + r, nullptr, false);
+    weighted_rows_range<T, D, 1, kSumVectors>(m + r * m_cols + lo[r], 0, src + lo[r], hi[r] - lo[r], 0, n, dst + r,
+                                              nullptr, false);
 }
 
 template <typename T>
