@@ -12,6 +12,10 @@ reports, per model:
   faster than the baseline's blocks (as efficient per multiply-accumulate as the baseline's);
 * ``ceiling @ branch``: the ratio if sampling cost nothing, i.e. the SSB blocks took only the time of
   their residual branch (the three convs and norms on the sampled ``s x s`` map, timed on its own);
+* ``ceiling @ floor``: the ratio if the sampling ran at the memory-traffic floor of its resampling, with the
+  saliency and the matrices free: each SSB block's time its residual branch's plus one read of the block's input
+  (the least the way down must do) and one copy of it (what the way up must do: read the residual, write the
+  output), both timed on the block's own map;
 * ``ceiling @ free``: the ratio if the SSB blocks cost nothing at all;
 * ``sampling ms``: what the sampling costs, the SSB blocks' time minus their residual branches' (saliency,
   matrices, down, up, residual add, ReLU), and its share of the SSB blocks' time.
@@ -25,7 +29,7 @@ Usage (inference, channels_last; fp32, or bf16 autocast with ``--amp bfloat16``)
 import argparse
 import statistics
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -42,12 +46,25 @@ CPU_INFERENCE_TARGETS = {
 """Issue #22's CPU inference targets (SSB throughput / baseline throughput) per autocast dtype (None: fp32)."""
 
 
+def memory_floor(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The least memory traffic of resampling a map like ``x`` down and back up: one read (a sum) and one copy
+    into a tensor allocated and written here, so that the copy meets no fresh pages."""
+    dst = torch.zeros_like(x)
+
+    def read_and_copy(t: torch.Tensor) -> torch.Tensor:
+        t.sum()
+        return dst.copy_(t)
+
+    return read_and_copy
+
+
 def time_parts(
     models: List[nn.Module], x: torch.Tensor, rounds: int, amp_dtype: Optional[torch.dtype] = None
 ) -> List[Dict[str, float]]:
     """Median milliseconds of every part of every model; the models take turns within each round.
 
-    For an SSB block, ``<name>.branch`` is its residual branch alone, timed on the map its sampler made.
+    For an SSB block, ``<name>.branch`` is its residual branch alone, timed on the map its sampler made, and
+    ``<name>.floor`` the memory floor of its resampling (:func:`memory_floor`) on its input.
     With ``amp_dtype``, everything runs under CPU autocast to that dtype.
     """
     times: List[Dict[str, List[float]]] = [{} for _ in models]
@@ -60,6 +77,7 @@ def time_parts(
                     timed = [(name, part, t)]
                     if isinstance(part, SSBBottleneck):
                         timed.append((f'{name}.branch', part.residual_branch, part.sampler(t)[0]))
+                        timed.append((f'{name}.floor', memory_floor(t), t))
                     for key, fn, inp in reversed(timed):
                         start = time.perf_counter()
                         out = fn(inp)
@@ -92,6 +110,7 @@ def analyse(
     sampled = [n for n, p in model_parts(ssb, blocks=True) if isinstance(p, SSBBottleneck)]
     shared = [n for n in base_ms if n not in sampled]
     branch_ms = {n: ssb_ms.pop(f'{n}.branch') for n in sampled}
+    floor_ms = {n: ssb_ms.pop(f'{n}.floor') for n in sampled}
     total_base, total_ssb = sum(base_ms.values()), sum(ssb_ms.values())
     shared_ms = sum(base_ms[n] for n in shared)
     blocks_base_ms = sum(base_ms[n] for n in sampled)
@@ -125,6 +144,8 @@ def analyse(
         'sampling_share': (blocks_ssb_ms - sum(branch_ms.values())) / blocks_ssb_ms,
         'ceiling_at_gmacs': total_base / (shared_ms + blocks_base_ms / blocks_gmacs_ratio),
         'ceiling_at_branch': total_base / (shared_ms + sum(branch_ms.values())),
+        'sampling_floor_ms': sum(floor_ms.values()),
+        'ceiling_at_floor': total_base / (shared_ms + sum(branch_ms.values()) + sum(floor_ms.values())),
         'ceiling_if_free': total_base / shared_ms,
         'target': CPU_INFERENCE_TARGETS[amp_dtype].get(name),
         'per_stage': per_stage,
@@ -135,8 +156,8 @@ def analyse(
 def format_rows(rows: List[Dict[str, object]]) -> str:
     header = (
         f'{"model":<16} {"ratio":>6} {"target":>6} {"shared ms":>10} {"share":>6} {"blocks ms":>15} '
-        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@branch":>14} {"ceiling@free":>12} '
-        f'{"sampling ms":>11} {"share":>6}'
+        f'{"time x":>6} {"GMACs x":>7} {"ceiling@GMACs":>13} {"ceiling@floor":>13} {"ceiling@branch":>14} '
+        f'{"ceiling@free":>12} {"sampling ms":>11} {"share":>6} {"floor ms":>8}'
     )
     lines = [header, '-' * len(header)]
     for r in rows:
@@ -144,12 +165,14 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
         lines.append(
             f'{r["model"]:<16} {r["ratio"]:>6.2f} {target:>6} {r["shared_ms"]:>10.1f} {r["shared_share"]:>6.0%} '
             f'{r["blocks_ssb_ms"]:>6.1f} / {r["blocks_base_ms"]:>6.1f} {r["blocks_time_ratio"]:>6.2f} '
-            f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_at_branch"]:>14.2f} '
-            f'{r["ceiling_if_free"]:>12.2f} {r["sampling_ms"]:>11.1f} {r["sampling_share"]:>6.0%}'
+            f'{r["blocks_gmacs_ratio"]:>7.2f} {r["ceiling_at_gmacs"]:>13.2f} {r["ceiling_at_floor"]:>13.2f} '
+            f'{r["ceiling_at_branch"]:>14.2f} {r["ceiling_if_free"]:>12.2f} {r["sampling_ms"]:>11.1f} '
+            f'{r["sampling_share"]:>6.0%} {r["sampling_floor_ms"]:>8.1f}'
         )
     lines.append(
         'sampling ms: SSB blocks minus their residual branches (saliency, matrices, down, up, residual add, ReLU), '
-        'and its share of the SSB blocks'
+        "and its share of the SSB blocks; floor ms: one read and one copy of each SSB block's input, the least its "
+        'resampling down and up must move (ceiling@floor: the sampling at that floor, saliency and matrices free)'
     )
     lines.append('SSB blocks per stage, ms SSB / baseline (time x, GMACs x; ms of the residual branch alone):')
     for r in rows:

@@ -71,11 +71,14 @@ def test_time_ceiling_writes_table_and_json(tmp_path):
     path = tmp_path / 'ceiling.json'
     args = ['--models', 'ssb_resnetd50', '--batch-size', '1', '--img-size', '64', '--rounds', '1', '--json', str(path)]
     out = run_script('time_ceiling.py', *args)
-    assert 'ceiling@branch' in out and 'ssb_resnetd50' in out
+    assert 'ceiling@branch' in out and 'ceiling@floor' in out and 'ssb_resnetd50' in out
     (row,) = json.loads(path.read_text())['results']
     assert row['model'] == 'ssb_resnetd50' and set(row['per_stage']) == {'layer2', 'layer3', 'layer4'}
     assert row['ratio'] == pytest.approx(row['base_ms'] / row['ssb_ms'])
-    assert row['ceiling_if_free'] >= row['ceiling_at_branch']
+    assert row['ceiling_if_free'] >= row['ceiling_at_branch'] > row['ceiling_at_floor']
+    assert row['ceiling_at_floor'] == pytest.approx(
+        row['base_ms'] / (row['shared_ms'] + row['blocks_branch_ms'] + row['sampling_floor_ms'])
+    )
     assert row['sampling_ms'] == pytest.approx(row['blocks_ssb_ms'] - row['blocks_branch_ms'])
     assert row['sampling_share'] == pytest.approx(row['sampling_ms'] / row['blocks_ssb_ms'])
     out = run_script('time_ceiling.py', *args, '--amp', 'bfloat16')
