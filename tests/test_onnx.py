@@ -29,9 +29,11 @@ def native_backend():
 @pytest.mark.slow
 @pytest.mark.parametrize('dynamo', [False, True])
 def test_onnx_export_matches_torch_in_onnxruntime(dynamo, tmp_path, native_backend):
-    model = make_live(timm.create_model('ssb_resnet', ssb_source='resnet26d', ssb_sizes=(6, 3, 2))).eval()
+    # 160 x 160: stage 2 samples 20 x 20 to 10 x 10 (exported as separable products), stages 3 and 4 take the
+    # Kronecker form (10 x 10 -> 3 x 3, 5 x 5 -> 2 x 2)
+    model = make_live(timm.create_model('ssb_resnet', ssb_source='resnet26d', ssb_sizes=(10, 3, 2))).eval()
     model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 160, 160).contiguous(memory_format=torch.channels_last)
     path = tmp_path / 'model.onnx'
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

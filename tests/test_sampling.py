@@ -15,13 +15,14 @@ from timm_ssb.layers import (
     bilinear_matrices,
     create_sampler,
     resample,
+    resample_kronecker,
     resample_reference,
     resample_residual,
     saliency_positions,
     uniform_matrices,
 )
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
-from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, pixel_centres, tailless_softmax
+from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, KRONECKER_MAX_COST, pixel_centres, tailless_softmax
 
 
 @pytest.fixture(autouse=True, params=['auto', 'reference'])
@@ -483,3 +484,34 @@ def test_map_not_larger_than_size_skips_the_identity_products():
         assert z is x and sampler.inverse(z, state, x) is z  # nothing computed on the map itself
     z, _ = sampler(x)
     assert torch.equal(z, x) and z.grad_fn is not None  # tied to the saliency for its (zero) gradient
+
+
+@pytest.mark.parametrize('shape,rows,cols', [((2, 5, 14, 14), 8, 8), ((2, 3, 7, 9), 4, 5), ((2, 4, 4, 3), 14, 6)])
+def test_kronecker_form_is_the_separable_products(shape, rows, cols):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    matrix_y = torch.rand(shape[0], rows, shape[2], dtype=torch.float64, generator=generator)
+    matrix_x = torch.rand(shape[0], cols, shape[3], dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(
+        resample_kronecker(x, matrix_y, matrix_x), resample_reference(x, matrix_y, matrix_x), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    'height,size,kronecker',
+    [(28, 16, False), (14, 8, True), (7, 4, True), (24, 12, False), (24, 6, True)],
+)
+@pytest.mark.parametrize('way', ['down', 'up'])
+def test_export_records_the_kronecker_form_where_it_costs_little(height, size, kronecker, way):
+    """Tracing (what the TorchScript ONNX exporter does) records one product per way where the Kronecker form costs at
+    most KRONECKER_MAX_COST times the separable products' multiply-accumulates, two otherwise; values unchanged."""
+    small, large = (height, size) if way == 'down' else (size, height)
+    x = torch.randn(2, 6, small, small)
+    matrix_y, matrix_x = torch.rand(2, large, small), torch.rand(2, large, small)
+    macs = large * large * small * small
+    separable = small * small * large + large * small * large
+    assert (macs <= KRONECKER_MAX_COST * separable) == kronecker
+    traced = torch.jit.trace(resample, (x, matrix_y, matrix_x))
+    products = [n for n in traced.graph.nodes() if n.kind() == 'aten::matmul']
+    assert len(products) == (1 if kronecker else 2)
+    torch.testing.assert_close(traced(x, matrix_y, matrix_x), resample_reference(x, matrix_y, matrix_x))
