@@ -462,8 +462,9 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
     paths) take the fused kernel of their device (C++ on the CPU, Triton on CUDA; :mod:`.native`) where the
     sampling backend allows it, else a custom autograd function whose products, forward and backward, are
     batched matrix products over contiguous views (the x-axis product first when mapping up, ``P > H``).
-    Other layouts, export, tracing and TorchScript use :func:`resample_reference` (the x-axis product first
-    on the way down).
+    Other layouts and TorchScript use :func:`resample_reference` (the x-axis product first on the way down);
+    export and tracing record it too, or :func:`resample_kronecker` where that costs little
+    (:data:`KRONECKER_MAX_COST`).
     """
     if not torch.jit.is_scripting():
         if _fast_paths_serve(x, None):
@@ -485,8 +486,8 @@ def resample_residual(
 
     On channels-last maps (``x`` and ``residual``, same dtype, also under autocast) the last product writes
     the output, and the residual add and the ReLU run in place on it: one new full-resolution tensor
-    instead of three; the result is channels-last. Other layouts, and TorchScript, compute it from
-    :func:`resample_reference`.
+    instead of three; the result is channels-last. Other layouts, TorchScript, export and tracing compute it
+    from the products :func:`resample` would take there.
     """
     expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
     if list(residual.shape) != expected:
