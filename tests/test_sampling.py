@@ -22,6 +22,7 @@ from timm_ssb.layers import (
     uniform_matrices,
 )
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
+from timm_ssb.layers.samplers import saliency_conv1x1
 from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, KRONECKER_MAX_COST, pixel_centres, tailless_softmax
 
 
@@ -515,3 +516,13 @@ def test_export_records_the_kronecker_form_where_it_costs_little(height, size, k
     products = [n for n in traced.graph.nodes() if n.kind() == 'aten::matmul']
     assert len(products) == (1 if kronecker else 2)
     torch.testing.assert_close(traced(x, matrix_y, matrix_x), resample_reference(x, matrix_y, matrix_x))
+
+
+def test_export_records_the_saliency_conv_as_a_product_over_channels():
+    """Tracing (what the TorchScript ONNX exporter does) records a product over the NCHW map's channels, which keeps
+    ONNX Runtime from changing each block's input to its blocked layout for a one-channel conv; values unchanged."""
+    x, weight, bias = torch.randn(2, 6, 5, 7), torch.randn(1, 6, 1, 1), torch.randn(1)
+    traced = torch.jit.trace(saliency_conv1x1, (x, weight, bias))
+    kinds = {n.kind() for n in traced.graph.nodes()}
+    assert 'aten::matmul' in kinds and not any('convolution' in kind for kind in kinds)
+    torch.testing.assert_close(traced(x, weight, bias), F.conv2d(x, weight, bias))

@@ -127,12 +127,20 @@ def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     reads the map once; the backward writes the map's gradient once and reads the map once for the weight's.
     oneDNN's convolution with a single output channel took 2-4x that time in float32 (forward and backward, 2
     threads, batch 8-16, the maps of stages 2-4), about as long as the backward of the block's resampling. The
-    result has the conv's dtype (also under autocast). Other layouts and devices (not measured there; on a GPU the
-    product's backward is two more kernel launches), TorchScript and exports take the conv.
+    result has the conv's dtype (also under autocast). Export and tracing record a product too, over the NCHW map's
+    channels: ONNX Runtime ran the conv in its blocked layout, which cost each block's input a full-resolution
+    layout change and the conv 16 output channels for one. Other layouts and devices (not measured there; on a GPU
+    the product's backward is two more kernel launches) and TorchScript take the conv.
     """
-    if not torch.jit.is_scripting() and _saliency_product_serves(x):
-        logits = (x.permute(0, 2, 3, 1) @ weight.reshape(-1)).unsqueeze(1)
-        return logits if bias is None else logits + bias.to(logits.dtype)
+    if not torch.jit.is_scripting():
+        if _saliency_product_serves(x):
+            logits = (x.permute(0, 2, 3, 1) @ weight.reshape(-1)).unsqueeze(1)
+            return logits if bias is None else logits + bias.to(logits.dtype)
+        if _exporting():
+            batch, channels, height, width = x.shape
+            logits = torch.matmul(weight.reshape(1, channels), x.reshape(batch, channels, height * width))
+            logits = logits.reshape(batch, 1, height, width)
+            return logits if bias is None else logits + bias.to(logits.dtype)
     return F.conv2d(x, weight, bias)
 
 
