@@ -526,3 +526,17 @@ def test_export_records_the_saliency_conv_as_a_product_over_channels():
     kinds = {n.kind() for n in traced.graph.nodes()}
     assert 'aten::matmul' in kinds and not any('convolution' in kind for kind in kinds)
     torch.testing.assert_close(traced(x, weight, bias), F.conv2d(x, weight, bias))
+
+
+@pytest.mark.parametrize(
+    'matrix_y,matrix_x,match',
+    [
+        (torch.rand(2, 4, 6), torch.rand(2, 4, 5), 'matrix_y must be'),
+        (torch.rand(3, 4, 7), torch.rand(2, 4, 5), 'matrix_y must be'),
+        (torch.rand(2, 4, 7), torch.rand(2, 4, 6), 'matrix_x must be'),
+        (torch.rand(2, 4, 7), torch.rand(4, 5), 'matrix_x must be'),
+    ],
+)
+def test_kronecker_form_names_the_matrix_that_does_not_fit(matrix_y, matrix_x, match):
+    with pytest.raises(ValueError, match=match):
+        resample_kronecker(torch.randn(2, 3, 7, 5), matrix_y, matrix_x)

@@ -406,9 +406,13 @@ def resample_kronecker(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.
     product of the two matrices, ``(P*Q, H*W)`` (entry ``(p*Q + q, h*W + w)`` is ``matrix_y[p, h] * matrix_x[q, w]``).
     ``P*Q*H*W`` multiply-accumulates per channel instead of the separable products' ``H*W*Q + P*H*Q`` (down) or
     ``P*h*w + P*w*Q`` (up), in one large product instead of ``B * C`` small ones."""
+    batch, channels, height, width = x.shape
+    if matrix_y.dim() != 3 or tuple(matrix_y.shape[::2]) != (batch, height):
+        raise ValueError(f'matrix_y must be (B, P, H) = ({batch}, P, {height}); got {tuple(matrix_y.shape)}')
+    if matrix_x.dim() != 3 or tuple(matrix_x.shape[::2]) != (batch, width):
+        raise ValueError(f'matrix_x must be (B, Q, W) = ({batch}, Q, {width}); got {tuple(matrix_x.shape)}')
     matrix_y = matrix_y.to(x.dtype)
     matrix_x = matrix_x.to(x.dtype)
-    batch, channels, height, width = x.shape
     rows, cols = matrix_y.shape[1], matrix_x.shape[1]
     kron = (matrix_y.unsqueeze(2).unsqueeze(4) * matrix_x.unsqueeze(1).unsqueeze(3)).reshape(
         batch, rows * cols, height * width
@@ -422,7 +426,7 @@ KRONECKER_MAX_COST = 6.0
 """Exports resample with :func:`resample_kronecker` where it costs at most this many times the multiply-accumulates
 of :func:`resample_reference`'s separable products. The ``B * C`` small products of the separable form's second
 product cost more per multiply-accumulate than one large product, by a margin that shrinks with the map: in ONNX
-Runtime (fp32, 2 threads, batch 16, one resampling alone, 2026-12-04) the Kronecker form took 0.1-0.35x the
+Runtime (fp32, 2 threads, batch 16, one resampling alone, ad hoc, 2026-12-04) the Kronecker form took 0.1-0.35x the
 separable form's time at layer4's 7 x 7 -> 4 x 4 (2.5x the multiply-accumulates), 0.76-0.98x at layer3's
 14 x 14 -> 8 x 8 (5.1x) and 1.8-2.2x at layer2's 28 x 28 -> 16 x 16 (10.2x); in PyTorch alike (0.14-0.8x, 0.6-0.8x,
 2.1-2.9x)."""
