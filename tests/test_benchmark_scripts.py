@@ -217,14 +217,17 @@ def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_pat
 
 
 def test_speed_tables_are_made_from_the_result_files():
+    """Every CPU class with result files gets its rows, named by the CPU the files record."""
     script = BENCHMARKS.parent / 'tools' / 'doc_tables.py'
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     payload = json.loads((BENCHMARKS / 'results' / 'cpu_inference_fp32_avx512_amx_native.json').read_text())
     ratios = ' / '.join(f'{row["ratio"]:.2f}' for row in payload['results'])
-    assert f'| fp32 inference | {ratios}× ({payload["machine"]["git_commit"][:7]})' in out
+    commit = payload['machine']['git_commit'][:7]
+    assert f'| Intel Xeon, AVX-512 + AMX: fp32 inference | {ratios}× ({commit})' in out
+    assert f'| Intel Xeon, AVX-512 + AMX, kernels for this CPU (-march=native) | {ratios}× ({commit})' in out
     ops = json.loads((BENCHMARKS / 'results' / 'cpu_sampling_products_float32_avx512_amx_native.json').read_text())
     down = ' / '.join(f'{r["down_ms"] / r["reference_down_ms"]:.2f}' for r in ops['results'])
-    assert f'| down | {down} |' in out
+    assert f'| Intel Xeon, AVX-512 + AMX: down | {down} ({ops["machine"]["git_commit"][:7]})' in out
 
 
 def test_the_pages_tables_are_the_result_files():

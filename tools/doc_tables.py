@@ -4,12 +4,13 @@
 Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table -->`` and is made from
 ``benchmarks/results/`` alone, so the pages' figures are the data's, never typed:
 
-* ``cpu``: one row per setting (``cpu_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>.json``, written by
+* ``cpu``: for each CPU class measured (``<cpu>``: its ISA class, ``avx512_amx``, ``avx512``, ``avx2``, ``neon``), one
+  row per setting (``cpu_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>.json``, written by
   ``benchmarks/run_cpu_isa.sh``) and ONNX Runtime (``onnx_inference_<cpu>.json``), a column per build of the
   kernels; each cell the SSB / baseline ratios of the models in the order measured and the commit measured at;
-* ``ops``: each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 / layer4
-  (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
-* ``summary`` (the README's): a row per build, a column per setting;
+* ``ops``: for each CPU class, each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 /
+  layer4 (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
+* ``summary`` (the README's): a row per CPU class and build, a column per setting;
 * ``small_digit`` (docs/adaptive-sampling.md): each sampler's accuracy and its paired difference from uniform
   (``ablation_small_digit*.json``);
 * ``warm_start`` (docs/training.md): accuracy by epoch of the four arms of ``warm_start_digits.json``.
@@ -33,10 +34,11 @@ PAGES = tuple(
 SETTINGS = {
     'inference_fp32': 'fp32 inference',
     'train_fp32': 'fp32 training step',
-    'inference_bf16': 'bf16 autocast inference (AMX)',
+    'inference_bf16': 'bf16 autocast inference',
 }
-BUILDS = {'native': 'kernels for this CPU (AVX-512)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
-CPU_NAMES = {'avx512_amx': 'Intel Xeon, AVX-512 + AMX', 'avx512': 'AVX-512', 'avx2': 'AVX2', 'neon': 'Arm NEON'}
+BUILDS = {'native': 'kernels for this CPU (-march=native)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
+CPU_CLASSES = ('avx512_amx', 'avx512', 'avx2', 'neon')
+"""The ISA classes in the result files' names, in the order the tables list them."""
 OPS = {
     'down': ('down_ms', 'reference_down_ms'),
     'up + residual + ReLU': ('up_residual_relu_ms', 'reference_up_residual_relu_ms'),
@@ -57,6 +59,18 @@ def _commit(payload: Dict) -> str:
     return f'{(machine.get("git_commit") or "?")[:7]}{dirty}'
 
 
+def measured_cpus() -> List[str]:
+    """The CPU classes with a fp32 inference result for their own build, in :data:`CPU_CLASSES`' order."""
+    return [cpu for cpu in CPU_CLASSES if (RESULTS / f'cpu_inference_fp32_{cpu}_native.json').exists()]
+
+
+def cpu_label(cpu: str) -> str:
+    """The CPU a class was measured on, as its result files name it: ``AMD EPYC, AVX-512``."""
+    machine = _load(RESULTS / f'cpu_inference_fp32_{cpu}_native.json')['machine']
+    processor = re.sub(r'\((R|TM)\)| Processor', '', machine['processor']).strip()
+    return f'{processor}, {machine["cpu_isa"]}'
+
+
 def ratio_cell(path: Path) -> str:
     """The file's SSB / baseline ratios, in the order measured, and its commit; ``–`` where there is no file."""
     if not path.exists():
@@ -66,40 +80,46 @@ def ratio_cell(path: Path) -> str:
     return f'{ratios}× ({_commit(payload)})'
 
 
-def cpu_table(cpu: str) -> str:
+def cpu_table() -> str:
     lines = ['| SSB / baseline | ' + ' | '.join(BUILDS.values()) + ' |', '|---|' + '---|' * len(BUILDS)]
-    for setting, label in SETTINGS.items():
-        cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for build in BUILDS]
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-    onnx = RESULTS / f'onnx_inference_{cpu}.json'
-    if onnx.exists():
-        models = ' / '.join(row['model'].removeprefix('ssb_') for row in _load(onnx)['results'])
-        lines.append(f'| onnxruntime fp32 ({models}) | {ratio_cell(onnx)} | |')
+    for cpu in measured_cpus():
+        name = cpu_label(cpu)
+        for setting, label in SETTINGS.items():
+            cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for build in BUILDS]
+            lines.append(f'| {name}: {label} | ' + ' | '.join(cells) + ' |')
+        onnx = RESULTS / f'onnx_inference_{cpu}.json'
+        if onnx.exists():
+            models = ' / '.join(row['model'].removeprefix('ssb_') for row in _load(onnx)['results'])
+            lines.append(f'| {name}: onnxruntime fp32 ({models}) | {ratio_cell(onnx)} | |')
     return '\n'.join(lines)
 
 
-def ops_table(cpu: str) -> str:
-    columns: List[str] = []
-    rows: Dict[str, List[str]] = {op: [] for op in OPS}
-    for dtype in ('float32', 'bfloat16'):
-        for build in BUILDS:
+def ops_table() -> str:
+    columns = [(dtype, build) for dtype in ('float32', 'bfloat16') for build in BUILDS]
+    header = ' | '.join(f'{dtype}, {build}' for dtype, build in columns)
+    lines = [f'| native / PyTorch, layer2 / 3 / 4 | {header} |', '|---|' + '---|' * len(columns)]
+    for cpu in measured_cpus():
+        payloads = {}
+        for dtype, build in columns:
             path = RESULTS / f'cpu_sampling_products_{dtype}_{cpu}_{build}.json'
-            if not path.exists():
-                continue
-            payload = _load(path)
-            columns.append(f'{dtype}, {build} ({_commit(payload)})')
-            for op, (native, reference) in OPS.items():
-                rows[op].append(' / '.join(f'{r[native] / r[reference]:.2f}' for r in payload['results']))
-    lines = ['| native / PyTorch, layer2 / 3 / 4 | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
-    lines += [f'| {op} | ' + ' | '.join(cells) + ' |' for op, cells in rows.items()]
+            payloads[dtype, build] = _load(path) if path.exists() else None
+        for op, (native, reference) in OPS.items():
+            cells = [
+                ' / '.join(f'{r[native] / r[reference]:.2f}' for r in payload['results']) + f' ({_commit(payload)})'
+                if payload
+                else '–'
+                for payload in payloads.values()
+            ]
+            lines.append(f'| {cpu_label(cpu)}: {op} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
-def summary_table(cpu: str) -> str:
+def summary_table() -> str:
     lines = ['| | ' + ' | '.join(SETTINGS.values()) + ' |', '|---|' + '---|' * len(SETTINGS)]
-    for build, label in BUILDS.items():
-        cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for setting in SETTINGS]
-        lines.append(f'| {CPU_NAMES.get(cpu, cpu)}, {label} | ' + ' | '.join(cells) + ' |')
+    for cpu in measured_cpus():
+        for build, label in BUILDS.items():
+            cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for setting in SETTINGS]
+            lines.append(f'| {cpu_label(cpu)}, {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -147,11 +167,11 @@ def warm_start_table() -> str:
     return '\n'.join(lines) + f'\n\n({len(payload["settings"]["seeds"])} seeds, {_commit(payload)})'
 
 
-def tables(cpu: str) -> Dict[str, str]:
+def tables() -> Dict[str, str]:
     return {
-        'cpu': cpu_table(cpu),
-        'ops': ops_table(cpu),
-        'summary': summary_table(cpu),
+        'cpu': cpu_table(),
+        'ops': ops_table(),
+        'summary': summary_table(),
         'small_digit': small_digit_table(),
         'warm_start': warm_start_table(),
     }
@@ -164,12 +184,11 @@ def render(page: str, made: Dict[str, str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--cpu', default='avx512_amx', help="the CPU's ISA class in the file names")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--write', action='store_true', help='put the tables in the pages')
     mode.add_argument('--check', action='store_true', help='exit 1 where the page differs from the data')
     args = parser.parse_args()
-    made = tables(args.cpu)
+    made = tables()
     if not (args.write or args.check):
         print('\n\n'.join(made.values()))
         return 0
