@@ -14,11 +14,13 @@ from timm_ssb.layers import (
     adaptive_matrices,
     bilinear_matrices,
     create_sampler,
+    gaussian_matrices,
     resample,
     resample_kronecker,
     resample_reference,
     resample_residual,
     saliency_positions,
+    separable_matrices,
     uniform_matrices,
 )
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
@@ -69,6 +71,21 @@ def test_zero_saliency_positions_are_the_uniform_grid():
     for length, size in [(28, 16), (7, 4), (31, 3)]:
         log_m = torch.full((2, length), -3.7)
         assert torch.equal(saliency_positions(log_m, size, 0.18), pixel_centres(size, log_m.device).expand(2, size))
+
+
+def test_both_axes_at_once_equal_each_axis_alone():
+    """A square map's axes take one set of ops, over the axes stacked (fewer nodes in an exported graph): the
+    positions and matrices equal those of each axis on its own, bit for bit."""
+    torch.manual_seed(0)
+    log_m = torch.log_softmax(3 * torch.randn(3, 2, 14), dim=-1)
+    stacked = saliency_positions(log_m, 8, 0.18)
+    for axis in range(2):
+        assert torch.equal(stacked[:, axis], saliency_positions(log_m[:, axis], 8, 0.18))
+    positions = list(stacked.unbind(1))
+    both = separable_matrices([14, 14], 8, 3, log_m.device, positions, 0.05, 0.1)
+    for axis, (down, up) in enumerate(((both.down_y, both.up_y), (both.down_x, both.up_x))):
+        alone = gaussian_matrices(positions[axis], 14, 0.05, 0.1)
+        assert torch.equal(down, alone[0]) and torch.equal(up, alone[1])
 
 
 @pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear', 'dconv'])

@@ -99,13 +99,13 @@ def gaussian_matrices(
     """Gaussian read-out and scatter-back matrices for samples at ``positions``.
 
     Args:
-        positions: ``(B, s)`` normalised sample positions along one axis.
+        positions: ``(B, s)`` normalised sample positions along one axis (or ``(..., s)``: any leading dimensions).
         length: the axis length ``L`` of the full map.
         sigma_down: width of the read-out kernel; ``down[i, j] = softmax_j(-(u_i - q_j)^2 / 2 sigma_down^2)``.
         sigma_up: width of the scatter kernel; ``up[j, i] = softmax_i(-(q_j - u_i)^2 / 2 sigma_up^2)``.
 
     Returns:
-        ``[down (B, s, L), up (B, L, s)]``, each row a probability distribution, its tail beyond ~6 sigma
+        ``[down (..., s, L), up (..., L, s)]``, each row a probability distribution, its tail beyond ~6 sigma
         exactly zero (see :data:`KERNEL_WEIGHT_LOG`).
     """
     centres = pixel_centres(length, positions.device)
@@ -129,12 +129,13 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     Positions are clamped to ``[0, 1]``. Works in log space, so any logits give finite results.
 
     Args:
-        log_marginal: ``(B, L)`` log of the saliency marginal along the axis (sums to one in linear space).
+        log_marginal: ``(..., L)`` log of the saliency marginal along the axis (sums to one in linear space); any
+            leading dimensions (``(B, L)``, or ``(B, 2, L)`` for both axes of a square map at once).
         size: number of samples ``s``.
         sigma_g: width of the attraction kernel in normalised coordinates.
 
     Returns:
-        ``(B, s)`` positions in ``[0, 1]``.
+        ``(..., s)`` positions in ``[0, 1]``.
     """
     length = log_marginal.shape[-1]
     device = log_marginal.device
@@ -142,8 +143,9 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     extended = pixel_centres(length, device, start=-length, end=2 * length)  # (3L,)
     kernel = (targets.unsqueeze(-1) - extended).square() * (-0.5 / sigma_g**2)  # (s, 3L)
     log_m = log_marginal - log_marginal.amax(dim=-1, keepdim=True)
-    log_m = F.pad(log_m.unsqueeze(1), (length, length), mode='replicate').squeeze(1)  # (B, 3L)
-    weights = tailless_softmax(log_m.unsqueeze(1) + kernel, dim=-1)  # (B, s, 3L)
+    log_m = F.pad(log_m.reshape(-1, 1, length), (length, length), mode='replicate')
+    log_m = log_m.reshape(list(log_marginal.shape[:-1]) + [3 * length])  # (..., 3L)
+    weights = tailless_softmax(log_m.unsqueeze(-2) + kernel, dim=-1)  # (..., s, 3L)
     uniform_weights = tailless_softmax(kernel, dim=-1)
     shift = ((weights - uniform_weights) * extended).sum(-1)
     return (targets + shift).clamp(0.0, 1.0)
@@ -163,8 +165,11 @@ def separable_matrices(
 
     The one loop over the two axes that every matrix sampler shares. An axis not longer than ``size``
     gets the identity; any other gets the Gaussian pair at ``positions[axis]`` (``(B, size)``; ``None``:
-    the uniform grid), or, with ``bilinear``, bilinear interpolation down and up.
+    the uniform grid), or, with ``bilinear``, bilinear interpolation down and up. Both axes of a square map at
+    given positions take one set of ops, over the axes stacked (:func:`_square_gaussian_matrices`).
     """
+    if positions is not None and not bilinear and lengths[0] == lengths[1] and size < lengths[0]:
+        return _square_gaussian_matrices(positions, lengths[0], sigma_down, sigma_up)
     down: List[torch.Tensor] = []
     up: List[torch.Tensor] = []
     for axis, length in enumerate(lengths):
@@ -184,6 +189,16 @@ def separable_matrices(
         down.append(pair[0])
         up.append(pair[1])
     return SamplingMatrices(down[0], down[1], up[0], up[1])
+
+
+def _square_gaussian_matrices(
+    positions: List[torch.Tensor], length: int, sigma_down: float, sigma_up: float
+) -> SamplingMatrices:
+    """:func:`gaussian_matrices` for both axes of a square map at once, on the positions stacked to ``(B, 2, s)``:
+    the same values (each softmax is over one row either way) from half the ops, which is what an exported graph
+    runs (ONNX Runtime pays for each of its small nodes)."""
+    down, up = gaussian_matrices(torch.stack(positions, dim=1), length, sigma_down, sigma_up)
+    return SamplingMatrices(down[:, 0], down[:, 1], up[:, 0], up[:, 1])
 
 
 @register_notrace_function
@@ -213,11 +228,15 @@ def adaptive_positions(saliency_logits: torch.Tensor, size: int, sigma_g: float)
     """``[positions_y (B, n), positions_x (B, m)]``: where the adaptive sampler centres its samples.
 
     The positions of :func:`adaptive_matrices`, in normalised coordinates. An axis not longer than
-    ``size`` is not resampled: its positions are its own pixel centres.
+    ``size`` is not resampled: its positions are its own pixel centres. Both axes of a square map take one
+    set of ops, over the two marginals stacked (the same values from half the ops).
     """
     log_saliency = log_saliency_map(saliency_logits)
+    marginals = [torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)]
+    if marginals[0].shape[-1] == marginals[1].shape[-1] and size < marginals[0].shape[-1]:
+        return list(saliency_positions(torch.stack(marginals, dim=1), size, sigma_g).unbind(1))
     out: List[torch.Tensor] = []
-    for log_marginal in (torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)):
+    for log_marginal in marginals:
         length = log_marginal.shape[-1]
         if size >= length:
             out.append(pixel_centres(length, log_marginal.device).expand(log_marginal.shape[0], length))
