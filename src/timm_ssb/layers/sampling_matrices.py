@@ -195,8 +195,8 @@ def _square_gaussian_matrices(
     positions: List[torch.Tensor], length: int, sigma_down: float, sigma_up: float
 ) -> SamplingMatrices:
     """:func:`gaussian_matrices` for both axes of a square map at once, on the positions stacked to ``(B, 2, s)``:
-    the same values (each softmax is over one row either way) from half the ops, which is what an exported graph
-    runs (ONNX Runtime pays for each of its small nodes)."""
+    the same values (each softmax is over one row either way) from half the ops: exported graphs with 60% fewer
+    nodes (ONNX Runtime ran them no faster or slower, docs/performance.md)."""
     down, up = gaussian_matrices(torch.stack(positions, dim=1), length, sigma_down, sigma_up)
     return SamplingMatrices(down[:, 0], down[:, 1], up[:, 0], up[:, 1])
 
