@@ -228,6 +228,21 @@ def test_speed_tables_are_made_from_the_result_files():
     ops = json.loads((BENCHMARKS / 'results' / 'cpu_sampling_products_float32_avx512_amx_native.json').read_text())
     down = ' / '.join(f'{r["down_ms"] / r["reference_down_ms"]:.2f}' for r in ops['results'])
     assert f'| Intel Xeon, AVX-512 + AMX: down | {down} ({ops["machine"]["git_commit"][:7]})' in out
+    for path in (BENCHMARKS / 'results').glob('cpu_inference_fp32_*_native.json'):
+        machine = json.loads(path.read_text())['machine']
+        assert f', {machine["cpu_isa"]}: fp32 inference |' in out, f'{path.name} has no row'
+
+
+def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):
+    """A class outside the known ones (an AVX-only or SSE CPU, a machine name) is listed after them, not dropped."""
+    sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
+    import doc_tables
+
+    for cpu in ('sse', 'avx512', 'avx2'):
+        (tmp_path / f'cpu_inference_fp32_{cpu}_native.json').write_text('{}')
+    (tmp_path / 'cpu_inference_fp32_avx2_x86-64-v3.json').write_text('{}')
+    monkeypatch.setattr(doc_tables, 'RESULTS', tmp_path)
+    assert doc_tables.measured_cpus() == ['avx512', 'avx2', 'sse']
 
 
 def test_the_pages_tables_are_the_result_files():

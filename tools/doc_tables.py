@@ -38,13 +38,14 @@ SETTINGS = {
 }
 BUILDS = {'native': 'kernels for this CPU (-march=native)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
 CPU_CLASSES = ('avx512_amx', 'avx512', 'avx2', 'neon')
-"""The ISA classes in the result files' names, in the order the tables list them."""
+"""The ISA classes the tables list first, in this order; any other class with result files follows them."""
 OPS = {
     'down': ('down_ms', 'reference_down_ms'),
     'up + residual + ReLU': ('up_residual_relu_ms', 'reference_up_residual_relu_ms'),
     'down, forward + backward': ('down_fwd_bwd_ms', 'reference_down_fwd_bwd_ms'),
     'up, forward + backward': ('up_fwd_bwd_ms', 'reference_up_fwd_bwd_ms'),
 }
+_NATIVE_FP32 = 'cpu_inference_fp32_*_native.json'
 _BLOCK = re.compile(r'(<!-- table:(\w+) -->\n).*?(<!-- /table -->)', re.DOTALL)
 _BLOCK_NAMES = re.compile(r'<!-- table:(\w+) -->')
 
@@ -60,8 +61,10 @@ def _commit(payload: Dict) -> str:
 
 
 def measured_cpus() -> List[str]:
-    """The CPU classes with a fp32 inference result for their own build, in :data:`CPU_CLASSES`' order."""
-    return [cpu for cpu in CPU_CLASSES if (RESULTS / f'cpu_inference_fp32_{cpu}_native.json').exists()]
+    """The CPU classes with a fp32 inference result for their own build (``cpu_inference_fp32_<cpu>_native.json``),
+    those of :data:`CPU_CLASSES` first in its order, then any other, so that no measured class is left out."""
+    found = {path.name[len('cpu_inference_fp32_') : -len('_native.json')] for path in RESULTS.glob(_NATIVE_FP32)}
+    return [cpu for cpu in CPU_CLASSES if cpu in found] + sorted(found - set(CPU_CLASSES))
 
 
 def cpu_label(cpu: str) -> str:
