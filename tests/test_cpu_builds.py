@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,10 @@ def test_bad_arch_is_an_error_naming_the_variable(monkeypatch, arch):
         build.cflags()
 
 
+SSE2_LEVEL_FLAGS = {'sse', 'sse2'}
+"""The vector flags that ``-march=x86-64`` (the x86-64 baseline) code may use: 4 float32 lanes in 16 registers, and
+the generic bf16 conversions, which AArch64 builds also take."""
+
 AVX512_LEVEL_FLAGS = AVX2_LEVEL_FLAGS | {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl'}
 """The CPU flags that ``-march=x86-64-v4`` code may use: AVX-512 without AVX512-BF16 (its bf16 stores take the
 integer rounding, as on Skylake-X or Ice Lake)."""
@@ -39,13 +44,13 @@ integer rounding, as on Skylake-X or Ice Lake)."""
 @pytest.mark.slow
 @pytest.mark.parametrize(
     'arch,flags',
-    [('x86-64-v3', AVX2_LEVEL_FLAGS), ('x86-64-v4', AVX512_LEVEL_FLAGS)],
-    ids=['avx2', 'avx512-without-bf16'],
+    [('x86-64-v3', AVX2_LEVEL_FLAGS), ('x86-64-v4', AVX512_LEVEL_FLAGS), ('x86-64', SSE2_LEVEL_FLAGS)],
+    ids=['avx2', 'avx512-without-bf16', 'sse2'],
 )
 def test_native_kernels_in_another_isa_build_match_the_reference(monkeypatch, arch, flags):
     """The whole native-kernel suite (values and gradients against the reference, dispatch, compile) with the
-    kernels built for AVX2, as on CPUs without AVX-512, and for AVX-512 without AVX512-BF16 (the tiling and the bf16
-    store differ per instruction set)."""
+    kernels built for AVX2, as on CPUs without AVX-512, for AVX-512 without AVX512-BF16, and for the x86-64 baseline
+    (SSE2: 4-lane vectors, as on NEON; the tiling and the bf16 loads and stores differ per instruction set)."""
     if platform.machine() not in ('x86_64', 'AMD64') or not flags <= cpu_flags():
         pytest.skip(f'an {arch} build runs on x86-64 CPUs with {", ".join(sorted(flags))} only')
     tests = Path(__file__).parent
@@ -75,3 +80,26 @@ def test_native_kernels_in_another_isa_build_match_the_reference(monkeypatch, ar
 )
 def test_vector_isa_names_the_widest_instruction_set(flags, isa):
     assert vector_isa(frozenset(flags)) == isa
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('target', ['aarch64-linux-gnu', 'aarch64-macos'])
+def test_native_kernels_compile_to_neon_code_for_arm(tmp_path, target):
+    """The kernels' sources compiled for AArch64 (Linux; macOS on Apple silicon) by Zig's Clang against this torch's
+    headers, with the build's flags but those for the host's CPU: their vector code is NEON's (4-lane ``fmla``). A
+    compile, not a run: no Arm CPU is here to run it."""
+    pytest.importorskip('ziglang', reason='the AArch64 compile needs Zig (pip install ziglang, in the test extra)')
+    from torch.utils.cpp_extension import include_paths
+
+    flags = [flag for flag in build.cflags() if not flag.startswith(('-march=', '-fopenmp'))]
+    includes = [f'-I{path}' for path in include_paths()]
+    for source in build.SOURCES:
+        assembly = tmp_path / f'{source.stem}.s'
+        command = [sys.executable, '-m', 'ziglang', 'c++', '-target', target, '-std=c++20', '-w', *flags, *includes]
+        result = subprocess.run(
+            [*command, '-S', str(source), '-o', str(assembly)], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        if source.name == 'resample.cpp':
+            # GNU syntax `fmla v0.4s, ...`, Apple's `fmla.4s v0, ...`
+            assert re.search(r'\bfmla(\s+v\d+\.4s|\.4s\s+v\d+)', assembly.read_text()), 'no NEON vector multiply-adds'
