@@ -14,7 +14,9 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
   residual's and the matrices' gradients), and the same with PyTorch's ops (``ref``) in this process;
 
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
-``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place);
+``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place). The
+four resampling ops alternate with PyTorch's call by call, and each has a ratio, the median of the per-pair
+ratios (``<op>_ratio`` in the JSON), as ``timm-ssb bench`` has for models;
 
 and, as the machine's references, a 2048^3 ``torch.mm`` (Intel MKL in PyTorch's CPU build, like
 ``torch.bmm``) and the same multiply-accumulates as a 1x1 convolution (oneDNN, like the models' convs).
@@ -31,7 +33,9 @@ Usage:
 """
 
 import argparse
-from typing import Dict, List, Tuple
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,12 +80,44 @@ def _matrices_times(batch_size: int, side: int, size: int, repeats: int) -> Tupl
     return forward, forward_backward
 
 
+def paired_ms(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
+    """``fn`` in the backend chosen and in PyTorch's (``reference``), alternating call by call, which of the two goes
+    first alternating too: ``ms`` and ``reference_ms``, the median of each, and ``ratio``, the median of the
+    ``repeats`` per-pair ratios (chosen / reference). Timed in blocks one after the other, the two met different
+    machine states: PyTorch's own time of one op moved up to 2x between processes, and a ratio with it."""
+    chosen = get_sampling_backend()
+    backends, times = (chosen, 'reference'), ([], [])
+    try:
+        for backend in backends:
+            set_sampling_backend(backend)
+            for _ in range(3):
+                fn()
+        for i in range(repeats):
+            for k in (0, 1) if i % 2 == 0 else (1, 0):
+                set_sampling_backend(backends[k])
+                start_s = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - start_s) * 1e3)
+    finally:
+        set_sampling_backend(chosen)
+    ratios = [a / b for a, b in zip(*times, strict=True)]
+    return {
+        'ms': statistics.median(times[0]),
+        'reference_ms': statistics.median(times[1]),
+        'ratio': statistics.median(ratios),
+    }
+
+
+def _keyed(name: str, timing: Dict[str, float]) -> Dict[str, float]:
+    """:func:`paired_ms`'s result under the op's keys: ``<name>_ms``, ``reference_<name>_ms``, ``<name>_ratio``."""
+    ms, reference_ms, ratio = timing['ms'], timing['reference_ms'], timing['ratio']
+    return {f'{name}_ms': ms, f'reference_{name}_ms': reference_ms, f'{name}_ratio': ratio}
+
+
 def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats: int) -> Dict[str, float]:
     """Forward + backward of the way down (``x`` and its two matrices need gradients) and of the way back up with
-    the residual and ReLU (the small map, the residual ``x`` and the two matrices), in the backend chosen and
-    (``reference_`` keys) in PyTorch's, in this one process."""
-    chosen = get_sampling_backend()
-    times = {}
+    the residual and ReLU (the small map, the residual ``x`` and the two matrices), paired with PyTorch's path
+    (:func:`paired_ms`)."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.clone().requires_grad_()
         down_y, down_x, up_y, up_x = (m.clone().requires_grad_() for m in matrices)
@@ -94,32 +130,16 @@ def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats:
         def up() -> None:
             torch.autograd.backward(resample_residual(z, up_y, up_x, x, relu=True), grad_out)
 
-        try:
-            for prefix, backend in (('', chosen), ('reference_', 'reference')):
-                set_sampling_backend(backend)
-                times[f'{prefix}down_fwd_bwd_ms'] = median_ms(down, repeats)
-                times[f'{prefix}up_fwd_bwd_ms'] = median_ms(up, repeats)
-        finally:
-            set_sampling_backend(chosen)
-    return times
+        return {**_keyed('down_fwd_bwd', paired_ms(down, repeats)), **_keyed('up_fwd_bwd', paired_ms(up, repeats))}
 
 
-def forward_ms(x: torch.Tensor, z: torch.Tensor, matrices: List[torch.Tensor], repeats: int) -> Dict[str, float]:
-    """The way down and the way back up (residual, ReLU) in PyTorch's path (``reference_`` keys), and the map's
-    memory-traffic floors: one read (a sum over it) and a copy (a read and a write, what mapping up must do)."""
-    down_y, down_x, up_y, up_x = matrices
-    chosen = get_sampling_backend()
-    try:
-        set_sampling_backend('reference')
-        times = {
-            'reference_down_ms': median_ms(lambda: resample(x, down_y, down_x), repeats),
-            'reference_up_residual_relu_ms': median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats),
-        }
-    finally:
-        set_sampling_backend(chosen)
-    times['read_ms'] = median_ms(lambda: x.sum(dim=(2, 3)), repeats)
-    times['copy_ms'] = median_ms(lambda: x.clone(memory_format=torch.channels_last), repeats)
-    return times
+def floors_ms(x: torch.Tensor, repeats: int) -> Dict[str, float]:
+    """The map's memory-traffic floors: one read (a sum over it) and a copy (a read and a write, what mapping up
+    must do)."""
+    return {
+        'read_ms': median_ms(lambda: x.sum(dim=(2, 3)), repeats),
+        'copy_ms': median_ms(lambda: x.clone(memory_format=torch.channels_last), repeats),
+    }
 
 
 def stage_row(
@@ -132,11 +152,13 @@ def stage_row(
     saliency_bias = torch.zeros(1, dtype=dtype)
     gmacs = batch_size * channels * size * side * (side + size) / 1e9
     saliency_ms = median_ms(lambda: F.conv2d(x, saliency_weight, saliency_bias), repeats)
-    down_ms = median_ms(lambda: resample(x, down_y, down_x), repeats)
-    up_ms = median_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats)
+    down = _keyed('down', paired_ms(lambda: resample(x, down_y, down_x), repeats))
+    up = _keyed('up_residual_relu', paired_ms(lambda: resample_residual(z, up_y, up_x, x, relu=True), repeats))
     return {
         **matrices_ms(batch_size, side, size, repeats),
-        **forward_ms(x, z, [down_y, down_x, up_y, up_x], repeats),
+        **down,
+        **up,
+        **floors_ms(x, repeats),
         **resample_training_ms(x, [down_y, down_x, up_y, up_x], repeats),
         'stage': stage,
         'channels': channels,
@@ -144,10 +166,8 @@ def stage_row(
         'size': size,
         'gmacs_each_way': gmacs,
         'saliency_ms': saliency_ms,
-        'down_ms': down_ms,
-        'down_gmacs_per_s': gmacs / down_ms * 1e3,
-        'up_residual_relu_ms': up_ms,
-        'up_gmacs_per_s': gmacs / up_ms * 1e3,
+        'down_gmacs_per_s': gmacs / down['down_ms'] * 1e3,
+        'up_gmacs_per_s': gmacs / up['up_residual_relu_ms'] * 1e3,
     }
 
 
@@ -182,6 +202,10 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
             f'{r["down_fwd_bwd_ms"]:>8.3f} ({r["reference_down_fwd_bwd_ms"]:.3f}) '
             f'{r["up_fwd_bwd_ms"]:>8.3f} ({r["reference_up_fwd_bwd_ms"]:.3f})'
         )
+    lines.append('native / PyTorch, the median of the per-pair ratios: down, up+res+relu, down f+b, up f+b')
+    for r in rows:
+        ratios = (r[f'{name}_ratio'] for name in ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd'))
+        lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{ratio:5.2f}' for ratio in ratios))
     lines.append(
         f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
         f'the same as a 1x1 conv (oneDNN) {refs["conv1x1_gmacs_per_s"]:.0f} GMAC/s'
@@ -210,7 +234,8 @@ def main() -> None:
     header = (
         f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}, {machine["cpu_isa"]}, '
         f'kernels -march={machine["kernel_arch"]}), batch {args.batch_size}, {args.dtype}, channels_last, '
-        f'{args.threads} threads, median of {args.repeats}; environment: '
+        f"{args.threads} threads, median of {args.repeats} (the resampling ops alternating with PyTorch's); "
+        'environment: '
         f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
     )
     payload = {'settings': vars(args), 'machine': machine, 'results': rows, 'references': refs}

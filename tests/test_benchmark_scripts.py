@@ -34,6 +34,10 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert layer2['down_gmacs_per_s'] == pytest.approx(layer2['gmacs_each_way'] / layer2['down_ms'] * 1e3)
     keys = ('matrices_ms', 'matrices_fwd_bwd_ms', 'reference_matrices_ms', 'reference_matrices_fwd_bwd_ms')
     assert all(r[k] > 0 for r in payload['results'] for k in keys)
+    for r in payload['results']:  # one pair each: its ratio is the ratio of the two times
+        for op in ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd'):
+            assert r[f'{op}_ratio'] == pytest.approx(r[f'{op}_ms'] / r[f'reference_{op}_ms'])
+    assert 'median of the per-pair ratios' in out
     assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
     assert 'allocator_env' in payload['machine']
 
@@ -231,6 +235,16 @@ def test_speed_tables_are_made_from_the_result_files():
     for path in (BENCHMARKS / 'results').glob('cpu_inference_fp32_*_native.json'):
         machine = json.loads(path.read_text())['machine']
         assert f', {machine["cpu_isa"]}: fp32 inference |' in out, f'{path.name} has no row'
+
+
+def test_op_ratio_is_the_paired_ratio_where_a_file_has_one():
+    """The ops table takes each op's median per-pair ratio; files from before it had one give the ratio of medians."""
+    sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
+    import doc_tables
+
+    paired = {'down_ms': 2.0, 'reference_down_ms': 4.0, 'down_ratio': 0.45}
+    assert doc_tables.op_ratio(paired, 'down') == 0.45
+    assert doc_tables.op_ratio({'down_ms': 2.0, 'reference_down_ms': 4.0}, 'down') == 0.5
 
 
 def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):

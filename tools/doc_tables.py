@@ -40,11 +40,13 @@ BUILDS = {'native': 'kernels for this CPU (-march=native)', 'x86-64-v3': 'kernel
 CPU_CLASSES = ('avx512_amx', 'avx512', 'avx2', 'neon')
 """The ISA classes the tables list first, in this order; any other class with result files follows them."""
 OPS = {
-    'down': ('down_ms', 'reference_down_ms'),
-    'up + residual + ReLU': ('up_residual_relu_ms', 'reference_up_residual_relu_ms'),
-    'down, forward + backward': ('down_fwd_bwd_ms', 'reference_down_fwd_bwd_ms'),
-    'up, forward + backward': ('up_fwd_bwd_ms', 'reference_up_fwd_bwd_ms'),
+    'down': 'down',
+    'up + residual + ReLU': 'up_residual_relu',
+    'down, forward + backward': 'down_fwd_bwd',
+    'up, forward + backward': 'up_fwd_bwd',
 }
+"""Each sampling op's key in ``sampling_products.py``'s rows: ``<key>_ratio``, the median of the per-pair ratios of the
+op alternating with PyTorch's, or in files from before those, ``<key>_ms`` over ``reference_<key>_ms``."""
 _NATIVE_FP32 = 'cpu_inference_fp32_*_native.json'
 _BLOCK = re.compile(r'(<!-- table:(\w+) -->\n).*?(<!-- /table -->)', re.DOTALL)
 _BLOCK_NAMES = re.compile(r'<!-- table:(\w+) -->')
@@ -97,6 +99,13 @@ def cpu_table() -> str:
     return '\n'.join(lines)
 
 
+def op_ratio(row: Dict, key: str) -> float:
+    """A sampling op's native / PyTorch ratio in a row of ``sampling_products.py`` (see :data:`OPS`)."""
+    if f'{key}_ratio' in row:
+        return row[f'{key}_ratio']
+    return row[f'{key}_ms'] / row[f'reference_{key}_ms']
+
+
 def ops_table() -> str:
     columns = [(dtype, build) for dtype in ('float32', 'bfloat16') for build in BUILDS]
     header = ' | '.join(f'{dtype}, {build}' for dtype, build in columns)
@@ -106,9 +115,9 @@ def ops_table() -> str:
         for dtype, build in columns:
             path = RESULTS / f'cpu_sampling_products_{dtype}_{cpu}_{build}.json'
             payloads[dtype, build] = _load(path) if path.exists() else None
-        for op, (native, reference) in OPS.items():
+        for op, key in OPS.items():
             cells = [
-                ' / '.join(f'{r[native] / r[reference]:.2f}' for r in payload['results']) + f' ({_commit(payload)})'
+                ' / '.join(f'{op_ratio(row, key):.2f}' for row in payload['results']) + f' ({_commit(payload)})'
                 if payload
                 else '–'
                 for payload in payloads.values()
