@@ -22,10 +22,10 @@ and, as the machine's references, a 2048^3 ``torch.mm`` (Intel MKL in PyTorch's 
 ``torch.bmm``) and the same multiply-accumulates as a 1x1 convolution (oneDNN, like the models' convs).
 GMAC/s of the sampling count its products' multiply-accumulates, ``B * C * s * W * (H + s)`` each way.
 
-A warm-cache micro-benchmark (the same map over and over): inside a model the map comes from the layer
-before and the same work takes longer. Its use is comparing the products with the references, and runs
-with and without ``benchmarks/run_cpu_mkl_avx512.sh``'s shim, which gives MKL its AVX-512 kernels on
-non-Intel CPUs.
+A micro-benchmark on the same map over and over, each resampling call after one of PyTorch's (which leaves
+its own data in the cache): inside a model the map comes from the layer before. Its use is comparing the
+products with the references, and runs with and without ``benchmarks/run_cpu_mkl_avx512.sh``'s shim, which gives
+MKL its AVX-512 kernels on non-Intel CPUs.
 
 Usage:
 
