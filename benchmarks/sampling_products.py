@@ -34,7 +34,6 @@ Usage:
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from timm_ssb.benchmark import SAMPLED_MAPS, machine_info, median_ms, report, require_positive
 from timm_ssb.layers import adaptive_matrices, resample, resample_residual, uniform_matrices
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
+from timm_ssb.layers.native.calibration import interleaved_times
 from timm_ssb.layers.samplers import DEFAULT_SIGMA_G
 
 
@@ -82,28 +82,27 @@ def _matrices_times(batch_size: int, side: int, size: int, repeats: int) -> Tupl
 
 def paired_ms(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
     """``fn`` in the backend chosen and in PyTorch's (``reference``), alternating call by call, which of the two goes
-    first alternating too: ``ms`` and ``reference_ms``, the median of each, and ``ratio``, the median of the
-    ``repeats`` per-pair ratios (chosen / reference). Timed in blocks one after the other, the two met different
-    machine states: PyTorch's own time of one op moved up to 2x between processes, and a ratio with it."""
+    first alternating too (the calibration's :func:`interleaved_times`): ``ms`` and ``reference_ms``, the median of
+    each, and ``ratio``, the median of the ``repeats`` per-pair ratios (chosen / reference). Timed in blocks one
+    after the other, the two met different machine states: PyTorch's own time of one op moved up to 2x between
+    processes, and a ratio with it."""
     chosen = get_sampling_backend()
-    backends, times = (chosen, 'reference'), ([], [])
-    try:
-        for backend in backends:
+
+    def run(backend: str) -> Callable[[], None]:
+        def call() -> None:
             set_sampling_backend(backend)
-            for _ in range(3):
-                fn()
-        for i in range(repeats):
-            for k in (0, 1) if i % 2 == 0 else (1, 0):
-                set_sampling_backend(backends[k])
-                start_s = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - start_s) * 1e3)
+            fn()
+
+        return call
+
+    try:
+        times = interleaved_times({'chosen': run(chosen), 'reference': run('reference')}, repeats, warmup=3)
     finally:
         set_sampling_backend(chosen)
-    ratios = [a / b for a, b in zip(*times, strict=True)]
+    ratios = [a / b for a, b in zip(times['chosen'], times['reference'], strict=True)]
     return {
-        'ms': statistics.median(times[0]),
-        'reference_ms': statistics.median(times[1]),
+        'ms': statistics.median(times['chosen']),
+        'reference_ms': statistics.median(times['reference']),
         'ratio': statistics.median(ratios),
     }
 

@@ -273,6 +273,20 @@ def test_auto_backend_takes_pytorch_where_the_kernel_was_measured_slower(backend
     assert calls == [torch.float32] and len(asked) == 4
 
 
+def test_interleaved_times_alternate_who_goes_first():
+    """The calibration's and sampling_products.py's timing: warm-up calls first, then each round one call of each
+    candidate, each round starting at the next one, so that none always runs after the same one."""
+    from timm_ssb.layers.native.calibration import fastest_times, interleaved_times
+
+    calls = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in ('a', 'b')}
+    times = interleaved_times(candidates, rounds=3, warmup=2)
+    assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b', 'b', 'a', 'a', 'b']
+    assert [len(times[name]) for name in 'ab'] == [3, 3] and all(t >= 0 for t in times['a'] + times['b'])
+    calls.clear()
+    assert set(fastest_times(candidates, rounds=2)) == {'a', 'b'} and calls == ['a', 'b', 'a', 'b', 'b', 'a']
+
+
 def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp_path):
     import timm_ssb.layers.native.calibration as calibration_module
 

@@ -153,13 +153,21 @@ def _measure(dtype: torch.dtype, training: bool) -> dict:
 
 
 def fastest_times(candidates: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
-    """The fastest of ``rounds`` single calls of each candidate, in ms, after one untimed call each; interleaved,
-    each round starting at the next candidate, so that none always runs after the same one. The fastest, not the
-    median: what slows a call of these small ops is the machine (another process, pages the allocator maps in
-    again), not the op (docs/kernels.md, "Which implementation runs")."""
+    """The fastest of ``rounds`` single calls of each candidate (:func:`interleaved_times`), in ms. The fastest,
+    not the median: what slows a call of these small ops is the machine (another process, pages the allocator maps
+    in again), not the op (docs/kernels.md, "Which implementation runs")."""
+    return {name: min(values) for name, values in interleaved_times(candidates, rounds).items()}
+
+
+def interleaved_times(
+    candidates: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1
+) -> Dict[str, List[float]]:
+    """Each candidate's ``rounds`` single-call times in ms, after ``warmup`` untimed calls each; interleaved, each
+    round starting at the next candidate, so that none always runs after the same one."""
     names = list(candidates)
-    for name in names:  # warm-up
-        candidates[name]()
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
     times: Dict[str, List[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
@@ -167,4 +175,4 @@ def fastest_times(candidates: Dict[str, Callable[[], None]], rounds: int) -> Dic
             start = time.perf_counter()
             candidates[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: min(values) for name, values in times.items()}
+    return times
