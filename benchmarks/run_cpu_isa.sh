@@ -4,7 +4,7 @@
 # run: fp32 inference (batch 16) and training step (batch 8), bf16 autocast inference (batch 16), channels-last,
 # 2 threads, default allocator, every figure SSB / baseline in one process; and sampling_products.py in fp32 and
 # bf16 (each sampling op, the native kernel -- backend native, whatever auto would choose -- against PyTorch's
-# path and the map's memory floors). Writes
+# path and the map's memory floors; the medians over SAMPLING_PROCESSES fresh processes, default 3). Writes
 # benchmarks/results/cpu_{inference_fp32,train_fp32,inference_bf16,sampling_products_{float32,bfloat16}}_<cpu>_<build>.{txt,json}: <cpu> the CPU's ISA class (avx512, avx512_amx, avx2,
 # neon), <build> native or x86-64-v3; the CPU, ISA, build, commit and command are in each JSON.
 # ARCHS="native" runs one build only; SETTINGS="inference_fp32 sampling" runs those parts only.
@@ -30,7 +30,7 @@ for arch in ${ARCHS:-native x86-64-v3}; do
     [[ $settings == *" inference_bf16 "* ]] && bench inference_bf16 --batch-size 16 --amp bfloat16
     [[ $settings == *" sampling "* ]] || continue
     for dtype in float32 bfloat16; do
-        TIMM_SSB_SAMPLING_BACKEND=native python benchmarks/sampling_products.py --dtype $dtype --json "$out/cpu_sampling_products_${dtype}_$build.json" |
+        TIMM_SSB_SAMPLING_BACKEND=native python benchmarks/sampling_products.py --dtype $dtype --processes "${SAMPLING_PROCESSES:-3}" --json "$out/cpu_sampling_products_${dtype}_$build.json" |
             tee "$out/cpu_sampling_products_${dtype}_$build.txt"
     done
 done

@@ -16,7 +16,8 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
 ``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place). The
 four resampling ops alternate with PyTorch's call by call, and each has a ratio, the median of the per-pair
-ratios (``<op>_ratio`` in the JSON), as ``timm-ssb bench`` has for models;
+ratios (``<op>_ratio`` in the JSON), as ``timm-ssb bench`` has for models; with ``--processes N``, the medians
+over N fresh processes (each process's ratios in ``<op>_ratios``);
 
 and, as the machine's references, a 2048^3 ``torch.mm`` (Intel MKL in PyTorch's CPU build, like
 ``torch.bmm``) and the same multiply-accumulates as a 1x1 convolution (oneDNN, like the models' convs).
@@ -33,8 +34,13 @@ Usage:
 """
 
 import argparse
+import json
+import os
 import statistics
-from typing import Callable, Dict, List, Tuple
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -203,13 +209,49 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
         )
     lines.append('native / PyTorch, the median of the per-pair ratios: down, up+res+relu, down f+b, up f+b')
     for r in rows:
-        ratios = (r[f'{name}_ratio'] for name in ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd'))
+        ratios = (r[f'{name}_ratio'] for name in RATIO_OPS)
         lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{ratio:5.2f}' for ratio in ratios))
+    if 'down_ratios' in rows[0]:
+        lines.append('the same in each process (lowest-highest)')
+        for r in rows:
+            spans = (r[f'{name}_ratios'] for name in RATIO_OPS)
+            lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{min(s):.2f}-{max(s):.2f}' for s in spans))
     lines.append(
         f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
         f'the same as a 1x1 conv (oneDNN) {refs["conv1x1_gmacs_per_s"]:.0f} GMAC/s'
     )
     return '\n'.join(lines)
+
+
+RATIO_OPS = ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd')
+
+
+def measure_in_processes(args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
+    """This benchmark in ``args.processes`` fresh processes, one after the other: each stage's times and ratios are
+    the medians over the processes, and ``<op>_ratios`` lists each process's ratio. The same op's ratio moved up to
+    2x between processes on one machine (the Zen 4's fp32 way down at layer3: 0.88 and 1.01 in two runs of both
+    builds, 0.5 in processes between them), far more than within a process: one process's cell says little."""
+    runs = []
+    with tempfile.TemporaryDirectory() as directory:
+        for i in range(args.processes):
+            path = os.path.join(directory, f'run{i}.json')
+            command = [sys.executable, os.path.abspath(__file__), '--processes', '1', '--json', path]
+            for name in ('batch_size', 'threads', 'repeats', 'dtype'):
+                command += [f'--{name.replace("_", "-")}', str(getattr(args, name))]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                runs.append(json.load(f))
+    rows = []
+    for stage_rows in zip(*(run['results'] for run in runs), strict=True):
+        row = dict(stage_rows[0])
+        for key, value in row.items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in stage_rows)
+        for op in RATIO_OPS:
+            row[f'{op}_ratios'] = [r[f'{op}_ratio'] for r in stage_rows]
+        rows.append(row)
+    refs = {key: statistics.median(run['references'][key] for run in runs) for key in runs[0]['references']}
+    return rows, refs
 
 
 def main() -> None:
@@ -218,22 +260,29 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=30)
     parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help="the map's dtype")
+    parser.add_argument(
+        '--processes', type=int, default=1, help='measure in this many fresh processes; report the medians over them'
+    )
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
-    require_positive(parser, args, 'batch_size', 'threads', 'repeats')
+    require_positive(parser, args, 'batch_size', 'threads', 'repeats', 'processes')
     torch.set_num_threads(args.threads)
-    with torch.inference_mode():
-        rows = [
-            stage_row(stage, channels, side, size, args.batch_size, args.repeats, getattr(torch, args.dtype))
-            for stage, channels, side, size in SAMPLED_MAPS
-        ]
-        refs = references(args.repeats)
+    if args.processes > 1:
+        rows, refs = measure_in_processes(args)
+    else:
+        with torch.inference_mode():
+            rows = [
+                stage_row(stage, channels, side, size, args.batch_size, args.repeats, getattr(torch, args.dtype))
+                for stage, channels, side, size in SAMPLED_MAPS
+            ]
+            refs = references(args.repeats)
     machine = machine_info('cpu')
     env = machine['allocator_env']
     header = (
         f'sampling ({machine["sampling_backend"]} backend) on cpu ({machine["processor"]}, {machine["cpu_isa"]}, '
         f'kernels -march={machine["kernel_arch"]}), batch {args.batch_size}, {args.dtype}, channels_last, '
-        f"{args.threads} threads, median of {args.repeats} (the resampling ops alternating with PyTorch's); "
+        f"{args.threads} threads, median of {args.repeats} (the resampling ops alternating with PyTorch's)"
+        f'{f", medians over {args.processes} processes" if args.processes > 1 else ""}; '
         'environment: '
         f'{" ".join(f"{k}={v}" for k, v in env.items()) or "defaults"}'
     )

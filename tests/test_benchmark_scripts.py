@@ -1,6 +1,7 @@
 """The scripts in benchmarks/ run and write what their docs say (tiny settings; their numbers are not checked)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,21 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert 'median of the per-pair ratios' in out
     assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
     assert 'allocator_env' in payload['machine']
+
+
+def test_sampling_products_reports_the_medians_over_fresh_processes(tmp_path):
+    path = tmp_path / 'products.json'
+    out = run_script(
+        'sampling_products.py', '--batch-size', '1', '--repeats', '1', '--processes', '3', '--json', str(path)
+    )
+    assert 'medians over 3 processes' in out and 'the same in each process (lowest-highest)' in out
+    payload = json.loads(path.read_text())
+    assert payload['settings']['processes'] == 3
+    for r in payload['results']:
+        for op in ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd'):
+            ratios = r[f'{op}_ratios']
+            assert len(ratios) == 3 and r[f'{op}_ratio'] == statistics.median(ratios)
+            assert f'{min(ratios):.2f}-{max(ratios):.2f}' in out
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
