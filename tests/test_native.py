@@ -188,6 +188,30 @@ def test_op_registrations_pass_opcheck():
     torch.library.opcheck(separable_resample, (x.detach(), matrix_y.detach(), matrix_x.detach(), None, False))
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_eager_path_calls_the_kernels_directly_with_the_custom_ops_values_and_gradients(dtype):
+    """In eager mode the fast paths call the C++ ops themselves (no custom-op dispatch); their values and every
+    gradient (the map's, both matrices', the residual's through the ReLU) equal the custom op's, bit for bit."""
+    assert native.cpu_ops() is torch.ops.timm_ssb_cpu
+    with FlopCounterMode(display=False):  # a dispatch mode needs the custom ops' registrations
+        assert native.cpu_ops() is not torch.ops.timm_ssb_cpu
+    x = channels_last(torch.randn(2, 20, 9, 8)).to(dtype)
+    residual = channels_last(torch.randn(2, 20, 4, 5)).to(dtype)
+    matrix_y, matrix_x = banded(2, 4, 9), banded(2, 5, 8)
+    grad = channels_last(torch.randn(2, 20, 4, 5)).to(dtype)
+    results = []
+    for op in (separable_resample, native.separable_resample_eager):
+        inputs = [t.clone().requires_grad_() for t in (x, matrix_y, matrix_x, residual)]
+        out = op(*inputs, True)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for custom, eager in zip(*results, strict=True):
+        assert torch.equal(custom, eager)
+    with torch.no_grad():
+        down = native.separable_resample_eager(x, matrix_y, matrix_x, None, False)
+        assert torch.equal(down, separable_resample(x, matrix_y, matrix_x, None, False))
+
+
 def test_nan_and_inf_pass_through_like_the_reference():
     x = channels_last(torch.randn(1, 16, 4, 4))
     x[0, 3, 1, 2] = float('nan')

@@ -27,11 +27,11 @@ from torch import nn
 
 from .native import (
     BatchedProductsResample,
+    cpu_ops,
     native_matrices_op,
     native_op,
     separable_resample,
-    separable_resample_into_residual,
-    separable_resample_saliency,
+    separable_resample_eager,
 )
 from .tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
 
@@ -549,20 +549,21 @@ def resample_residual_saliency(
     if not _fast_paths_serve(x, residual):
         return None
     x = _in_autocast_dtype(x)
-    if residual.dtype != x.dtype or native_op(x, up=True) is not separable_resample:
+    if residual.dtype != x.dtype or native_op(x, up=True) not in (separable_resample, separable_resample_eager):
         return None
     weight = bias = None
     if saliency is not None:
         weight = saliency.weight.float().reshape(-1).contiguous()
         bias = saliency.bias.float() if saliency.bias is not None else weight.new_zeros(1)
+    ops = cpu_ops()
     with torch.autocast(x.device.type, enabled=False):
         matrix_y, matrix_x = matrix_y.float().contiguous(), matrix_x.float().contiguous()
         if into_residual:
-            logits = separable_resample_into_residual(x, matrix_y, matrix_x, residual, relu, weight, bias)
+            logits = ops.separable_resample_into_residual(x, matrix_y, matrix_x, residual, relu, weight, bias)
             return residual, logits if saliency is not None else None
         if saliency is None:
-            return separable_resample(x, matrix_y, matrix_x, residual, relu), None
-        return separable_resample_saliency(x, matrix_y, matrix_x, residual, relu, weight, bias)
+            return ops.separable_resample(x, matrix_y, matrix_x, residual, relu), None
+        return ops.separable_resample_saliency(x, matrix_y, matrix_x, residual, relu, weight, bias)
 
 
 def add_residual(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:

@@ -30,8 +30,10 @@ from .matrices import (
 )
 from .resample import (
     TRITON_KERNEL_DTYPES,
+    cpu_ops,
     separable_resample,
     separable_resample_backward,
+    separable_resample_eager,
     separable_resample_into_residual,
     separable_resample_saliency,
     separable_resample_triton,
@@ -50,8 +52,10 @@ __all__ = [
     'calibrate',
     'forget_calibration',
     'BatchedProductsResample',
+    'cpu_ops',
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_eager',
     'separable_resample_into_residual',
     'separable_resample_saliency',
     'separable_resample_triton',

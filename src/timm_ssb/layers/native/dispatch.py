@@ -31,7 +31,7 @@ from .calibration import native_resample_is_faster
 from .cpu.build import cpu_library
 from .loading import KernelLoader
 from .matrices import adaptive_matrices_cpu, adaptive_matrices_triton, triton_matrices_fit
-from .resample import TRITON_KERNEL_DTYPES, separable_resample, separable_resample_triton
+from .resample import TRITON_KERNEL_DTYPES, separable_resample, separable_resample_eager, separable_resample_triton
 from .triton import triton_kernels
 
 __all__ = [
@@ -111,7 +111,7 @@ def native_op(x: torch.Tensor, training: bool = False, up: bool = False) -> Opti
         return separable_resample_triton if x.dtype in TRITON_KERNEL_DTYPES and _triton_ready() else None
     on_cpu = x.device.type == 'cpu' and x.dtype in CPU_KERNEL_DTYPES
     if on_cpu and _native_cpu_resample_chosen(x.dtype, training, up):
-        return separable_resample
+        return separable_resample if torch.compiler.is_compiling() else separable_resample_eager
     if x.device.type == 'cuda' and x.dtype in TRITON_KERNEL_DTYPES and _triton_ready():
         return separable_resample_triton
     return None

@@ -15,14 +15,17 @@ and channel, float32 matrices, float32 accumulation, the result channels-last in
 output, for inference only; ``timm_ssb::separable_resample_into_residual`` (:func:`separable_resample_into_residual`)
 the same written into the residual, for inference where the residual is not needed after. None has a double
 backward. Registered with ``torch.library`` so that
-``torch.compile(fullgraph=True)`` keeps each as one op. Why each is built as it is: docs/kernels.md.
+``torch.compile(fullgraph=True)`` keeps each as one op; in eager mode the fast paths call the C++ ops themselves
+(:func:`cpu_ops`, :func:`separable_resample_eager`). Why each is built as it is: docs/kernels.md.
 """
 
 import functools
-from typing import Optional, Tuple
+import types
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from .batched_products import x_matrix_gradient, y_matrix_gradient
@@ -30,8 +33,10 @@ from .cpu.build import cpu_library
 from .triton import triton_kernels
 
 __all__ = [
+    'cpu_ops',
     'separable_resample',
     'separable_resample_backward',
+    'separable_resample_eager',
     'separable_resample_into_residual',
     'separable_resample_saliency',
     'separable_resample_triton',
@@ -221,12 +226,13 @@ def _identity(batch_size: int, length: int, like: Tensor) -> Tensor:
     return torch.eye(length, dtype=torch.float32, device=like.device).expand(batch_size, length, length).contiguous()
 
 
-def _native_backward(ctx, grad: Tensor):
-    """The C++ op's backward: one call of :func:`separable_resample_backward`."""
+def _native_backward(ctx, grad: Tensor, backward_op: Callable[..., Tuple[Tensor, ...]] = separable_resample_backward):
+    """The C++ op's backward: one call of :func:`separable_resample_backward` (``backward_op``: the custom op, or
+    in eager mode the C++ op itself)."""
     x, matrix_y, matrix_x, out = ctx.saved_tensors
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     need_x, need_matrix_y, need_matrix_x, need_residual = ctx.needs_input_grad[:4]
-    grad_x, grad_matrix_y, grad_matrix_x, masked = separable_resample_backward(
+    grad_x, grad_matrix_y, grad_matrix_x, masked = backward_op(
         grad, x, matrix_y, matrix_x, out, need_x, need_matrix_y or need_matrix_x
     )
     return (
@@ -236,6 +242,44 @@ def _native_backward(ctx, grad: Tensor):
         (masked if ctx.relu else grad) if need_residual else None,
         None,
     )
+
+
+def cpu_ops():
+    """Where the fused C++ ops are called from: their ``torch.library`` custom ops, with the fake, FLOP and autograd
+    registrations that ``torch.compile`` and dispatch modes (``FlopCounterMode``, fake tensors) need, while
+    compiling or under such a mode; else the C++ ops themselves (``torch.ops.timm_ssb_cpu``, the same names and
+    schemas). A custom op's Python dispatch cost ~45 us a call, and with its autograd wrapper 0.2-0.4 ms a forward +
+    backward: 5-16% of one of the way down at layers 2-4 (fp32, batch 16, 2 threads, Zen 4, ad hoc). For callers
+    that checked the kernels are loaded."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return _CUSTOM_OPS
+    return torch.ops.timm_ssb_cpu
+
+
+class _EagerNativeResample(torch.autograd.Function):
+    """:func:`separable_resample` with its backward, for eager mode: the C++ ops called directly (:func:`cpu_ops`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+        out = torch.ops.timm_ssb_cpu.separable_resample(x, matrix_y, matrix_x, residual, relu)
+        _setup_context(ctx, (x, matrix_y, matrix_x, residual, relu), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _native_backward(ctx, grad, torch.ops.timm_ssb_cpu.separable_resample_backward)
+
+
+def separable_resample_eager(
+    x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool
+) -> Tensor:
+    """:func:`separable_resample` in eager mode (:func:`cpu_ops`): the same values and gradients, without the
+    custom op's dispatch. The kernels must be loaded."""
+    if cpu_ops() is _CUSTOM_OPS:
+        return separable_resample(x, matrix_y, matrix_x, residual, relu)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual)):
+        return _EagerNativeResample.apply(x, matrix_y, matrix_x, residual, relu)
+    return torch.ops.timm_ssb_cpu.separable_resample(x, matrix_y, matrix_x, residual, relu)
 
 
 def _backward(op, ctx, grad: Tensor):
@@ -262,6 +306,13 @@ def _backward(op, ctx, grad: Tensor):
     grad_residual = grad if ctx.needs_input_grad[3] else None
     return grad_x, grad_matrix_y, grad_matrix_x, grad_residual, None
 
+
+_CUSTOM_OPS = types.SimpleNamespace(
+    separable_resample=separable_resample,
+    separable_resample_saliency=separable_resample_saliency,
+    separable_resample_into_residual=separable_resample_into_residual,
+    separable_resample_backward=separable_resample_backward,
+)
 
 for _op, _packet, _op_backward in (
     (separable_resample, torch.ops.timm_ssb.separable_resample, _native_backward),
