@@ -540,6 +540,24 @@ def test_native_matrices_gradient_of_a_subset_of_the_matrices():
     torch.testing.assert_close(nat_logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_native_matrices_eager_path_equals_the_custom_op():
+    """In eager mode the matrices come from the C++ ops themselves: the same matrices and logits' gradient as the
+    custom op, bit for bit, with all four matrices in the loss and with one (the others' gradients ``None``)."""
+    logits = torch.randn(2, 14, 11) * 2
+    for used in (slice(0, 4), slice(1, 2)):
+        results = []
+        for op in (native.adaptive_matrices_cpu, native.adaptive_matrices_eager):
+            t = logits.clone().requires_grad_()
+            out = op(t, 6, 0.18, 1 / 12, 1 / 14)
+            sum((m * m).sum() for m in out[used]).backward()
+            results.append([*out, t.grad])
+        for custom, eager in zip(*results, strict=True):
+            assert torch.equal(custom.detach(), eager.detach())
+    with torch.no_grad():
+        expected = native.adaptive_matrices_cpu(logits, 6, 0.18, 1 / 12, 1 / 14)
+        assert all(map(torch.equal, native.adaptive_matrices_eager(logits, 6, 0.18, 1 / 12, 1 / 14), expected))
+
+
 @pytest.mark.parametrize('sigma_g', [0.18, 0.03])
 def test_native_matrices_gradcheck_in_float64(sigma_g):
     """The hand-written backward against finite differences of the forward (the op computes in float64)."""

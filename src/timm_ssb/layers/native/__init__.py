@@ -24,6 +24,7 @@ from .dispatch import (
 from .matrices import (
     adaptive_matrices_cpu,
     adaptive_matrices_cpu_backward,
+    adaptive_matrices_eager,
     adaptive_matrices_triton,
     adaptive_matrices_triton_backward,
     triton_matrices_fit,
@@ -31,6 +32,7 @@ from .matrices import (
 from .resample import (
     TRITON_KERNEL_DTYPES,
     cpu_ops,
+    custom_ops_needed,
     separable_resample,
     separable_resample_backward,
     separable_resample_eager,
@@ -53,6 +55,7 @@ __all__ = [
     'forget_calibration',
     'BatchedProductsResample',
     'cpu_ops',
+    'custom_ops_needed',
     'separable_resample',
     'separable_resample_backward',
     'separable_resample_eager',
@@ -61,6 +64,7 @@ __all__ = [
     'separable_resample_triton',
     'adaptive_matrices_cpu',
     'adaptive_matrices_cpu_backward',
+    'adaptive_matrices_eager',
     'adaptive_matrices_triton',
     'adaptive_matrices_triton_backward',
     'triton_matrices_fit',

@@ -30,7 +30,7 @@ import torch
 from .calibration import native_resample_is_faster
 from .cpu.build import cpu_library
 from .loading import KernelLoader
-from .matrices import adaptive_matrices_cpu, adaptive_matrices_triton, triton_matrices_fit
+from .matrices import adaptive_matrices_cpu, adaptive_matrices_eager, adaptive_matrices_triton, triton_matrices_fit
 from .resample import TRITON_KERNEL_DTYPES, separable_resample, separable_resample_eager, separable_resample_triton
 from .triton import triton_kernels
 
@@ -122,7 +122,7 @@ def native_matrices_op(logits: torch.Tensor) -> Optional[Callable[..., Tuple[tor
     backend, or ``None`` for PyTorch's ops: the C++ one for CPU logits; the Triton one for CUDA logits (any logits
     under backend ``'triton'``) where the map is not too large for it."""
     if logits.device.type == 'cpu' and not _triton_everywhere() and _native_cpu_ready():
-        return adaptive_matrices_cpu
+        return adaptive_matrices_cpu if torch.compiler.is_compiling() else adaptive_matrices_eager
     if logits.device.type != 'cuda' and not _triton_everywhere():
         return None
     if _triton_ready() and triton_matrices_fit(logits.shape[-2], logits.shape[-1]):

@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 
 from .cpu.build import cpu_library
+from .resample import custom_ops_needed
 from .triton import triton_kernels
 
 __all__ = [
     'adaptive_matrices_cpu',
     'adaptive_matrices_cpu_backward',
+    'adaptive_matrices_eager',
     'adaptive_matrices_triton',
     'adaptive_matrices_triton_backward',
     'triton_matrices_fit',
@@ -82,13 +84,43 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits)
 
 
-def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
+def _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x, backward_op=adaptive_matrices_cpu_backward):
     (logits,) = ctx.saved_tensors
-    grad = adaptive_matrices_cpu_backward(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
+    grad = backward_op(logits, grad_down_y, grad_down_x, grad_up_y, grad_up_x, *ctx.args)
     return grad, None, None, None, None
 
 
 adaptive_matrices_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAdaptiveMatrices(torch.autograd.Function):
+    """:func:`adaptive_matrices_cpu` with its backward, for eager mode: the C++ ops called directly."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float):
+        ctx.set_materialize_grads(
+            False
+        )  # a matrix without a gradient reaches the backward as None, as it does the op's
+        _setup_context(ctx, (logits, size, sigma_g, sigma_down, sigma_up), None)
+        # A tuple: autograd tracks a Function's outputs in a tuple, not in the op's list (Tensor[])
+        return tuple(torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up))
+
+    @staticmethod
+    def backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
+        backward_op = torch.ops.timm_ssb_cpu.adaptive_matrices_backward
+        return _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x, backward_op)
+
+
+def adaptive_matrices_eager(
+    logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`adaptive_matrices_cpu` in eager mode: the C++ ops called themselves, without the custom op's dispatch
+    (:func:`.resample.custom_ops_needed`); the same values and gradients. The kernels must be loaded."""
+    if custom_ops_needed():
+        return adaptive_matrices_cpu(logits, size, sigma_g, sigma_down, sigma_up)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _EagerAdaptiveMatrices.apply(logits, size, sigma_g, sigma_down, sigma_up)
+    return tuple(torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up))
 
 
 def _check_triton_arguments(

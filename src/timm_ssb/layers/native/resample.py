@@ -34,6 +34,7 @@ from .triton import triton_kernels
 
 __all__ = [
     'cpu_ops',
+    'custom_ops_needed',
     'separable_resample',
     'separable_resample_backward',
     'separable_resample_eager',
@@ -244,16 +245,20 @@ def _native_backward(ctx, grad: Tensor, backward_op: Callable[..., Tuple[Tensor,
     )
 
 
+def custom_ops_needed() -> bool:
+    """Whether the fused C++ ops must be called through their ``torch.library`` custom ops, with the fake, FLOP and
+    autograd registrations that ``torch.compile`` and dispatch modes (``FlopCounterMode``, fake tensors) need: while
+    compiling or under such a mode. Elsewhere (eager mode) the C++ ops are called themselves: a custom op's Python
+    dispatch cost ~45 us a call, and with its autograd wrapper 0.2-0.4 ms a forward + backward, 5-16% of one of the
+    way down at layers 2-4 (fp32, batch 16, 2 threads, Zen 4, ad hoc)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def cpu_ops():
-    """Where the fused C++ ops are called from: their ``torch.library`` custom ops, with the fake, FLOP and autograd
-    registrations that ``torch.compile`` and dispatch modes (``FlopCounterMode``, fake tensors) need, while
-    compiling or under such a mode; else the C++ ops themselves (``torch.ops.timm_ssb_cpu``, the same names and
-    schemas). A custom op's Python dispatch cost ~45 us a call, and with its autograd wrapper 0.2-0.4 ms a forward +
-    backward: 5-16% of one of the way down at layers 2-4 (fp32, batch 16, 2 threads, Zen 4, ad hoc). For callers
-    that checked the kernels are loaded."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return _CUSTOM_OPS
-    return torch.ops.timm_ssb_cpu
+    """Where the fused resampling ops are called from (:func:`custom_ops_needed`): their custom ops, or the C++ ops
+    themselves (``torch.ops.timm_ssb_cpu``, the same names and schemas). For callers that checked the kernels are
+    loaded."""
+    return _CUSTOM_OPS if custom_ops_needed() else torch.ops.timm_ssb_cpu
 
 
 class _EagerNativeResample(torch.autograd.Function):
@@ -275,7 +280,7 @@ def separable_resample_eager(
 ) -> Tensor:
     """:func:`separable_resample` in eager mode (:func:`cpu_ops`): the same values and gradients, without the
     custom op's dispatch. The kernels must be loaded."""
-    if cpu_ops() is _CUSTOM_OPS:
+    if custom_ops_needed():
         return separable_resample(x, matrix_y, matrix_x, residual, relu)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual)):
         return _EagerNativeResample.apply(x, matrix_y, matrix_x, residual, relu)
