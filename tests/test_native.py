@@ -192,6 +192,7 @@ def test_op_registrations_pass_opcheck():
 def test_eager_path_calls_the_kernels_directly_with_the_custom_ops_values_and_gradients(dtype):
     """In eager mode the fast paths call the C++ ops themselves (no custom-op dispatch); their values and every
     gradient (the map's, both matrices', the residual's through the ReLU) equal the custom op's, bit for bit."""
+    native.cpu_library.require()
     assert native.cpu_ops() is torch.ops.timm_ssb_cpu
     with FlopCounterMode(display=False):  # a dispatch mode needs the custom ops' registrations
         assert native.cpu_ops() is not torch.ops.timm_ssb_cpu
@@ -210,6 +211,21 @@ def test_eager_path_calls_the_kernels_directly_with_the_custom_ops_values_and_gr
     with torch.no_grad():
         down = native.separable_resample_eager(x, matrix_y, matrix_x, None, False)
         assert torch.equal(down, separable_resample(x, matrix_y, matrix_x, None, False))
+
+
+def test_eager_paths_have_no_double_backward_like_the_custom_ops():
+    """A second derivative is an error, as through the custom ops, not a silently missing term."""
+    native.cpu_library.require()
+    x = channels_last(torch.randn(2, 16, 9, 8)).requires_grad_()
+    out = native.separable_resample_eager(x, banded(2, 4, 9), banded(2, 5, 8), None, False)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        grad.sum().backward()
+    logits = torch.randn(2, 9, 8).requires_grad_()
+    matrices = native.adaptive_matrices_eager(logits, 4, 0.18, 0.125, 0.125)
+    (grad,) = torch.autograd.grad(matrices[0].square().sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        grad.sum().backward()
 
 
 def test_nan_and_inf_pass_through_like_the_reference():

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .cpu.build import cpu_library
 from .resample import custom_ops_needed
@@ -98,14 +99,14 @@ class _EagerAdaptiveMatrices(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float):
-        ctx.set_materialize_grads(
-            False
-        )  # a matrix without a gradient reaches the backward as None, as it does the op's
+        # A matrix without a gradient reaches the backward as None, as it does the custom op's
+        ctx.set_materialize_grads(False)
         _setup_context(ctx, (logits, size, sigma_g, sigma_down, sigma_up), None)
         # A tuple: autograd tracks a Function's outputs in a tuple, not in the op's list (Tensor[])
         return tuple(torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up))
 
     @staticmethod
+    @once_differentiable  # as the custom op: no double backward
     def backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x):
         backward_op = torch.ops.timm_ssb_cpu.adaptive_matrices_backward
         return _backward(ctx, grad_down_y, grad_down_x, grad_up_y, grad_up_x, backward_op)

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
@@ -271,6 +272,7 @@ class _EagerNativeResample(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # as the custom op: no double backward
     def backward(ctx, grad: Tensor):
         return _native_backward(ctx, grad, torch.ops.timm_ssb_cpu.separable_resample_backward)
 
