@@ -448,6 +448,19 @@ def test_auto_backend_warns_once_and_falls_back_when_the_kernel_cannot_be_built(
     assert native.cpu_library.error == 'OSError: no C++ compiler found'
 
 
+def test_eager_ops_without_their_kernels_say_why(broken_build):
+    """The eager entry points load the kernels as the custom ops do; where they cannot be built, the error says why."""
+    x = channels_last(torch.randn(2, 8, 14, 14))
+    a = torch.rand(2, 6, 14)
+    for call in (
+        lambda: native.separable_resample_eager(x, a, a, None, False),
+        lambda: native.adaptive_matrices_eager(torch.randn(2, 14, 14), 6, 0.18, 0.1, 0.1),
+        native.cpu_ops,
+    ):
+        with pytest.raises(RuntimeError, match=r'native CPU sampling kernels are not available .*no C\+\+ compiler'):
+            call()
+
+
 def test_native_backend_that_cannot_be_built_is_an_error(broken_build, backend):
     backend('native')
     x = channels_last(torch.randn(2, 8, 14, 14))

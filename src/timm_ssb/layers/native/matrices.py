@@ -116,9 +116,11 @@ def adaptive_matrices_eager(
     logits: Tensor, size: int, sigma_g: float, sigma_down: float, sigma_up: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`adaptive_matrices_cpu` in eager mode: the C++ ops called themselves, without the custom op's dispatch
-    (:func:`.resample.custom_ops_needed`); the same values and gradients. The kernels must be loaded."""
+    (:func:`.resample.custom_ops_needed`); the same values and gradients. Raises ``RuntimeError`` if the kernels are
+    not built."""
     if custom_ops_needed():
         return adaptive_matrices_cpu(logits, size, sigma_g, sigma_down, sigma_up)
+    cpu_library.require()
     if torch.is_grad_enabled() and logits.requires_grad:
         return _EagerAdaptiveMatrices.apply(logits, size, sigma_g, sigma_down, sigma_up)
     return tuple(torch.ops.timm_ssb_cpu.adaptive_matrices(logits, size, sigma_g, sigma_down, sigma_up))

@@ -257,9 +257,12 @@ def custom_ops_needed() -> bool:
 
 def cpu_ops():
     """Where the fused resampling ops are called from (:func:`custom_ops_needed`): their custom ops, or the C++ ops
-    themselves (``torch.ops.timm_ssb_cpu``, the same names and schemas). For callers that checked the kernels are
-    loaded."""
-    return _CUSTOM_OPS if custom_ops_needed() else torch.ops.timm_ssb_cpu
+    themselves (``torch.ops.timm_ssb_cpu``, the same names and schemas). Raises ``RuntimeError`` if the kernels are
+    not built."""
+    if custom_ops_needed():
+        return _CUSTOM_OPS
+    cpu_library.require()
+    return torch.ops.timm_ssb_cpu
 
 
 class _EagerNativeResample(torch.autograd.Function):
@@ -281,9 +284,10 @@ def separable_resample_eager(
     x: Tensor, matrix_y: Tensor, matrix_x: Tensor, residual: Optional[Tensor], relu: bool
 ) -> Tensor:
     """:func:`separable_resample` in eager mode (:func:`cpu_ops`): the same values and gradients, without the
-    custom op's dispatch. The kernels must be loaded."""
+    custom op's dispatch. Raises ``RuntimeError`` if the kernels are not built."""
     if custom_ops_needed():
         return separable_resample(x, matrix_y, matrix_x, residual, relu)
+    cpu_library.require()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual)):
         return _EagerNativeResample.apply(x, matrix_y, matrix_x, residual, relu)
     return torch.ops.timm_ssb_cpu.separable_resample(x, matrix_y, matrix_x, residual, relu)
