@@ -29,13 +29,16 @@ from timm_ssb.layers.native.cpu import build
 # (dtype, rtol, atol as a fraction of the reference's largest magnitude): bf16 maps in and out, fp32 inside
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
 
-# (B, C, H, W, P, Q): odd channel counts (vector blocks of 64 and 16 and a scalar tail), down and up, P != Q
+# (B, C, H, W, P, Q): odd channel counts (vector blocks of 64 and 16 and a scalar tail), down and up, P != Q, and
+# down along one axis and up along the other (the backward takes its pass order from the y axis)
 SHAPES = [
     (2, 5, 7, 9, 3, 4),
     (2, 70, 28, 28, 16, 16),
     (1, 33, 5, 5, 9, 11),
     (3, 130, 12, 10, 12, 10),
     (2, 1, 6, 6, 3, 3),
+    (2, 19, 9, 4, 5, 7),
+    (2, 19, 4, 9, 7, 5),
 ]
 
 

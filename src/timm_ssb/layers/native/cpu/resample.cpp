@@ -14,13 +14,12 @@
 // residual is dead after the call.
 //
 // separable_resample_backward is the whole backward in one call per sample: with g the output's gradient (zero
-// where the ReLU cut, written out once for the residual), u = g A_x (P, W, C) and v = A_y x (P, W, C), it computes
-// grad_x = A_y^T u, grad_A_y[p][h] = <u[p], x[h]> and grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>. The
-// matrices' zeros are structural: their gradient is computed on the nonzero entries only (the band of each row)
-// and is zero elsewhere, as for a sparse matrix -- exact for matrices whose zero entries have no derivative (a
-// softmax with its tail cut to zero, bilinear weights), and a fraction of the dense products. The
-// full-resolution map (g when mapping up, x when mapping down) is read twice, one sample at a time and back to
-// back, so that the second read can come from cache.
+// where the ReLU cut, written out once for the residual) and u = g A_x (P, W, C), it computes grad_x = A_y^T u,
+// grad_A_y[p][h] = <u[p], x[h]> and grad_A_x, in one pass over the rows of the full-resolution map (x when
+// mapping down, g when mapping up), so that it is read from memory once (below). The matrices' zeros are
+// structural: their gradient is computed on the nonzero entries only (the band of each row) and is zero elsewhere,
+// as for a sparse matrix -- exact for matrices whose zero entries have no derivative (a softmax with its tail cut
+// to zero, bilinear weights), and a fraction of the dense products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -434,84 +433,190 @@ void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int6
                                               nullptr, false);
 }
 
+// masked[i] = out[i] > 0 ? grad[i] : 0 for i in [start, start + n): the output's gradient through its ReLU.
 template <typename T>
-void resample_backward_kernel(const T* grad, const T* out, const T* x, const float* matrix_y, const float* matrix_x,
-                              T* masked, T* grad_x, float* grad_matrix_y, float* grad_matrix_x, int64_t batch,
-                              int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
-  const int64_t row_len = width * channels;  // one (W, C) row of x, u and v
+void relu_gradient(const T* grad, const T* out, T* masked, int64_t start, int64_t n) {
+  int64_t i = start;
+  for (; i + kLanes <= start + n; i += kLanes)
+    store_vec(masked + i, load_vec(out + i) > 0.0f ? load_vec(grad + i) : fvec{});
+  for (; i < start + n; ++i) store1(masked + i, load1(out + i) > 0.0f ? load1(grad + i) : 0.0f);
+}
+
+// One sample's matrices for the backward: their transposes, and the band [lo, hi) of nonzero entries of each row
+// of the four.
+struct BackwardMatrices {
+  std::vector<float> yt, xt;  // A_y^T (H, P), A_x^T (W, Q)
+  std::vector<int64_t> y_lo, y_hi, yt_lo, yt_hi, x_lo, x_hi, xt_lo, xt_hi;
+
+  BackwardMatrices(const float* m_y, const float* m_x, int64_t height, int64_t width, int64_t out_h, int64_t out_w)
+      : yt(transposed(m_y, out_h, height)), xt(transposed(m_x, out_w, width)), y_lo(out_h), y_hi(out_h),
+        yt_lo(height), yt_hi(height), x_lo(out_w), x_hi(out_w), xt_lo(width), xt_hi(width) {
+    nonzero_bands(m_y, out_h, height, y_lo.data(), y_hi.data());
+    nonzero_bands(yt.data(), height, out_h, yt_lo.data(), yt_hi.data());
+    nonzero_bands(m_x, out_w, width, x_lo.data(), x_hi.data());
+    nonzero_bands(xt.data(), width, out_w, xt_lo.data(), xt_hi.data());
+  }
+};
+
+// out[(b * rows + r) * cols + c] = m[r * cols + c] != 0 ? dots[c * rows + r] : 0: a matrix's gradient on its
+// nonzero entries, from dot products accumulated in (cols, rows) order.
+void masked_transpose(const float* m, const float* dots, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = m[r * cols + c] != 0.0f ? dots[c * rows + r] : 0.0f;
+}
+
+// The backward where x is the larger map (the way down): one pass over x's rows, a block of them at a time, so
+// that x is read from memory once and grad_x written once. With u = g A_x (P, W, C) and G = A_y^T g (H, Q, C):
+// grad_x[h] = sum_p A_y[p][h] u[p], grad_A_y[p][h] = <u[p], x[h]> and grad_A_x[q][w] = sum_h <x[h][w], G[h][q]>,
+// u's rows computed as a block first needs them and G's rows per block, both while x's block is in cache. (Through
+// v = A_y x, as the way up does, x was read three times and its rows came from memory at layer2's map: that pass
+// order made the fp32 backward at layer2 15-18% slower.)
+template <typename T>
+void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* matrix_y, const float* matrix_x,
+                          T* masked, T* grad_x, float* grad_matrix_y, float* grad_matrix_x, int64_t batch,
+                          int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
+  constexpr int kBlock = kSumRows<float, T>;  // x rows a block: grad_x's weighted sums share loads over them
+  const int64_t row_len = width * channels, g_row_len = out_w * channels;
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     float* const u = thread_scratch<0>(out_h * row_len);
-    float* const v = thread_scratch<1>(grad_matrix_y ? out_h * row_len : 0);
-    float* const dots = thread_scratch<2>(grad_matrix_y ? height * out_h : 0);
-    std::vector<int64_t> y_lo(out_h), y_hi(out_h), yt_lo(height), yt_hi(height), xt_lo(width), xt_hi(width),
-        x_lo(out_w), x_hi(out_w);
-    std::vector<const float*> u_rows(out_h), v_rows(width);
-    std::vector<float*> u_pixels(width), v_dst(out_h);
-    std::vector<const T*> x_rows(height), g_rows(out_w);
+    float* const g_t = thread_scratch<1>(grad_matrix_y ? kBlock * g_row_len : 0);  // the block's rows of G
+    float* const dots_y = thread_scratch<2>(grad_matrix_y ? height * out_h : 0);
+    float* const dots_x = thread_scratch<3>(grad_matrix_y ? width * out_w : 0);
+    std::vector<const float*> u_rows(out_h), g_t_pixels(out_w);
+    std::vector<float*> u_pixels(width), g_t_rows(kBlock);
+    std::vector<const T*> x_rows(height), g_rows(out_h), g_pixels(out_w), x_pixels(width);
     std::vector<T*> grad_x_rows(height);
     for (int64_t b = begin; b < end; ++b) {
+      const int64_t g_offset = b * out_h * g_row_len;
+      if (out) relu_gradient(grad, out, masked, g_offset, out_h * g_row_len);
+      if (!grad_x && !grad_matrix_y) continue;  // only the residual's gradient asked for
       const float* m_y = matrix_y + b * out_h * height;
-      const std::vector<float> m_yt = transposed(m_y, out_h, height), m_xt = transposed(matrix_x + b * out_w * width,
-                                                                                          out_w, width);
-      nonzero_bands(m_y, out_h, height, y_lo.data(), y_hi.data());
-      nonzero_bands(m_yt.data(), height, out_h, yt_lo.data(), yt_hi.data());
-      nonzero_bands(m_xt.data(), width, out_w, xt_lo.data(), xt_hi.data());
-      const T* x_b = x + b * height * row_len;
-      const int64_t g_offset = b * out_h * out_w * channels;
+      const float* m_x = matrix_x + b * out_w * width;
+      const BackwardMatrices m(m_y, m_x, height, width, out_h, out_w);
       const T* g_b = out ? masked + g_offset : grad + g_offset;
-      for (int64_t h = 0; h < height; ++h) x_rows[h] = x_b + h * row_len;
-      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u + p * row_len;
-      // u[p] = g[p] A_x, g[p] first masked by the ReLU (and written out) where there is one.
-      for (int64_t p = 0; p < out_h; ++p) {
-        const int64_t n = out_w * channels, start = g_offset + p * n;
-        if (out) {
-          int64_t i = 0;
-          for (; i + kLanes <= n; i += kLanes) {
-            const fvec kept = load_vec(out + start + i) > 0.0f ? load_vec(grad + start + i) : fvec{};
-            store_vec(masked + start + i, kept);
-          }
-          for (; i < n; ++i) store1(masked + start + i, load1(out + start + i) > 0.0f ? load1(grad + start + i) : 0.0f);
-        }
-        if (!grad_x && !grad_matrix_y) continue;  // only the residual's gradient asked for
-        for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + (p * out_w + q) * channels;
-        for (int64_t w = 0; w < width; ++w) u_pixels[w] = u + p * row_len + w * channels;
-        weighted_sums<T, float>(m_xt.data(), out_w, xt_lo.data(), xt_hi.data(), width, g_rows.data(), channels,
-                                u_pixels.data());
+      for (int64_t h = 0; h < height; ++h) x_rows[h] = x + (b * height + h) * row_len;
+      if (grad_x)
+        for (int64_t h = 0; h < height; ++h) grad_x_rows[h] = grad_x + (b * height + h) * row_len;
+      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u + p * row_len, g_rows[p] = g_b + p * g_row_len;
+      for (int r = 0; r < kBlock; ++r) g_t_rows[r] = g_t + r * g_row_len;
+      if (grad_matrix_y) {
+        std::fill(dots_y, dots_y + height * out_h, 0.0f);
+        std::fill(dots_x, dots_x + width * out_w, 0.0f);
       }
-      // grad_x[h] = sum_p A_y[p][h] u[p]; grad_A_y[p][h] = <x[h], u[p]>.
+      int64_t u_done = 0;  // u's rows [0, u_done) are computed
+      for (int64_t h0 = 0; h0 < height; h0 += kBlock) {
+        const int64_t rows = std::min<int64_t>(kBlock, height - h0);
+        const auto [p_lo, p_hi] = band_union(m.yt_lo.data() + h0, m.yt_hi.data() + h0, rows);
+        for (; u_done < p_hi; ++u_done) {
+          for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_rows[u_done] + q * channels;
+          for (int64_t w = 0; w < width; ++w) u_pixels[w] = u + u_done * row_len + w * channels;
+          weighted_sums<T, float>(m.xt.data(), out_w, m.xt_lo.data(), m.xt_hi.data(), width, g_pixels.data(),
+                                  channels, u_pixels.data());
+        }
+        const float* yt_block = m.yt.data() + h0 * out_h;
+        if (grad_x)
+          weighted_sums<float, T>(yt_block, out_h, m.yt_lo.data() + h0, m.yt_hi.data() + h0, rows, u_rows.data(),
+                                  row_len, grad_x_rows.data() + h0);
+        if (!grad_matrix_y) continue;
+        dot_matrix<T>(x_rows.data() + h0, rows, u_rows.data() + p_lo, p_hi - p_lo, 1, row_len, 0, 0,
+                      dots_y + h0 * out_h + p_lo, out_h);
+        weighted_sums<T, float>(yt_block, out_h, m.yt_lo.data() + h0, m.yt_hi.data() + h0, rows, g_rows.data(),
+                                g_row_len, g_t_rows.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t w = 0; w < width; ++w) x_pixels[w] = x_rows[h0 + r] + w * channels;
+          for (int64_t q = 0; q < out_w; ++q) g_t_pixels[q] = g_t_rows[r] + q * channels;
+          for (int64_t w0 = 0; w0 < width; w0 += kDotRows) {
+            const int64_t w1 = std::min<int64_t>(w0 + kDotRows, width);
+            const auto [q_lo, q_hi] = band_union(m.xt_lo.data() + w0, m.xt_hi.data() + w0, w1 - w0);
+            dot_matrix<T>(x_pixels.data() + w0, w1 - w0, g_t_pixels.data() + q_lo, q_hi - q_lo, 1, channels, 0, 0,
+                          dots_x + w0 * out_w + q_lo, out_w);
+          }
+        }
+      }
+      if (!grad_matrix_y) continue;
+      masked_transpose(m_y, dots_y, out_h, height, grad_matrix_y + b * out_h * height);
+      masked_transpose(m_x, dots_x, out_w, width, grad_matrix_x + b * out_w * width);
+    }
+  });
+}
+
+// The backward where the output is the larger map (the way up): one pass over the output gradient's rows, a
+// block of them at a time, so that it is read from memory once (and, through a ReLU, masked and written once).
+// With u = g A_x (P, W, C) and v = A_y x: grad_A_x[q][w] = sum_p <g[p][q], v[p][w]> from each block of g's rows
+// and v's, then grad_x = A_y^T u and grad_A_y[p][h] = <u[p], x[h]> over the small map.
+template <typename T>
+void backward_over_grad_rows(const T* grad, const T* out, const T* x, const float* matrix_y, const float* matrix_x,
+                             T* masked, T* grad_x, float* grad_matrix_y, float* grad_matrix_x, int64_t batch,
+                             int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
+  constexpr int kBlock = kSumRows<T, float>;  // g rows a block: v's weighted sums share loads of x over them
+  const int64_t row_len = width * channels, g_row_len = out_w * channels;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    float* const u = thread_scratch<0>(out_h * row_len);
+    float* const v = thread_scratch<1>(grad_matrix_y ? kBlock * row_len : 0);  // the block's rows of v
+    float* const dots_y = thread_scratch<2>(grad_matrix_y ? height * out_h : 0);
+    float* const dots_x = thread_scratch<3>(grad_matrix_y ? out_w * width : 0);
+    std::vector<const float*> u_rows(out_h), v_pixels(width);
+    std::vector<float*> u_pixels(width), v_rows(kBlock);
+    std::vector<const T*> x_rows(height), g_pixels(out_w);
+    std::vector<T*> grad_x_rows(height);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t g_offset = b * out_h * g_row_len;
+      if (!grad_x && !grad_matrix_y) {  // only the residual's gradient asked for
+        if (out) relu_gradient(grad, out, masked, g_offset, out_h * g_row_len);
+        continue;
+      }
+      const float* m_y = matrix_y + b * out_h * height;
+      const float* m_x = matrix_x + b * out_w * width;
+      const BackwardMatrices m(m_y, m_x, height, width, out_h, out_w);
+      const T* g_b = out ? masked + g_offset : grad + g_offset;
+      for (int64_t h = 0; h < height; ++h) x_rows[h] = x + (b * height + h) * row_len;
+      for (int64_t p = 0; p < out_h; ++p) u_rows[p] = u + p * row_len;
+      for (int r = 0; r < kBlock; ++r) v_rows[r] = v + r * row_len;
+      if (grad_matrix_y) {
+        std::fill(dots_y, dots_y + height * out_h, 0.0f);
+        std::fill(dots_x, dots_x + out_w * width, 0.0f);
+      }
+      for (int64_t p0 = 0; p0 < out_h; p0 += kBlock) {
+        const int64_t rows = std::min<int64_t>(kBlock, out_h - p0);
+        for (int64_t p = p0; p < p0 + rows; ++p) {
+          if (out) relu_gradient(grad, out, masked, g_offset + p * g_row_len, g_row_len);
+          for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_b + p * g_row_len + q * channels;
+          for (int64_t w = 0; w < width; ++w) u_pixels[w] = u + p * row_len + w * channels;
+          weighted_sums<T, float>(m.xt.data(), out_w, m.xt_lo.data(), m.xt_hi.data(), width, g_pixels.data(),
+                                  channels, u_pixels.data());
+        }
+        if (!grad_matrix_y) continue;
+        weighted_sums<T, float>(m_y + p0 * height, height, m.y_lo.data() + p0, m.y_hi.data() + p0, rows,
+                                x_rows.data(), row_len, v_rows.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_b + (p0 + r) * g_row_len + q * channels;
+          for (int64_t w = 0; w < width; ++w) v_pixels[w] = v_rows[r] + w * channels;
+          for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
+            const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
+            const auto [w_lo, w_hi] = band_union(m.x_lo.data() + q0, m.x_hi.data() + q0, q1 - q0);
+            dot_matrix<T>(g_pixels.data() + q0, q1 - q0, v_pixels.data() + w_lo, w_hi - w_lo, 1, channels, 0, 0,
+                          dots_x + q0 * width + w_lo, width);
+          }
+        }
+      }
       if (grad_x) {
         for (int64_t h = 0; h < height; ++h) grad_x_rows[h] = grad_x + (b * height + h) * row_len;
-        weighted_sums<float, T>(m_yt.data(), out_h, yt_lo.data(), yt_hi.data(), height, u_rows.data(), row_len,
+        weighted_sums<float, T>(m.yt.data(), out_h, m.yt_lo.data(), m.yt_hi.data(), height, u_rows.data(), row_len,
                                 grad_x_rows.data());
       }
       if (!grad_matrix_y) continue;
-      std::fill(dots, dots + height * out_h, 0.0f);
       for (int64_t p0 = 0; p0 < out_h; p0 += 4) {
         const int64_t p1 = std::min<int64_t>(p0 + 4, out_h);
-        const auto [lo, hi] = band_union(y_lo.data() + p0, y_hi.data() + p0, p1 - p0);
+        const auto [lo, hi] = band_union(m.y_lo.data() + p0, m.y_hi.data() + p0, p1 - p0);
         dot_matrix<T>(x_rows.data() + lo, hi - lo, u_rows.data() + p0, p1 - p0, 1, row_len, 0, 0,
-                      dots + lo * out_h + p0, out_h);
+                      dots_y + lo * out_h + p0, out_h);
       }
-      for (int64_t p = 0; p < out_h; ++p)
-        for (int64_t h = 0; h < height; ++h)
-          grad_matrix_y[(b * out_h + p) * height + h] = m_y[p * height + h] != 0.0f ? dots[h * out_h + p] : 0.0f;
-      // v[p] = A_y[p] x; grad_A_x[q][w] = sum_p <g[p][q], v[p][w]>.
-      for (int64_t p = 0; p < out_h; ++p) v_dst[p] = v + p * row_len;
-      weighted_sums<T, float>(m_y, height, y_lo.data(), y_hi.data(), out_h, x_rows.data(), row_len, v_dst.data());
-      for (int64_t w = 0; w < width; ++w) v_rows[w] = v + w * channels;
-      for (int64_t q = 0; q < out_w; ++q) g_rows[q] = g_b + q * channels;
-      const float* m_x = matrix_x + b * out_w * width;
-      float* g_matrix_x = grad_matrix_x + b * out_w * width;
-      std::fill(g_matrix_x, g_matrix_x + out_w * width, 0.0f);
-      nonzero_bands(m_x, out_w, width, x_lo.data(), x_hi.data());
-      for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
-        const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
-        const auto [lo, hi] = band_union(x_lo.data() + q0, x_hi.data() + q0, q1 - q0);
-        dot_matrix<T>(g_rows.data() + q0, q1 - q0, v_rows.data() + lo, hi - lo, out_h, channels, out_w * channels,
-                      row_len, g_matrix_x + q0 * width + lo, width);
-      }
-      for (int64_t i = 0; i < out_w * width; ++i)
-        if (m_x[i] == 0.0f) g_matrix_x[i] = 0.0f;
+      masked_transpose(m_y, dots_y, out_h, height, grad_matrix_y + b * out_h * height);
+      for (int64_t q = 0; q < out_w; ++q)
+        for (int64_t w = 0; w < width; ++w) {
+          const int64_t i = q * width + w;
+          grad_matrix_x[b * out_w * width + i] = m_x[i] != 0.0f ? dots_x[i] : 0.0f;
+        }
     }
   });
 }
@@ -638,12 +743,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> separable_resample_ba
   }
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    resample_backward_kernel<T>(grad.data_ptr<T>(), mask ? mask->data_ptr<T>() : nullptr, x.data_ptr<T>(),
-                                matrix_y.data_ptr<float>(), matrix_x.data_ptr<float>(), mask ? masked.data_ptr<T>() : nullptr,
-                                need_x ? grad_x.data_ptr<T>() : nullptr,
-                                need_matrices ? grad_matrix_y.data_ptr<float>() : nullptr,
-                                need_matrices ? grad_matrix_x.data_ptr<float>() : nullptr, batch, channels, height,
-                                width, out_h, out_w);
+    const auto kernel = height >= out_h ? backward_over_x_rows<T> : backward_over_grad_rows<T>;
+    kernel(grad.data_ptr<T>(), mask ? mask->data_ptr<T>() : nullptr, x.data_ptr<T>(), matrix_y.data_ptr<float>(),
+           matrix_x.data_ptr<float>(), mask ? masked.data_ptr<T>() : nullptr, need_x ? grad_x.data_ptr<T>() : nullptr,
+           need_matrices ? grad_matrix_y.data_ptr<float>() : nullptr,
+           need_matrices ? grad_matrix_x.data_ptr<float>() : nullptr, batch, channels, height, width, out_h, out_w);
   };
   if (x.scalar_type() == at::kFloat) {
     run(float{});
