@@ -274,19 +274,21 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
                                                                    out + i * out_stride + j, out_stride);
   };
   using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using three = std::integral_constant<int, 3>;
   using four = std::integral_constant<int, 4>;
   using tall = std::integral_constant<int, kDotRows>;
+  // The last 1-3 rows of b in one tile: as single columns each loaded a's rows again.
+  auto row_of_tiles = [&](auto rows_i, int64_t i) {
+    int64_t j = 0;
+    for (; j + 4 <= rows_b; j += 4) tile(rows_i, four{}, i, j);
+    if (rows_b - j == 3) tile(rows_i, three{}, i, j);
+    if (rows_b - j == 2) tile(rows_i, two{}, i, j);
+    if (rows_b - j == 1) tile(rows_i, one{}, i, j);
+  };
   int64_t i = 0;
-  for (; i + kDotRows <= rows_a; i += kDotRows) {
-    int64_t j = 0;
-    for (; j + 4 <= rows_b; j += 4) tile(tall{}, four{}, i, j);
-    for (; j < rows_b; ++j) tile(tall{}, one{}, i, j);
-  }
-  for (; i < rows_a; ++i) {
-    int64_t j = 0;
-    for (; j + 4 <= rows_b; j += 4) tile(one{}, four{}, i, j);
-    for (; j < rows_b; ++j) tile(one{}, one{}, i, j);
-  }
+  for (; i + kDotRows <= rows_a; i += kDotRows) row_of_tiles(tall{}, i);
+  for (; i < rows_a; ++i) row_of_tiles(one{}, i);
 }
 
 // out[r] = bias + <pixels[r], w> over n values, for R pixels: each weight vector loaded once for all R, and 4
