@@ -227,12 +227,47 @@ void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, 
   }
 }
 
+// The lane sums of four vectors, in sums[0..3]: two rounds of interleaving adds leave each 128-bit lane holding the
+// four partial sums, then the lanes are added. Per vector, GCC (12) added the lanes one by one, ~25 instructions a
+// sum; a 4 x 4 dot tile paid 16 of them after each dot product, as long as the product itself over 512 values.
+inline void lane_sums4(fvec a0, fvec a1, fvec a2, fvec a3, float* sums) {
+#if defined(__AVX512F__)
+  __m512 v0, v1, v2, v3;
+  std::memcpy(&v0, &a0, sizeof(v0)), std::memcpy(&v1, &a1, sizeof(v1));
+  std::memcpy(&v2, &a2, sizeof(v2)), std::memcpy(&v3, &a3, sizeof(v3));
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 lanes = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(lanes),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
+  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1)));
+#elif defined(__AVX__)
+  __m256 v0, v1, v2, v3;
+  std::memcpy(&v0, &a0, sizeof(v0)), std::memcpy(&v1, &a1, sizeof(v1));
+  std::memcpy(&v2, &a2, sizeof(v2)), std::memcpy(&v3, &a3, sizeof(v3));
+  const __m256 t0 = _mm256_add_ps(_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
+  const __m256 t1 = _mm256_add_ps(_mm256_unpacklo_ps(v2, v3), _mm256_unpackhi_ps(v2, v3));
+  const __m256 lanes = _mm256_add_ps(_mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1)));
+#else
+  const fvec a[4] = {a0, a1, a2, a3};
+  for (int j = 0; j < 4; ++j) {
+    float sum = 0.0f;
+    for (int l = 0; l < kLanes; ++l) sum += a[j][l];
+    sums[j] = sum;
+  }
+#endif
+}
+
 // out[i * out_stride + j] += <a[i], b[j]> for i < I, j < J, over `segments` runs of n values (run s of a row
 // starting s * a_step after run 0; of b, s * b_step): the I x J sums accumulate in registers and are reduced once,
 // each load of a row serving all the sums it enters.
 template <typename T, int I, int J>
 inline void dot_tile(const T* const* a, const float* const* b, int64_t segments, int64_t n, int64_t a_step,
                      int64_t b_step, float* out, int64_t out_stride) {
+  static_assert(J <= 4, "lane_sums4 reduces up to 4 sums a row");
   fvec acc[I][J];
   float tail[I][J] = {};
   for (int i = 0; i < I; ++i)
@@ -256,11 +291,10 @@ inline void dot_tile(const T* const* a, const float* const* b, int64_t segments,
         for (int j = 0; j < J; ++j) tail[i][j] += load1(a[i] + s * a_step + k) * b[j][s * b_step + k];
   }
   for (int i = 0; i < I; ++i) {
-    for (int j = 0; j < J; ++j) {
-      float sum = tail[i][j];
-      for (int l = 0; l < kLanes; ++l) sum += acc[i][j][l];
-      out[i * out_stride + j] += sum;
-    }
+    float sums[4];
+    lane_sums4(acc[i][0], J > 1 ? acc[i][J > 1 ? 1 : 0] : fvec{}, J > 2 ? acc[i][J > 2 ? 2 : 0] : fvec{},
+               J > 3 ? acc[i][J > 3 ? 3 : 0] : fvec{}, sums);
+    for (int j = 0; j < J; ++j) out[i * out_stride + j] += sums[j] + tail[i][j];
   }
 }
 
@@ -415,7 +449,7 @@ template <typename T, typename D>
 constexpr int kSumRows = std::is_same_v<T, float> && std::is_same_v<D, float> && kVectorRegisters < 32 ? 2 : 4;
 
 // dst[r] = sum_k m[r * m_cols + k] * src[k] over n values, k in the band [lo[r], hi[r]) of row r, for r < rows:
-// blocks of kSumRows rows share each load of src[k] (k over the union of their bands), the rows left one by one.
+// blocks of kSumRows rows share each load of src[k] (k over the union of their bands), the rows left in one block.
 // Their V stays 2 on 16-register ISAs: kVectorsFor's 3 or 4 made the AVX2 build's fp32 backward slower (the input's
 // gradient by up to 30% at layer2/3 maps).
 constexpr int kSumVectors = kVectorRegisters >= 32 ? 4 : 2;
@@ -424,15 +458,20 @@ template <typename T, typename D>
 void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int64_t* hi, int64_t rows,
                    const T* const* src, int64_t n, D* const* dst) {
   constexpr int R = kSumRows<T, D>;
-  int64_t r = 0;
-  for (; r + R <= rows; r += R) {
-    const auto [first, last] = band_union(lo + r, hi + r, R);
-    weighted_rows_range<T, D, R, kSumVectors>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n,
+  auto block = [&](auto rows_r, int64_t r) {
+    constexpr int B = decltype(rows_r)::value;
+    const auto [first, last] = band_union(lo + r, hi + r, B);
+    weighted_rows_range<T, D, B, kSumVectors>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n,
                                               dst + r, nullptr, false);
-  }
-  for (; r < rows; ++r)
-    weighted_rows_range<T, D, 1, kSumVectors>(m + r * m_cols + lo[r], 0, src + lo[r], hi[r] - lo[r], 0, n, dst + r,
-                                              nullptr, false);
+  };
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) block(std::integral_constant<int, R>{}, r);
+  // The last 1-3 rows together (one at a time, each loaded src's rows again: the last of a layer4 map's 7).
+  if constexpr (R > 3)
+    if (rows - r == 3) block(std::integral_constant<int, 3>{}, r);
+  if constexpr (R > 2)
+    if (rows - r == 2) block(std::integral_constant<int, 2>{}, r);
+  if (rows - r == 1) block(std::integral_constant<int, 1>{}, r);
 }
 
 // masked[i] = out[i] > 0 ? grad[i] : 0 for i in [start, start + n): the output's gradient through its ReLU.
