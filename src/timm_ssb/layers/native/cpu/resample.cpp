@@ -322,7 +322,12 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
   };
   int64_t i = 0;
   for (; i + kDotRows <= rows_a; i += kDotRows) row_of_tiles(tall{}, i);
-  for (; i < rows_a; ++i) row_of_tiles(one{}, i);
+  // Likewise the last 1-3 rows of a (the last 2 or 3 pixels of a layer3 or layer4 map's row).
+  if constexpr (kDotRows > 3)
+    if (rows_a - i == 3) row_of_tiles(three{}, i);
+  if constexpr (kDotRows > 2)
+    if (rows_a - i == 2) row_of_tiles(two{}, i);
+  if (rows_a - i == 1) row_of_tiles(one{}, i);
 }
 
 // out[r] = bias + <pixels[r], w> over n values, for R pixels: each weight vector loaded once for all R, and 4
