@@ -133,10 +133,12 @@ def test_backward_is_one_native_call_per_op(monkeypatch):
     assert forward_calls == [] and backward_calls == [(True, True)]
 
 
-def test_backward_is_counted_as_the_dense_products_it_replaces():
+@pytest.mark.parametrize('height,width,rows,cols', [(12, 10, 5, 4), (5, 6, 9, 11)], ids=['down', 'up'])
+def test_backward_is_counted_as_the_dense_products_it_computes(height, width, rows, cols):
     """``FlopCounterMode`` counts the backward as autograd's of the two dense products, y axis first (as the paper
-    counts them), plus the product ``matrix_y x`` it recomputes rather than keeps (autograd keeps it)."""
-    batch_size, channels, height, width, rows, cols = 2, 24, 12, 10, 5, 4
+    counts them), except for ``matrix_x``'s gradient, which autograd takes from the ``t = matrix_y x`` it keeps:
+    mapping down the kernel takes it from ``G = matrix_y^T g`` and ``<x, G>``, mapping up it recomputes ``t``."""
+    batch_size, channels = 2, 24
     x = channels_last(torch.randn(batch_size, channels, height, width)).requires_grad_()
     matrix_y, matrix_x = (
         banded(batch_size, rows, height).requires_grad_(),
@@ -151,7 +153,9 @@ def test_backward_is_counted_as_the_dense_products_it_replaces():
         with FlopCounterMode(display=False) as counter:
             out.backward(torch.ones_like(out))
         counted.append(counter.get_total_flops())
-    assert counted[0] == counted[1] + 2 * batch_size * channels * rows * height * width
+    kept_t_product = rows * cols * width  # autograd's matrix_x gradient, g^T t
+    instead = height * cols * (rows + width) if height >= rows else rows * height * width + kept_t_product
+    assert counted[0] == counted[1] + 2 * batch_size * channels * (instead - kept_t_product)
 
 
 def test_backward_op_bad_inputs_are_errors_naming_them():

@@ -147,11 +147,15 @@ def _backward_flops(
     grad_shape, x_shape, matrix_y_shape, matrix_x_shape, mask_shape, need_x, need_matrices, *args, **kwargs
 ):
     """The dense products of the backward: ``u = g matrix_x`` and, as needed, ``matrix_y^T u`` (``x``'s gradient),
-    ``matrix_y x`` and the two contractions that give the matrices' gradients."""
+    ``<u, x>`` (``matrix_y``'s) and ``matrix_x``'s: mapping down (``height >= rows``, the kernel's pass over ``x``'s
+    rows) from ``G = matrix_y^T g`` and ``<x, G>``, else from ``matrix_y x`` and ``<g, matrix_y x>``."""
     batch_size, channels, height, width = x_shape
     rows, cols = matrix_y_shape[1], matrix_x_shape[1]
-    per_product = 2 * batch_size * channels * rows * width
-    return per_product * (cols + (height if need_x else 0) + (2 * height + cols if need_matrices else 0))
+    macs = rows * width * cols + (rows * height * width if need_x else 0)
+    if need_matrices:
+        macs += rows * height * width
+        macs += height * cols * (rows + width) if height >= rows else rows * width * (height + cols)
+    return 2 * batch_size * channels * macs
 
 
 TRITON_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
