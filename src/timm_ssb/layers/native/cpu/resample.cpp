@@ -25,7 +25,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX__)  // implied by AVX2 and AVX-512
 #include <immintrin.h>
 #endif
 
