@@ -36,6 +36,10 @@ SSE2_LEVEL_FLAGS = {'sse', 'sse2'}
 """The vector flags that ``-march=x86-64`` (the x86-64 baseline) code may use: 4 float32 lanes in 16 registers, and
 the generic bf16 conversions, which AArch64 builds also take."""
 
+AVX_LEVEL_FLAGS = {'sse4_2', 'popcnt', 'avx', 'xsave'}
+"""The CPU flags that ``-march=sandybridge`` code may use: 8 float32 lanes in 16 registers, without AVX2's integer
+vectors or FMA (the bf16 widening and multiply-adds take other instructions)."""
+
 AVX512_LEVEL_FLAGS = AVX2_LEVEL_FLAGS | {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl'}
 """The CPU flags that ``-march=x86-64-v4`` code may use: AVX-512 without AVX512-BF16 (its bf16 stores take the
 integer rounding, as on Skylake-X or Ice Lake)."""
@@ -44,13 +48,19 @@ integer rounding, as on Skylake-X or Ice Lake)."""
 @pytest.mark.slow
 @pytest.mark.parametrize(
     'arch,flags',
-    [('x86-64-v3', AVX2_LEVEL_FLAGS), ('x86-64-v4', AVX512_LEVEL_FLAGS), ('x86-64', SSE2_LEVEL_FLAGS)],
-    ids=['avx2', 'avx512-without-bf16', 'sse2'],
+    [
+        ('x86-64-v3', AVX2_LEVEL_FLAGS),
+        ('x86-64-v4', AVX512_LEVEL_FLAGS),
+        ('sandybridge', AVX_LEVEL_FLAGS),
+        ('x86-64', SSE2_LEVEL_FLAGS),
+    ],
+    ids=['avx2', 'avx512-without-bf16', 'avx-without-avx2', 'sse2'],
 )
 def test_native_kernels_in_another_isa_build_match_the_reference(monkeypatch, arch, flags):
     """The whole native-kernel suite (values and gradients against the reference, dispatch, compile) with the
-    kernels built for AVX2, as on CPUs without AVX-512, for AVX-512 without AVX512-BF16, and for the x86-64 baseline
-    (SSE2: 4-lane vectors, as on NEON; the tiling and the bf16 loads and stores differ per instruction set)."""
+    kernels built for AVX2, as on CPUs without AVX-512, for AVX-512 without AVX512-BF16, for AVX without AVX2, and
+    for the x86-64 baseline (SSE2: 4-lane vectors, as on NEON; the tiling and the bf16 loads and stores differ per
+    instruction set)."""
     if platform.machine() not in ('x86_64', 'AMD64') or not flags <= cpu_flags():
         pytest.skip(f'an {arch} build runs on x86-64 CPUs with {", ".join(sorted(flags))} only')
     tests = Path(__file__).parent
