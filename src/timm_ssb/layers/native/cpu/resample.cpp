@@ -568,15 +568,14 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
                       dots_y + h0 * out_h + p_lo, out_h);
         weighted_sums<T, float>(yt_block, out_h, m.yt_lo.data() + h0, m.yt_hi.data() + h0, rows, g_rows.data(),
                                 g_row_len, g_t_rows.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t w = 0; w < width; ++w) x_pixels[w] = x_rows[h0 + r] + w * channels;
-          for (int64_t q = 0; q < out_w; ++q) g_t_pixels[q] = g_t_rows[r] + q * channels;
-          for (int64_t w0 = 0; w0 < width; w0 += kDotRows) {
-            const int64_t w1 = std::min<int64_t>(w0 + kDotRows, width);
-            const auto [q_lo, q_hi] = band_union(m.xt_lo.data() + w0, m.xt_hi.data() + w0, w1 - w0);
-            dot_matrix<T>(x_pixels.data() + w0, w1 - w0, g_t_pixels.data() + q_lo, q_hi - q_lo, 1, channels, 0, 0,
-                          dots_x + w0 * out_w + q_lo, out_w);
-          }
+        // The block's rows as the dot products' runs: summed in registers, reduced once a block.
+        for (int64_t w = 0; w < width; ++w) x_pixels[w] = x_rows[h0] + w * channels;
+        for (int64_t q = 0; q < out_w; ++q) g_t_pixels[q] = g_t + q * channels;
+        for (int64_t w0 = 0; w0 < width; w0 += kDotRows) {
+          const int64_t w1 = std::min<int64_t>(w0 + kDotRows, width);
+          const auto [q_lo, q_hi] = band_union(m.xt_lo.data() + w0, m.xt_hi.data() + w0, w1 - w0);
+          dot_matrix<T>(x_pixels.data() + w0, w1 - w0, g_t_pixels.data() + q_lo, q_hi - q_lo, rows, channels, row_len,
+                        g_row_len, dots_x + w0 * out_w + q_lo, out_w);
         }
       }
       if (!grad_matrix_y) continue;
@@ -634,15 +633,14 @@ void backward_over_grad_rows(const T* grad, const T* out, const T* x, const floa
         if (!grad_matrix_y) continue;
         weighted_sums<T, float>(m_y + p0 * height, height, m.y_lo.data() + p0, m.y_hi.data() + p0, rows,
                                 x_rows.data(), row_len, v_rows.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_b + (p0 + r) * g_row_len + q * channels;
-          for (int64_t w = 0; w < width; ++w) v_pixels[w] = v_rows[r] + w * channels;
-          for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
-            const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
-            const auto [w_lo, w_hi] = band_union(m.x_lo.data() + q0, m.x_hi.data() + q0, q1 - q0);
-            dot_matrix<T>(g_pixels.data() + q0, q1 - q0, v_pixels.data() + w_lo, w_hi - w_lo, 1, channels, 0, 0,
-                          dots_x + q0 * width + w_lo, width);
-          }
+        // The block's rows as the dot products' runs: summed in registers, reduced once a block.
+        for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_b + p0 * g_row_len + q * channels;
+        for (int64_t w = 0; w < width; ++w) v_pixels[w] = v + w * channels;
+        for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
+          const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
+          const auto [w_lo, w_hi] = band_union(m.x_lo.data() + q0, m.x_hi.data() + q0, q1 - q0);
+          dot_matrix<T>(g_pixels.data() + q0, q1 - q0, v_pixels.data() + w_lo, w_hi - w_lo, rows, channels, g_row_len,
+                        row_len, dots_x + q0 * width + w_lo, width);
         }
       }
       if (grad_x) {
