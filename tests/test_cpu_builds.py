@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from timm_ssb.layers.native.cpu import build
 from timm_ssb.layers.native.cpu.features import cpu_flags, vector_isa
@@ -30,6 +31,30 @@ def test_bad_arch_is_an_error_naming_the_variable(monkeypatch, arch):
     monkeypatch.setenv(build.CPU_ARCH_ENV, arch)
     with pytest.raises(ValueError, match='TIMM_SSB_CPU_ARCH must be a compiler -march value'):
         build.cflags()
+
+
+def test_openmp_flags_link_the_kernels_to_torchs_openmp_runtime(monkeypatch):
+    """Linux: GCC's -fopenmp (libgomp, torch's). macOS: Apple's Clang rejects -fopenmp; -Xclang -fopenmp and the
+    libomp in torch's own lib folder, found at load time too. A torch without OpenMP: none (its parallel_for calls
+    into libtorch)."""
+    assert build.openmp_flags('linux') == (('-fopenmp',), ('-fopenmp',))
+    compile_flags, link_flags = build.openmp_flags('darwin')
+    torch_lib = Path(torch.__file__).parent / 'lib'
+    assert compile_flags == ('-Xclang', '-fopenmp')
+    assert link_flags == (f'-L{torch_lib}', '-lomp', f'-Wl,-rpath,{torch_lib}')
+    if sys.platform == 'linux' and torch.backends.openmp.is_available():
+        assert '-fopenmp' in build.cflags()
+    monkeypatch.setattr(torch.backends.openmp, 'is_available', lambda: False)
+    assert build.openmp_flags('linux') == build.openmp_flags('darwin') == ((), ())
+    assert not any('openmp' in flag for flag in build.cflags())
+
+
+def test_native_arch_on_apple_silicon_is_the_compilers_default(monkeypatch):
+    monkeypatch.delenv(build.CPU_ARCH_ENV, raising=False)
+    assert build.arch_flags('darwin', 'arm64') == ()
+    assert build.arch_flags('darwin', 'x86_64') == build.arch_flags('linux', 'aarch64') == ('-march=native',)
+    monkeypatch.setenv(build.CPU_ARCH_ENV, 'armv8.2-a')
+    assert build.arch_flags('darwin', 'arm64') == ('-march=armv8.2-a',)
 
 
 SSE2_LEVEL_FLAGS = {'sse', 'sse2'}
@@ -96,13 +121,24 @@ def test_vector_isa_names_the_widest_instruction_set(flags, isa):
 @pytest.mark.parametrize('target', ['aarch64-linux-gnu', 'aarch64-macos'])
 def test_native_kernels_compile_to_neon_code_for_arm(tmp_path, target):
     """The kernels' sources compiled for AArch64 (Linux; macOS on Apple silicon) by Zig's Clang against this torch's
-    headers, with the build's flags but those for the host's CPU: their vector code is NEON's (4-lane ``fmla``). A
-    compile, not a run: no Arm CPU is here to run it."""
+    headers, with the build's flags but those for the host's CPU: their vector code is NEON's (4-lane ``fmla``), and
+    for macOS, with the build's OpenMP flags there (``-Xclang -fopenmp``), each ``at::parallel_for`` is a parallel
+    region (a ``__kmpc_fork_call`` into libomp), not a loop on one thread. A compile, not a run: no Arm CPU is here
+    to run it. (This torch's Linux headers lack the ``omp.h`` torch's macOS wheel ships: a stand-in declares the two
+    functions ATen's ``parallel_for`` calls.)"""
     pytest.importorskip('ziglang', reason='the AArch64 compile needs Zig (pip install ziglang, in the test extra)')
     from torch.utils.cpp_extension import include_paths
 
-    flags = [flag for flag in build.cflags() if not flag.startswith(('-march=', '-fopenmp'))]
+    host_openmp = build.openmp_flags()[0]
+    flags = [flag for flag in build.cflags() if not flag.startswith('-march=') and flag not in host_openmp]
     includes = [f'-I{path}' for path in include_paths()]
+    macos = target.endswith('macos')
+    if macos:
+        flags += build.openmp_flags('darwin')[0]
+        (tmp_path / 'omp.h').write_text(
+            '#pragma once\nextern "C" int omp_get_num_threads(void);\nextern "C" int omp_get_thread_num(void);\n'
+        )
+        includes.append(f'-I{tmp_path}')
     for source in build.SOURCES:
         assembly = tmp_path / f'{source.stem}.s'
         command = [sys.executable, '-m', 'ziglang', 'c++', '-target', target, '-std=c++20', '-w', *flags, *includes]
@@ -110,6 +146,9 @@ def test_native_kernels_compile_to_neon_code_for_arm(tmp_path, target):
             [*command, '-S', str(source), '-o', str(assembly)], capture_output=True, text=True, timeout=600
         )
         assert result.returncode == 0, result.stderr[-4000:]
+        code = assembly.read_text(errors='replace')  # debug sections hold raw bytes
         if source.name == 'resample.cpp':
             # GNU syntax `fmla v0.4s, ...`, Apple's `fmla.4s v0, ...`
-            assert re.search(r'\bfmla(\s+v\d+\.4s|\.4s\s+v\d+)', assembly.read_text()), 'no NEON vector multiply-adds'
+            assert re.search(r'\bfmla(\s+v\d+\.4s|\.4s\s+v\d+)', code), 'no NEON vector multiply-adds'
+        if macos:
+            assert '__kmpc_fork_call' in code, f'{source.name}: at::parallel_for compiled to one thread'

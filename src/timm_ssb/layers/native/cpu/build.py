@@ -5,7 +5,8 @@ matrices) are compiled into one library with the system's C++ compiler through
 :func:`torch.utils.cpp_extension.load` the first time a native sampling op runs on the CPU, into
 ``$TIMM_SSB_CACHE`` (default ``~/.cache/timm_ssb``) under a directory named by a hash of the sources, the
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
-``-march=native``, or ``$TIMM_SSB_CPU_ARCH``). Later processes load the cached library; one that does not load is
+``-march=native`` -- on Apple silicon the compiler's default target --, or ``$TIMM_SSB_CPU_ARCH``; with OpenMP
+through torch's own runtime, :func:`openmp_flags`). Later processes load the cached library; one that does not load is
 rebuilt once, and so is one that differs from what its build recorded (its SHA-256). Nothing is compiled at
 ``pip install``. The build needs a C++ compiler (not installable by pip) and
 ninja (the ``ninja`` package, a dependency, when there is none on ``PATH``); it says on stderr that it is building.
@@ -18,6 +19,7 @@ a failed build), the first call warns once and the PyTorch implementation is use
 import hashlib
 import logging
 import os
+import platform
 import re
 import shutil
 import sys
@@ -35,6 +37,8 @@ __all__ = [
     'COMPILER_HINT',
     'build_tools',
     'cpu_arch',
+    'arch_flags',
+    'openmp_flags',
     'cflags',
     'cache_dir',
     'cpu_library',
@@ -58,14 +62,41 @@ def cpu_arch() -> str:
     return arch
 
 
+def arch_flags(system: str = sys.platform, machine: Optional[str] = None) -> Tuple[str, ...]:
+    """``-march=`` :func:`cpu_arch`; none for ``native`` on Apple silicon, where Apple's Clang has not accepted
+    ``-march=native`` in every version and its default target (the M1's) has all the kernels use: NEON, which every
+    AArch64 CPU has."""
+    arch = cpu_arch()
+    apple_silicon = system == 'darwin' and (machine or platform.machine()) == 'arm64'
+    return () if arch == 'native' and apple_silicon else (f'-march={arch}',)
+
+
+def openmp_flags(system: str = sys.platform) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """The compile and the link flags that run the kernels' ``at::parallel_for`` on the threads torch's own CPU
+    operators use. ATen's ``parallel_for`` is a header template: in a torch built with OpenMP (its Linux and macOS
+    wheels) it opens an OpenMP parallel region in the kernels' own code, which must be compiled for OpenMP and linked
+    to torch's runtime -- without, it runs on one thread. On Linux that is GCC's ``-fopenmp`` (libgomp, which torch
+    loads). On macOS, where Apple's Clang rejects ``-fopenmp``, ``-Xclang -fopenmp`` with the ``omp.h`` and
+    ``libomp.dylib`` torch's wheel ships (its headers are on the build's include path; its ``lib`` folder is
+    linked and searched at load time), as ``torch.compile``'s C++ builds do there. A torch built with its own
+    thread pool instead needs no flags: ``parallel_for`` then calls into libtorch."""
+    if not torch.backends.openmp.is_available():
+        return (), ()
+    if system == 'darwin':
+        lib = Path(torch.__file__).parent / 'lib'
+        return ('-Xclang', '-fopenmp'), (f'-L{lib}', '-lomp', f'-Wl,-rpath,{lib}')
+    return ('-fopenmp',), ('-fopenmp',)
+
+
 def cflags() -> Tuple[str, ...]:
-    """The compiler flags of the kernel library, for the target :func:`cpu_arch`, with the softmaxes' tail cuts
-    (:mod:`timm_ssb.layers.tail_cuts`) defined for the sources."""
+    """The compiler flags of the kernel library, for the target :func:`cpu_arch`, with OpenMP
+    (:func:`openmp_flags`) and the softmaxes' tail cuts (:mod:`timm_ssb.layers.tail_cuts`) defined for the
+    sources."""
     cuts = {'SMALLEST_WEIGHT_LOG': SMALLEST_WEIGHT_LOG, 'KERNEL_WEIGHT_LOG': KERNEL_WEIGHT_LOG}
     return (
         '-O3',
-        f'-march={cpu_arch()}',
-        '-fopenmp',
+        *arch_flags(),
+        *openmp_flags()[0],
         *(f'-DTIMM_SSB_{name}={value!r}' for name, value in cuts.items()),
     )
 
@@ -132,7 +163,8 @@ def _build_and_load() -> None:
         _empty(directory)
     cached = library.exists()
     if not cached:
-        _say(f'building the native CPU sampling kernels for -march={cpu_arch()} into {directory} (once, about 20 s)')
+        target = ' '.join(arch_flags()) or "the compiler's default target"
+        _say(f'building the native CPU sampling kernels for {target} into {directory} (once, about 20 s)')
     try:
         _compile_and_load(directory, tools['ninja'])
     except Exception as e:
@@ -185,7 +217,7 @@ def _compile_and_load(directory: Path, ninja: str) -> None:
             name=directory.name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=list(cflags()),
-            extra_ldflags=['-fopenmp'],
+            extra_ldflags=list(openmp_flags()[1]),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
