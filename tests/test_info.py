@@ -33,6 +33,9 @@ def test_info_reports_this_machine_and_the_built_kernels(capsys):
     assert 'vector isa: ' in out and 'torch ' in out and 'timm ' in out
     assert 'built and loaded: yes' in out
     assert f'cache: {build.cache_dir()}' in out
+    assert f'built for: {" ".join(build.arch_flags())}' in out  # -march=native here; nothing on Apple silicon
+    compile_flags, link_flags = (' '.join(flags) for flags in build.openmp_flags())
+    assert f"OpenMP, torch's runtime: {compile_flags} (link: {link_flags})" in out
 
 
 @pytest.fixture

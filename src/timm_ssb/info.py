@@ -113,6 +113,8 @@ def _cpu_kernels(check: bool) -> Dict[str, Any]:
         'compiler': tools['compiler'],
         'ninja': tools['ninja'],
         'arch': cpu_arch(),
+        'arch_flags': list(build.arch_flags()),
+        'openmp_flags': {'compile': list(build.openmp_flags()[0]), 'link': list(build.openmp_flags()[1])},
         'cache': str(build.cache_dir()),
         'built': built,
         'error': error,
@@ -196,6 +198,8 @@ def format_report(report: Dict[str, Any]) -> str:
     """The report as text, a fact a line."""
     machine, versions, backend = report['machine'], report['versions'], report['backend']
     cpu, triton = report['cpu_kernels'], report['triton']
+    target = ' '.join(cpu['arch_flags']) or "the compiler's default target"
+    openmp = {step: ' '.join(flags) for step, flags in cpu['openmp_flags'].items()}
     lines = [
         f'cpu: {machine["cpu"]} ({machine["machine"]}, {machine["cores"]} cores, '
         f'torch threads {machine["torch_threads"]})',
@@ -206,7 +210,8 @@ def format_report(report: Dict[str, Any]) -> str:
         'C++ kernels (CPU):',
         f'  compiler: {_yes_no(cpu["compiler"], build.COMPILER_HINT)}',
         f'  ninja: {_yes_no(cpu["ninja"], "pip install ninja")}',
-        f'  built for: -march={cpu["arch"]}',
+        f'  built for: {target}',
+        f"  OpenMP, torch's runtime: {openmp['compile'] or 'none'} (link: {openmp['link'] or 'none'})",
         f'  cache: {cpu["cache"]}',
         f'  built and loaded: {_yes_no(cpu["built"], cpu["fix"])}' + (f' ({cpu["error"]})' if cpu['error'] else ''),
     ]
