@@ -49,6 +49,16 @@ def test_openmp_flags_link_the_kernels_to_torchs_openmp_runtime(monkeypatch):
     assert not any('openmp' in flag for flag in build.cflags())
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason='this torch runs parallel_for without OpenMP')
+def test_built_kernels_open_openmp_parallel_regions():
+    """The library built here calls the OpenMP runtime's parallel entry (GCC's ``GOMP_parallel``, Clang's
+    ``__kmpc_fork_call``): without the build's OpenMP flags ATen's header-only ``parallel_for`` compiles to a loop on
+    one thread, and every kernel would run on one core, correct and slower."""
+    build.cpu_library.require()
+    data = next(build.cache_dir().glob('*.so')).read_bytes()
+    assert b'GOMP_parallel' in data or b'__kmpc_fork_call' in data
+
+
 def test_native_arch_on_apple_silicon_is_the_compilers_default(monkeypatch):
     monkeypatch.delenv(build.CPU_ARCH_ENV, raising=False)
     assert build.arch_flags('darwin', 'arm64') == ()
