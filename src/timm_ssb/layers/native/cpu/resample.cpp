@@ -330,6 +330,19 @@ void dot_matrix(const T* const* a, int64_t rows_a, const float* const* b, int64_
   if (rows_a - i == 1) row_of_tiles(one{}, i);
 }
 
+// dot_matrix where a's row i meets only b's rows in its band [lo[i], hi[i]): kDotRows of a's rows at a time, against
+// the union of their bands (a matrix's gradient on its nonzero entries, the rest of out untouched).
+template <typename T>
+void banded_dot_matrix(const T* const* a, int64_t rows_a, const int64_t* lo, const int64_t* hi, const float* const* b,
+                       int64_t segments, int64_t n, int64_t a_step, int64_t b_step, float* out, int64_t out_stride) {
+  for (int64_t i0 = 0; i0 < rows_a; i0 += kDotRows) {
+    const int64_t rows = std::min<int64_t>(kDotRows, rows_a - i0);
+    const auto [first, last] = band_union(lo + i0, hi + i0, rows);
+    dot_matrix<T>(a + i0, rows, b + first, last - first, segments, n, a_step, b_step, out + i0 * out_stride + first,
+                  out_stride);
+  }
+}
+
 // out[r] = bias + <pixels[r], w> over n values, for R pixels: each weight vector loaded once for all R, and 4
 // independent sums in flight (R x 2 or 4 accumulators), where one sum a pixel waited on each add's latency (the
 // way up's saliency logits had taken ~15% of its time so).
@@ -571,12 +584,8 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
         // The block's rows as the dot products' runs: summed in registers, reduced once a block.
         for (int64_t w = 0; w < width; ++w) x_pixels[w] = x_rows[h0] + w * channels;
         for (int64_t q = 0; q < out_w; ++q) g_t_pixels[q] = g_t + q * channels;
-        for (int64_t w0 = 0; w0 < width; w0 += kDotRows) {
-          const int64_t w1 = std::min<int64_t>(w0 + kDotRows, width);
-          const auto [q_lo, q_hi] = band_union(m.xt_lo.data() + w0, m.xt_hi.data() + w0, w1 - w0);
-          dot_matrix<T>(x_pixels.data() + w0, w1 - w0, g_t_pixels.data() + q_lo, q_hi - q_lo, rows, channels, row_len,
-                        g_row_len, dots_x + w0 * out_w + q_lo, out_w);
-        }
+        banded_dot_matrix<T>(x_pixels.data(), width, m.xt_lo.data(), m.xt_hi.data(), g_t_pixels.data(), rows,
+                             channels, row_len, g_row_len, dots_x, out_w);
       }
       if (!grad_matrix_y) continue;
       masked_transpose(m_y, dots_y, out_h, height, grad_matrix_y + b * out_h * height);
@@ -636,12 +645,8 @@ void backward_over_grad_rows(const T* grad, const T* out, const T* x, const floa
         // The block's rows as the dot products' runs: summed in registers, reduced once a block.
         for (int64_t q = 0; q < out_w; ++q) g_pixels[q] = g_b + p0 * g_row_len + q * channels;
         for (int64_t w = 0; w < width; ++w) v_pixels[w] = v + w * channels;
-        for (int64_t q0 = 0; q0 < out_w; q0 += kDotRows) {
-          const int64_t q1 = std::min<int64_t>(q0 + kDotRows, out_w);
-          const auto [w_lo, w_hi] = band_union(m.x_lo.data() + q0, m.x_hi.data() + q0, q1 - q0);
-          dot_matrix<T>(g_pixels.data() + q0, q1 - q0, v_pixels.data() + w_lo, w_hi - w_lo, rows, channels, g_row_len,
-                        row_len, dots_x + q0 * width + w_lo, width);
-        }
+        banded_dot_matrix<T>(g_pixels.data(), out_w, m.x_lo.data(), m.x_hi.data(), v_pixels.data(), rows, channels,
+                             g_row_len, row_len, dots_x, width);
       }
       if (grad_x) {
         for (int64_t h = 0; h < height; ++h) grad_x_rows[h] = grad_x + (b * height + h) * row_len;
