@@ -117,20 +117,26 @@ inline void keep_in_register(fvec& v) {
 // Rounds to nearest even. Where AVX512-BF16 is built for, its conversion instruction replaces the seven integer
 // operations (the way up 10-20% faster in bfloat16); it flushes float32 subnormals (below 1.2e-38) to zero, where
 // the integer rounding and PyTorch's keep them as bfloat16 subnormals.
-inline void store_vec(c10::BFloat16* p, fvec v) {
+inline u16vec bfloat16_bits(fvec v) {
+  u16vec half;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   __m512 wide;
   std::memcpy(&wide, &v, sizeof(wide));
   const __m256bh converted = _mm512_cvtneps_pbh(wide);
-  std::memcpy(p, &converted, sizeof(converted));
+  std::memcpy(&half, &converted, sizeof(half));
 #else
   u32vec bits;
   std::memcpy(&bits, &v, sizeof(bits));
   u32vec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
   rounded = v != v ? u32vec{} + 0x7FC0u : rounded;                 // NaN stays NaN
-  u16vec half = __builtin_convertvector(rounded, u16vec);
-  std::memcpy(p, &half, sizeof(half));
+  half = __builtin_convertvector(rounded, u16vec);
 #endif
+  return half;
+}
+
+inline void store_vec(c10::BFloat16* p, fvec v) {
+  const u16vec half = bfloat16_bits(v);
+  std::memcpy(p, &half, sizeof(half));
 }
 
 // Stores past the cache (non-temporal), to a vector-aligned address; store_vec where the ISA has no such store.
@@ -138,10 +144,11 @@ inline void store_vec(c10::BFloat16* p, fvec v) {
 // line it writes (a read for ownership), which was most of the way down's time where those lines were slow to
 // fetch (the Zen 4 VM: one thread's share of the layer4 output 9x slower to write, in some of the buffers the
 // allocator hands out; no page faults) and costs a read of the whole output everywhere else.
-// Streamed where each store is at least half a cache line: the AVX2 build's 16-byte bfloat16 stores made the way
-// down 10-17% slower streamed (fp32 and AVX-512 bfloat16: 0.69-1.07x the time, most of it below 0.9).
+// Streamed with AVX-512 (a store a cache line: 16 float32 values, or two vectors' 32 bfloat16 ones) and float32 on
+// AVX/AVX2 (half a line a store). Not the AVX2 build's bfloat16: streamed, its way down and up were 5-21% slower,
+// in 16-byte stores and in 32-byte ones of two vectors alike (Zen 4).
 template <typename T>
-constexpr bool kStreamStores = kVectorBytes >= 32 && kLanes * sizeof(T) >= 32;
+constexpr bool kStreamStores = kVectorBytes == 64 || (kVectorBytes == 32 && sizeof(T) == 4);
 
 inline void stream_vec(float* p, fvec v) {
 #if defined(__AVX512F__)
@@ -157,22 +164,30 @@ inline void stream_vec(float* p, fvec v) {
 #endif
 }
 
-inline void stream_vec(c10::BFloat16* p, fvec v) {
-#if defined(__AVX__)
-  alignas(kVectorBytes / 2) c10::BFloat16 converted[kLanes];
-  store_vec(converted, v);
+// Two vectors' bfloat16 values, at p and p + kLanes: with AVX-512 one store of a whole cache line.
+inline void stream_vec2(c10::BFloat16* p, fvec a, fvec b) {
+  const u16vec low = bfloat16_bits(a), high = bfloat16_bits(b);
 #if defined(__AVX512F__)
-  __m256i half;
-  std::memcpy(&half, converted, sizeof(half));
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), half);
+  __m256i l, h;
+  std::memcpy(&l, &low, sizeof(l));
+  std::memcpy(&h, &high, sizeof(h));
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1));
 #else
-  __m128i half;
-  std::memcpy(&half, converted, sizeof(half));
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), half);
+  std::memcpy(p, &low, sizeof(low));
+  std::memcpy(p + kLanes, &high, sizeof(high));
 #endif
-#else
-  store_vec(p, v);
-#endif
+}
+
+// V vectors' results at p, p + kLanes, ...: streamed (p aligned to the store; bfloat16 two vectors a store).
+template <int V>
+inline void stream_vecs(float* p, const fvec* v) {
+  for (int i = 0; i < V; ++i) stream_vec(p + kLanes * i, v[i]);
+}
+
+template <int V>
+inline void stream_vecs(c10::BFloat16* p, const fvec* v) {
+  static_assert(V % 2 == 0, "bfloat16 is streamed two vectors at a time");
+  for (int i = 0; i < V; i += 2) stream_vec2(p + kLanes * i, v[i], v[i + 1]);
 }
 
 // Orders this thread's streamed stores before what follows (their readers run after the parallel region).
@@ -248,20 +263,21 @@ inline void weighted_rows(const float* w, int64_t w_stride, const T* const* src,
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
-      fvec out = acc[r][v];
-      if (res) out += load_vec(res[r] + offset + kLanes * v);
-      if (relu) out = out < 0.0f ? fvec{} : out;
+      if (res) acc[r][v] += load_vec(res[r] + offset + kLanes * v);
+      if (relu) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
+    }
+    if constexpr (std::is_same_v<D, float> || V % 2 == 0) {
       if (stream) {
-        stream_vec(dst[r] + offset + kLanes * v, out);
-      } else {
-        store_vec(dst[r] + offset + kLanes * v, out);
+        stream_vecs<V>(dst[r] + offset, acc[r]);
+        continue;
       }
     }
+    for (int v = 0; v < V; ++v) store_vec(dst[r] + offset + kLanes * v, acc[r][v]);
   }
 }
 
 // weighted_rows over [offset, offset + n), any n: blocks of V vectors and of one vector, then a scalar tail. With
-// stream, dst's rows are vector-aligned from offset and n is a whole number of vectors.
+// stream, dst's rows are aligned and n a multiple of 64 bytes (for bfloat16 with V odd, not streamed).
 template <typename T, typename D, int R, int V = kVectorsFor<R>>
 void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src, int64_t count, int64_t offset,
                          int64_t n, D* const* dst, const D* const* res, bool relu, bool stream = false) {
