@@ -553,13 +553,13 @@ constexpr int kSumVectors = kVectorRegisters >= 32 ? 4 : 2;
 
 template <typename T, typename D>
 void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int64_t* hi, int64_t rows,
-                   const T* const* src, int64_t n, D* const* dst) {
+                   const T* const* src, int64_t n, D* const* dst, bool stream = false) {
   constexpr int R = kSumRows<T, D>;
   auto block = [&](auto rows_r, int64_t r) {
     constexpr int B = decltype(rows_r)::value;
     const auto [first, last] = band_union(lo + r, hi + r, B);
     weighted_rows_range<T, D, B, kSumVectors>(m + r * m_cols + first, m_cols, src + first, last - first, 0, n,
-                                              dst + r, nullptr, false);
+                                              dst + r, nullptr, false, stream);
   };
   int64_t r = 0;
   for (; r + R <= rows; r += R) block(std::integral_constant<int, R>{}, r);
@@ -615,6 +615,9 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
                           int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w) {
   constexpr int kBlock = kSumRows<float, T>;  // x rows a block: grad_x's weighted sums share loads over them
   const int64_t row_len = width * channels, g_row_len = out_w * channels;
+  // grad_x streamed past the cache, as the forward's output (resample_kernel): written once, read by the next op.
+  const bool stream = kStreamStores<T> && grad_x && reinterpret_cast<std::uintptr_t>(grad_x) % 64 == 0 &&
+                      channels * sizeof(T) % 64 == 0;
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     float* const u = thread_scratch<0>(out_h * row_len);
     float* const g_t = thread_scratch<1>(grad_matrix_y ? kBlock * g_row_len : 0);  // the block's rows of G
@@ -654,7 +657,7 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
         const float* yt_block = m.yt.data() + h0 * out_h;
         if (grad_x)
           weighted_sums<float, T>(yt_block, out_h, m.yt_lo.data() + h0, m.yt_hi.data() + h0, rows, u_rows.data(),
-                                  row_len, grad_x_rows.data() + h0);
+                                  row_len, grad_x_rows.data() + h0, stream);
         if (!grad_matrix_y) continue;
         dot_matrix<T>(x_rows.data() + h0, rows, u_rows.data() + p_lo, p_hi - p_lo, 1, row_len, 0, 0,
                       dots_y + h0 * out_h + p_lo, out_h);
@@ -670,6 +673,7 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
       masked_transpose(m_y, dots_y, out_h, height, grad_matrix_y + b * out_h * height);
       masked_transpose(m_x, dots_x, out_w, width, grad_matrix_x + b * out_w * width);
     }
+    if (stream) stream_fence();
   });
 }
 
