@@ -190,6 +190,13 @@ inline void stream_vecs(c10::BFloat16* p, const fvec* v) {
   for (int i = 0; i < V; i += 2) stream_vec2(p + kLanes * i, v[i], v[i + 1]);
 }
 
+// Whether a map of `channels` channels at p, written whole, is streamed: where the build streams T, p starts a cache
+// line and so does every pixel.
+template <typename T>
+bool streams_to(const T* p, int64_t channels) {
+  return kStreamStores<T> && p && reinterpret_cast<std::uintptr_t>(p) % 64 == 0 && channels * sizeof(T) % 64 == 0;
+}
+
 // Orders this thread's streamed stores before what follows (their readers run after the parallel region).
 inline void stream_fence() {
 #if defined(__AVX__)
@@ -472,10 +479,8 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
   const int64_t row_len = width * channels;
   const int64_t blocks_h = (out_h + kRowsY - 1) / kRowsY, blocks_w = (out_w + kRowsX - 1) / kRowsX;
   // The output streamed past the cache where nothing reads it back in this call (the saliency dots read each pixel
-  // just written; written into the residual, its lines are in cache already) and every pixel starts a new cache
-  // line.
-  const bool stream = kStreamStores<T> && !saliency && out != residual &&
-                      reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && channels * sizeof(T) % 64 == 0;
+  // just written; written into the residual, its lines are in cache already).
+  const bool stream = !saliency && out != residual && streams_to(out, channels);
   at::parallel_for(0, batch * blocks_h, 1, [&](int64_t begin, int64_t end) {
     float* const t = thread_scratch<0>(kRowsY * row_len);  // output rows read along y: kRowsY x (W, C)
     // For blocks past the last pixel: a row to write (aligned, as the output's) and a zero residual.
@@ -616,8 +621,7 @@ void backward_over_x_rows(const T* grad, const T* out, const T* x, const float* 
   constexpr int kBlock = kSumRows<float, T>;  // x rows a block: grad_x's weighted sums share loads over them
   const int64_t row_len = width * channels, g_row_len = out_w * channels;
   // grad_x streamed past the cache, as the forward's output (resample_kernel): written once, read by the next op.
-  const bool stream = kStreamStores<T> && grad_x && reinterpret_cast<std::uintptr_t>(grad_x) % 64 == 0 &&
-                      channels * sizeof(T) % 64 == 0;
+  const bool stream = streams_to(grad_x, channels);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     float* const u = thread_scratch<0>(out_h * row_len);
     float* const g_t = thread_scratch<1>(grad_matrix_y ? kBlock * g_row_len : 0);  // the block's rows of G
