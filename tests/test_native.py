@@ -250,6 +250,25 @@ def test_nan_and_inf_pass_through_like_the_reference():
         assert torch.equal(out.float().isnan(), ref.isnan()) and torch.equal(out.float().isinf(), ref.isinf())
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('height, rows', [(9, 4), (3, 7)])  # the way down's backward and the way up's
+def test_relu_gradient_is_the_gradient_exactly_where_the_output_is_above_zero(dtype, height, rows):
+    channels = 37  # whole vectors and a scalar tail in every build
+    x = channels_last(torch.randn(2, channels, height, height)).to(dtype)
+    matrix_y, matrix_x = banded(2, rows, height), banded(2, rows, height)
+    tiny = torch.finfo(dtype).tiny
+    # Edge values: zeros of both signs, infinities, NaN, subnormals (bfloat16 keeps them; AVX512-BF16's rounding
+    # flushes them, so they must be copied, not rounded again).
+    edges = torch.tensor([0.0, -0.0, float('inf'), float('-inf'), float('nan'), tiny / 4, -tiny / 4, 1.0, -1.0])
+    out = torch.randn(2, channels, rows, rows)
+    out.view(-1)[: edges.numel() * 7 : 7] = edges.repeat(1)
+    grad = torch.randn(2, channels, rows, rows)
+    grad.view(-1)[1 : edges.numel() * 11 : 11] = torch.tensor([tiny / 8, -tiny / 2] * 4 + [0.5])
+    out, grad = channels_last(out.to(dtype)), channels_last(grad.to(dtype))
+    masked = native.separable_resample_backward(grad, x, matrix_y, matrix_x, out, False, False)[3]
+    assert torch.equal(masked, torch.where(out > 0, grad, torch.zeros_like(grad)))
+
+
 @pytest.fixture
 def backend():
     """Set the sampling backend for one test; the default restored afterwards."""

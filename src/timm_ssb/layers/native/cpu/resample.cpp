@@ -605,12 +605,26 @@ void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int6
   if (rows - r == 1) block(std::integral_constant<int, 1>{}, r);
 }
 
-// masked[i] = out[i] > 0 ? grad[i] : 0 for i in [start, start + n): the output's gradient through its ReLU.
+// masked[i] = out[i] > 0 ? grad[i] : 0 for i in [start, start + n): the output's gradient through its ReLU. bfloat16
+// is compared and selected as 16-bit integers (above zero: sign clear, not zero, not NaN), its values copied as
+// they are: widened and rounded back, the AVX2 build's narrowing bounded the pass.
 template <typename T>
 void relu_gradient(const T* grad, const T* out, T* masked, int64_t start, int64_t n) {
   int64_t i = start;
-  for (; i + kLanes <= start + n; i += kLanes)
-    store_vec(masked + i, load_vec(out + i) > 0.0f ? load_vec(grad + i) : fvec{});
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef int16_t i16vec __attribute__((vector_size(kVectorBytes / 2)));
+    constexpr int16_t kInfinity = 0x7F80;
+    for (; i + kLanes <= start + n; i += kLanes) {
+      i16vec o, g;
+      std::memcpy(&o, out + i, sizeof(o));
+      std::memcpy(&g, grad + i, sizeof(g));
+      g &= (o > 0) & (o <= kInfinity);
+      std::memcpy(masked + i, &g, sizeof(g));
+    }
+  } else {
+    for (; i + kLanes <= start + n; i += kLanes)
+      store_vec(masked + i, load_vec(out + i) > 0.0f ? load_vec(grad + i) : fvec{});
+  }
   for (; i < start + n; ++i) store1(masked + i, load1(out + i) > 0.0f ? load1(grad + i) : 0.0f);
 }
 
