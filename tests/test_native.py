@@ -261,7 +261,7 @@ def test_relu_gradient_is_the_gradient_exactly_where_the_output_is_above_zero(dt
     # flushes them, so they must be copied, not rounded again).
     edges = torch.tensor([0.0, -0.0, float('inf'), float('-inf'), float('nan'), tiny / 4, -tiny / 4, 1.0, -1.0])
     out = torch.randn(2, channels, rows, rows)
-    out.view(-1)[: edges.numel() * 7 : 7] = edges.repeat(1)
+    out.view(-1)[: edges.numel() * 7 : 7] = edges
     grad = torch.randn(2, channels, rows, rows)
     grad.view(-1)[1 : edges.numel() * 11 : 11] = torch.tensor([tiny / 8, -tiny / 2] * 4 + [0.5])
     out, grad = channels_last(out.to(dtype)), channels_last(grad.to(dtype))

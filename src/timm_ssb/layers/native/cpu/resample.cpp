@@ -144,8 +144,9 @@ inline void store_vec(c10::BFloat16* p, fvec v) {
 }
 
 // Two vectors' values at p and p + kLanes. bfloat16 on AVX2 is narrowed as one pair: one pack and one permute for
-// both, where each vector's own narrowing took a mask, a pack and a permute (GCC 12), which the rounding's integer
-// operations made a bound of the AVX2 build's bfloat16 loops (way up 3-10%, way down 3-7% faster so, Zen 4).
+// both, where each vector's own narrowing took a mask, a pack and a permute (GCC 12): with the rounding's integer
+// operations a bound of the AVX2 build's bfloat16 loops (paired, the way up took 0.91-0.96 of the time, the way down
+// 0.93-0.99; Zen 4).
 inline void store_vec2(float* p, fvec a, fvec b) {
   store_vec(p, a);
   store_vec(p + kLanes, b);
@@ -607,7 +608,8 @@ void weighted_sums(const float* m, int64_t m_cols, const int64_t* lo, const int6
 
 // masked[i] = out[i] > 0 ? grad[i] : 0 for i in [start, start + n): the output's gradient through its ReLU. bfloat16
 // is compared and selected as 16-bit integers (above zero: sign clear, not zero, not NaN), its values copied as
-// they are: widened and rounded back, the AVX2 build's narrowing bounded the pass.
+// they are: widened and rounded back, they lost subnormals to AVX512-BF16's conversion, and the AVX2 build's
+// narrowing bounded the pass.
 template <typename T>
 void relu_gradient(const T* grad, const T* out, T* masked, int64_t start, int64_t n) {
   int64_t i = start;
