@@ -130,6 +130,39 @@ def test_calibration_stability_calibrates_in_fresh_processes_leaving_the_cache_a
     assert (kept.read_bytes() if kept.exists() else None) == before
 
 
+@pytest.mark.slow
+def test_kernel_ab_times_a_revisions_kernel_against_the_working_trees(tmp_path):
+    from timm_ssb.layers.native.cpu.build import build_tools
+
+    if None in build_tools().values():
+        pytest.skip('kernel_ab.py compiles the kernels: no C++ compiler or ninja here')
+    path = tmp_path / 'ab.json'
+    args = ('--base', 'HEAD', '--ops', 'down,up_fb', '--stages', 'layer4', '--dtypes', 'float32,bfloat16')
+    out = run_script('kernel_ab.py', *args, '--batch-size', '1', '--repeats', '1', '--json', str(path))
+    assert 'new / base' in out and 'against HEAD' in out
+    payload = json.loads(path.read_text())
+    rows = payload['results']
+    assert [(r['op'], r['dtype'], r['stage']) for r in rows] == [
+        (op, dtype, 'layer4') for dtype in ('float32', 'bfloat16') for op in ('down', 'up_fb')
+    ]
+    for row in rows:  # one pair each: its ratio is the ratio of the two times
+        assert row['ratio'] == pytest.approx(row['new_ms'] / row['base_ms'])
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=BENCHMARKS).stdout
+    assert payload['settings']['base_commit'] == head.strip()
+    assert set(payload['sources_sha256']) == {'base', 'new'} and payload['machine']['kernel_arch']
+
+
+def test_kernel_ab_rejects_an_unknown_op_or_revision():
+    ops = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'kernel_ab.py'), '--ops', 'down,sideways'], capture_output=True, text=True
+    )
+    assert ops.returncode == 2 and '--ops must be a comma-separated list of down, up, down_fb, up_fb' in ops.stderr
+    base = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'kernel_ab.py'), '--base', 'no-such-revision'], capture_output=True, text=True
+    )
+    assert base.returncode != 0 and "--base 'no-such-revision': git cannot show" in base.stderr
+
+
 def test_benchmark_scripts_reject_bad_arguments():
     for name, args in [
         ('sampling_products.py', ['--repeats', '0']),
