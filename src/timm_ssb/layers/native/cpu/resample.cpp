@@ -318,8 +318,9 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
 // stream, dst's rows are aligned and n a multiple of 64 bytes (for bfloat16 with V odd, not streamed).
 // Compiled as a function of its own, with weighted_rows inlined into it: left to GCC (12), where it was inlined
 // depended on its callers, and one more caller (a block of another row count) took a loop's loaded vectors out of
-// the registers or its accumulators to the stack on each call (the way down 10-30% slower). Its own function, the
-// loops ran at least as fast as inlined everywhere (fp32 and bf16, layers 2-4, AVX-512 and AVX2 builds).
+// the registers or its accumulators to the stack on each call (the way down 10-30% slower). As its own function
+// it costs a call per block of pixels: the fp32 forward at layer2, whose blocks are shortest, 1-8% slower than
+// inlined (results/cpu_kernel_ab_exact_blocks_*, with the change below).
 template <typename T, typename D, int R, int V = kVectorsFor<R>>
 __attribute__((noinline)) void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src,
                                                    int64_t count, int64_t offset, int64_t n, D* const* dst,
@@ -488,8 +489,9 @@ inline void saliency_dots(const T* const* pixels, const float* w, int64_t n, flo
 }
 
 // f(std::integral_constant<int, rows>{}) for rows in [1, Max]: a block's row count as a template argument, so that
-// the last block of a map whose side is not a multiple of the block's computes only the rows it has. (Padded to a
-// whole block, layer3's 14 rows and layer4's 7 computed 16 and 8: the way up at layer4 0.88-0.94 of the time without.)
+// the last block of a map whose side is not a multiple of the block's computes only the rows it has. Padded to a
+// whole block, layer3's 14 rows and layer4's 7 had computed 16 and 8: without, the ops at layers 3 and 4 took
+// 0.84-1.02 of the time, 0.86-0.96 the way up at layer4 (both builds; results/cpu_kernel_ab_exact_blocks_*).
 template <int Max, typename F>
 inline void with_rows(int64_t rows, F&& f) {
   if constexpr (Max > 1) {
