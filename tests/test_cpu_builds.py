@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from timm_ssb.layers.native.cpu import build
-from timm_ssb.layers.native.cpu.features import cpu_flags, vector_isa
+from timm_ssb.layers.native.cpu.features import cpu_flags, cpu_model, vector_isa
 
 AVX2_LEVEL_FLAGS = {'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'movbe', 'xsave'}
 """The CPU flags (as /proc/cpuinfo names them) that ``-march=x86-64-v3`` code may use."""
@@ -162,3 +162,18 @@ def test_native_kernels_compile_to_neon_code_for_arm(tmp_path, target):
             assert re.search(r'\bfmla(\s+v\d+\.4s|\.4s\s+v\d+)', code), 'no NEON vector multiply-adds'
         if macos:
             assert '__kmpc_fork_call' in code, f'{source.name}: at::parallel_for compiled to one thread'
+
+
+def test_cpu_model_reads_vendor_family_model_and_stepping():
+    lines = [
+        'processor\t: 0',
+        'vendor_id\t: GenuineIntel',
+        'cpu family\t: 6',
+        'model\t\t: 207',
+        'model name\t: Intel(R) Xeon(R) Processor',
+        'stepping\t: 2',
+        'processor\t: 1',
+        'model\t\t: 1',
+    ]
+    assert cpu_model(lines) == 'GenuineIntel family 6 model 207 stepping 2'
+    assert cpu_model(['Features\t: fp asimd', 'CPU part\t: 0xd0c']) == ''

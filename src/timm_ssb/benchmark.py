@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .complexity import count_gmacs, count_params
 from .layers.native import cpu_arch, get_sampling_backend
-from .layers.native.cpu.features import cpu_name, vector_isa
+from .layers.native.cpu.features import cpu_model, cpu_name, vector_isa
 from .models import BASELINES
 from .version import __version__
 
@@ -132,6 +132,7 @@ def machine_info(device: str) -> Dict[str, Any]:
         'platform': platform.platform(),
         'python': platform.python_version(),
         'processor': cpu_name(),
+        'cpu_model': cpu_model(),
         'cpu_isa': vector_isa(),
         'kernel_arch': cpu_arch(),
         'cpu_count': os.cpu_count(),

@@ -3,9 +3,9 @@
 import platform
 from functools import cache
 from pathlib import Path
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Optional, Sequence
 
-__all__ = ['cpu_name', 'cpu_flags', 'cpu_signature', 'vector_isa']
+__all__ = ['cpu_name', 'cpu_model', 'cpu_flags', 'cpu_signature', 'vector_isa']
 
 
 @cache
@@ -22,6 +22,25 @@ def cpu_name() -> str:
         if line.startswith('model name'):
             return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine() or 'unknown'
+
+
+def cpu_model(lines: Optional[Sequence[str]] = None) -> str:
+    """The x86 CPU's vendor, family, model and stepping (``'GenuineIntel family 6 model 207 stepping 2'``); ``''``
+    where ``/proc/cpuinfo`` has none (Arm, macOS).
+
+    Cloud VMs often name the CPU only "Intel(R) Xeon(R) Processor" or "AMD EPYC"; the model number tells apart the
+    generations sold under one name.
+    """
+    fields = {}
+    for line in _cpuinfo_lines() if lines is None else lines:
+        key, _, value = line.partition(':')
+        key = key.strip()
+        if key in ('vendor_id', 'cpu family', 'model', 'stepping') and key not in fields:
+            fields[key] = value.strip()
+    if 'vendor_id' not in fields or 'model' not in fields:
+        return ''
+    names = (('family', 'cpu family'), ('model', 'model'), ('stepping', 'stepping'))
+    return ' '.join([fields['vendor_id']] + [f'{name} {fields[key]}' for name, key in names if key in fields])
 
 
 def cpu_flags() -> FrozenSet[str]:
