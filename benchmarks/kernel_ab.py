@@ -147,10 +147,17 @@ def comma_list(allowed: tuple, what: str) -> Callable[[str], List[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--base', default='HEAD', help='the git revision whose resample.cpp is the base')
-    parser.add_argument('--ops', type=comma_list(OPS, '--ops'), default=list(OPS))
+    parser.add_argument('--ops', type=comma_list(OPS, '--ops'), default=list(OPS), help=f'default {",".join(OPS)}')
     stages = tuple(name for name, *_ in SAMPLED_MAPS)
-    parser.add_argument('--stages', type=comma_list(stages, '--stages'), default=list(stages))
-    parser.add_argument('--dtypes', type=comma_list(('float32', 'bfloat16'), '--dtypes'), default=['float32'])
+    parser.add_argument(
+        '--stages', type=comma_list(stages, '--stages'), default=list(stages), help=f'default {",".join(stages)}'
+    )
+    parser.add_argument(
+        '--dtypes',
+        type=comma_list(('float32', 'bfloat16'), '--dtypes'),
+        default=['float32'],
+        help='float32 (the default), bfloat16 or both, comma-separated',
+    )
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=60, help='pairs of calls a cell')
