@@ -100,8 +100,12 @@ def test_native_kernels_in_another_isa_build_match_the_reference(monkeypatch, ar
         pytest.skip(f'an {arch} build runs on x86-64 CPUs with {", ".join(sorted(flags))} only')
     tests = Path(__file__).parent
     env = {**os.environ, build.CPU_ARCH_ENV: arch}
+    native_suite = tests / 'test_native.py'
+    # Its first test builds the kernels into an empty cache already: the one that does so in a new process tests the
+    # build's mechanism, the same for every instruction set.
+    fresh_build = f'{native_suite}::test_kernel_builds_into_an_empty_cache_in_a_fresh_process'
     result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(tests / 'test_native.py')],
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(native_suite), '--deselect', fresh_build],
         cwd=tests.parent,
         env=env,
         capture_output=True,
