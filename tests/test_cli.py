@@ -32,7 +32,7 @@ def test_models_json(capsys):
 
 
 def test_models_table_at_other_size_has_no_paper_column(capsys):
-    assert main(['models', '--img-size', '288']) == 0
+    assert main(['models', '--img-size', '288', 'ssb_resnetd50']) == 0
     out = capsys.readouterr().out
     assert 'ssb_resnetd50     288x288' in out
     line = next(s for s in out.splitlines() if s.startswith('ssb_resnetd50'))
@@ -41,9 +41,22 @@ def test_models_table_at_other_size_has_no_paper_column(capsys):
 
 def test_console_script_runs():
     result = subprocess.run(
-        [sys.executable, '-m', 'timm_ssb.cli', 'models'], capture_output=True, text=True, check=True
+        [sys.executable, '-m', 'timm_ssb.cli', 'models', 'ssb_resnetd152'], capture_output=True, text=True, check=True
     )
     assert 'ssb_resnetd152' in result.stdout and 'resnet152d' in result.stdout
+
+
+def test_models_lists_those_named_or_matched_in_timms_order(capsys):
+    assert main(['models', '--json', 'ssb_resnetd1*', 'ssb_resnetd50']) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r['model'] for r in rows] == ['ssb_resnetd50', 'ssb_resnetd101', 'ssb_resnetd152']
+    assert rows[0]['gmacs'] == pytest.approx(model_complexity('ssb_resnetd50').gmacs)
+
+
+def test_models_rejects_a_pattern_that_matches_no_ssb_model(capsys):
+    message = "timm-ssb models: MODEL 'resnet50d' matches no SSB model; the SSB models are ssb_resnet, "
+    with pytest.raises(SystemExit, match=message):
+        main(['models', 'ssb_resnetd50', 'resnet50d'])
 
 
 def test_unknown_command_is_an_error():

@@ -1,6 +1,7 @@
 """The ``timm-ssb`` command line."""
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -26,10 +27,25 @@ def _fmt(value: Optional[float], digits: int) -> str:
     return '-' if value is None else f'{value:.{digits}f}'
 
 
-def models_table(input_size: Optional[int] = None) -> List[dict]:
-    """One row per registered SSB model: our counts, the paper's, and the timm baseline's."""
+def ssb_models_matching(patterns: Sequence[str]) -> List[str]:
+    """The registered SSB models whose names match any of ``patterns`` (names or ``fnmatch`` wildcards, as
+    ``timm.list_models`` takes them), in timm's order; all of them for no pattern. Raises ``ValueError`` naming a
+    pattern that matches none."""
+    names = timm.list_models('ssb_*')
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ValueError(
+            f'{", ".join(map(repr, unmatched))} matches no SSB model; the SSB models are {", ".join(names)} '
+            "(wildcards such as 'ssb_resnetd*' allowed)"
+        )
+    return [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+
+def models_table(input_size: Optional[int] = None, patterns: Sequence[str] = ()) -> List[dict]:
+    """One row per registered SSB model (those matching ``patterns``, :func:`ssb_models_matching`): our counts, the
+    paper's, and the timm baseline's."""
     rows = []
-    for name in timm.list_models('ssb_*'):
+    for name in ssb_models_matching(patterns):
         cfg_size = timm.get_pretrained_cfg_value(name, 'input_size')
         size = (3, input_size, input_size) if input_size else tuple(cfg_size)
         ours = model_complexity(name, size)
@@ -79,7 +95,10 @@ def _print_models(rows: Sequence[dict]) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    rows = models_table(args.img_size)
+    try:
+        rows = models_table(args.img_size, args.models)
+    except ValueError as e:
+        raise SystemExit(f'timm-ssb models: MODEL {e}') from None
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -182,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser(
         'models', help="list the registered SSB models with their parameters and GMACs, the paper's and the baselines'"
+    )
+    models.add_argument(
+        'models',
+        nargs='*',
+        metavar='MODEL',
+        help="SSB models to list, by name or wildcard pattern such as 'ssb_resnetd*' (default: every one; each "
+        'model takes seconds to count)',
     )
     models.add_argument(
         '--img-size', type=_positive_int, default=None, help="square input side (default: each model's cfg)"
