@@ -1,7 +1,6 @@
 """The ``timm-ssb`` command line."""
 
 import argparse
-import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -28,17 +27,18 @@ def _fmt(value: Optional[float], digits: int) -> str:
 
 
 def ssb_models_matching(patterns: Sequence[str]) -> List[str]:
-    """The registered SSB models whose names match any of ``patterns`` (names or ``fnmatch`` wildcards, as
-    ``timm.list_models`` takes them), in timm's order; all of them for no pattern. Raises ``ValueError`` naming a
-    pattern that matches none."""
+    """The registered SSB models that ``timm.list_models`` gives for any of ``patterns`` (names or wildcards), in
+    timm's order; all of them for no pattern. Raises ``ValueError`` naming a pattern that matches none."""
     names = timm.list_models('ssb_*')
-    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    matched = {pattern: set(timm.list_models(pattern)).intersection(names) for pattern in patterns}
+    unmatched = [pattern for pattern, found in matched.items() if not found]
     if unmatched:
         raise ValueError(
             f'{", ".join(map(repr, unmatched))} matches no SSB model; the SSB models are {", ".join(names)} '
             "(wildcards such as 'ssb_resnetd*' allowed)"
         )
-    return [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in patterns)]
+    chosen = set().union(*matched.values())
+    return [name for name in names if not patterns or name in chosen]
 
 
 def models_table(input_size: Optional[int] = None, patterns: Sequence[str] = ()) -> List[dict]:
