@@ -106,6 +106,15 @@ def test_no_compiler_is_reported_with_its_fix(tmp_path, backend, exit_code):
     assert ('problem: TIMM_SSB_SAMPLING_BACKEND=native' in result.stdout) == (backend == 'native')
 
 
+@pytest.mark.parametrize('backend,exit_code', [('auto', 0), ('native', 1)])
+def test_a_bad_cpu_arch_is_reported_with_its_fix(tmp_path, backend, exit_code):
+    result = run_info(tmp_path, TIMM_SSB_CPU_ARCH='native -O0', TIMM_SSB_SAMPLING_BACKEND=backend)
+    assert result.returncode == exit_code, result.stderr
+    assert "built for: nothing (TIMM_SSB_CPU_ARCH='native -O0' is not a -march value)" in result.stdout
+    assert 'built and loaded: no -- fix: unset TIMM_SSB_CPU_ARCH or set it to a -march value' in result.stdout
+    assert not (tmp_path / 'cache').exists()
+
+
 def test_an_unwritable_cache_is_reported_with_its_fix(tmp_path):
     blocker = tmp_path / 'cache'
     blocker.write_text('a file where the cache folder should be')

@@ -101,21 +101,27 @@ def _cpu_kernels(check: bool) -> Dict[str, Any]:
     tools = build.build_tools()
     built = cpu_library()
     error = cpu_library.error
+    try:
+        arch, arch_flags, cache = cpu_arch(), list(build.arch_flags()), str(build.cache_dir())
+    except ValueError:  # a bad TIMM_SSB_CPU_ARCH: the build's error names it
+        arch, arch_flags, cache = os.environ.get(build.CPU_ARCH_ENV), [], None
     fix = None
     if not built:
-        if tools['compiler'] is None:
+        if cache is None:
+            fix = f'unset {build.CPU_ARCH_ENV} or set it to a -march value such as native or x86-64-v3'
+        elif tools['compiler'] is None:
             fix = build.COMPILER_HINT
         elif tools['ninja'] is None:
             fix = 'pip install ninja'
         else:
-            fix = f'see the error; the build folder is {build.cache_dir()}'
+            fix = f'see the error; the build folder is {cache}'
     info: Dict[str, Any] = {
         'compiler': tools['compiler'],
         'ninja': tools['ninja'],
-        'arch': cpu_arch(),
-        'arch_flags': list(build.arch_flags()),
+        'arch': arch,
+        'arch_flags': arch_flags,
         'openmp_flags': {'compile': list(build.openmp_flags()[0]), 'link': list(build.openmp_flags()[1])},
-        'cache': str(build.cache_dir()),
+        'cache': cache,
         'built': built,
         'error': error,
         'fix': fix,
@@ -199,6 +205,8 @@ def format_report(report: Dict[str, Any]) -> str:
     machine, versions, backend = report['machine'], report['versions'], report['backend']
     cpu, triton = report['cpu_kernels'], report['triton']
     target = ' '.join(cpu['arch_flags']) or "the compiler's default target"
+    if cpu['cache'] is None:
+        target = f'nothing ({build.CPU_ARCH_ENV}={cpu["arch"]!r} is not a -march value)'
     openmp = {step: ' '.join(flags) for step, flags in cpu['openmp_flags'].items()}
     lines = [
         f'cpu: {machine["cpu"]} ({machine["machine"]}, {machine["cores"]} cores, '
@@ -212,7 +220,7 @@ def format_report(report: Dict[str, Any]) -> str:
         f'  ninja: {_yes_no(cpu["ninja"], "pip install ninja")}',
         f'  built for: {target}',
         f"  OpenMP, torch's runtime: {openmp['compile'] or 'none'} (link: {openmp['link'] or 'none'})",
-        f'  cache: {cpu["cache"]}',
+        f'  cache: {cpu["cache"] or "none"}',
         f'  built and loaded: {_yes_no(cpu["built"], cpu["fix"])}' + (f' ({cpu["error"]})' if cpu['error'] else ''),
     ]
     if cpu['faster_than_pytorch']:
