@@ -14,6 +14,8 @@ The ops (uniform matrices, channels-last maps, the C++ ops called directly):
 
 * ``down``: the map sampled down, ``separable_resample(x, down_y, down_x)``;
 * ``up``: the sampled map back up, with the residual (the map) added and the ReLU;
+* ``up_into``: the way up as a model's inference runs it: written into the residual (a copy of the map, which it
+  overwrites call after call), with the next block's saliency logits computed from each output pixel;
 * ``down_fb`` and ``up_fb``: the same with its backward (every gradient: the map's, the matrices', and on the way
   up the residual's), and the map's gradient added into an accumulator, as autograd does for a block's input,
   which it reaches from three uses.
@@ -41,7 +43,7 @@ from timm_ssb.layers.native.cpu.build import SOURCES, build_tools, cache_dir, cf
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = SOURCES[0]  # resample.cpp
-OPS = ('down', 'up', 'down_fb', 'up_fb')
+OPS = ('down', 'up', 'up_into', 'down_fb', 'up_fb')
 VERSIONS = ('base', 'new')
 
 
@@ -90,12 +92,17 @@ def op_calls(ops, op: str, channels: int, side: int, size: int, batch_size: int,
     z = resample(x, down_y, down_x)
     grad_z, grad_out = torch.randn_like(z), torch.randn_like(x)
     accumulated = torch.zeros_like(x)
+    residual = x.clone()
+    saliency_weight, saliency_bias = torch.randn(channels) / channels**0.5, torch.zeros(1)
 
     def down() -> None:
         ops.separable_resample(x, down_y, down_x, None, False)
 
     def up() -> None:
         ops.separable_resample(z, up_y, up_x, x, True)
+
+    def up_into() -> None:
+        ops.separable_resample_into_residual(z, up_y, up_x, residual, True, saliency_weight, saliency_bias)
 
     def down_fb() -> None:
         ops.separable_resample(x, down_y, down_x, None, False)
@@ -107,7 +114,7 @@ def op_calls(ops, op: str, channels: int, side: int, size: int, batch_size: int,
         masked = ops.separable_resample_backward(grad_out, z, up_y, up_x, out, True, True)[3]
         accumulated.add_(masked)
 
-    return {'down': down, 'up': up, 'down_fb': down_fb, 'up_fb': up_fb}[op]
+    return {'down': down, 'up': up, 'up_into': up_into, 'down_fb': down_fb, 'up_fb': up_fb}[op]
 
 
 def ab_row(libraries: Dict[str, Any], stage: str, op: str, dtype: torch.dtype, args: argparse.Namespace) -> dict:

@@ -137,13 +137,13 @@ def test_kernel_ab_times_a_revisions_kernel_against_the_working_trees(tmp_path):
     if None in build_tools().values():
         pytest.skip('kernel_ab.py compiles the kernels: no C++ compiler or ninja here')
     path = tmp_path / 'ab.json'
-    args = ('--base', 'HEAD', '--ops', 'down,up_fb', '--stages', 'layer4', '--dtypes', 'float32,bfloat16')
+    args = ('--base', 'HEAD', '--ops', 'down,up_into,up_fb', '--stages', 'layer4', '--dtypes', 'float32,bfloat16')
     out = run_script('kernel_ab.py', *args, '--batch-size', '1', '--repeats', '1', '--json', str(path))
     assert 'new / base' in out and 'against HEAD' in out
     payload = json.loads(path.read_text())
     rows = payload['results']
     assert [(r['op'], r['dtype'], r['stage']) for r in rows] == [
-        (op, dtype, 'layer4') for dtype in ('float32', 'bfloat16') for op in ('down', 'up_fb')
+        (op, dtype, 'layer4') for dtype in ('float32', 'bfloat16') for op in ('down', 'up_into', 'up_fb')
     ]
     for row in rows:  # one pair each: its ratio is the ratio of the two times
         assert row['ratio'] == pytest.approx(row['new_ms'] / row['base_ms'])
@@ -156,7 +156,10 @@ def test_kernel_ab_rejects_an_unknown_op_or_revision():
     ops = subprocess.run(
         [sys.executable, str(BENCHMARKS / 'kernel_ab.py'), '--ops', 'down,sideways'], capture_output=True, text=True
     )
-    assert ops.returncode == 2 and '--ops must be a comma-separated list of down, up, down_fb, up_fb' in ops.stderr
+    assert (
+        ops.returncode == 2
+        and '--ops must be a comma-separated list of down, up, up_into, down_fb, up_fb' in ops.stderr
+    )
     base = subprocess.run(
         [sys.executable, str(BENCHMARKS / 'kernel_ab.py'), '--base', 'no-such-revision'], capture_output=True, text=True
     )
