@@ -239,10 +239,13 @@ def test_eager_paths_have_no_double_backward_like_the_custom_ops():
         grad.sum().backward()
 
 
-def test_nan_and_inf_pass_through_like_the_reference():
-    x = channels_last(torch.randn(1, 16, 4, 4))
+@pytest.mark.parametrize('channels', [16, 64])  # 64: the AVX2 build's bfloat16 as even and odd values
+def test_nan_and_inf_pass_through_like_the_reference(channels):
+    x = channels_last(torch.randn(1, channels, 4, 4))
     x[0, 3, 1, 2] = float('nan')
     x[0, 5, 2, 2] = float('inf')
+    x[0, 8, 0, 0] = float('nan')
+    x[0, 10, 3, 3] = float('-inf')
     a = torch.full((1, 2, 4), 0.25)
     for dtype in (torch.float32, torch.bfloat16):
         out = separable_resample(x.to(dtype), a, a, None, True)

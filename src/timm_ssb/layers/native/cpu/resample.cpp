@@ -167,6 +167,47 @@ inline void store_vec2(c10::BFloat16* p, fvec a, fvec b) {
 #endif
 }
 
+// bfloat16 in the AVX2 build, which has no bfloat16 instructions, read and written as even and odd values: one
+// 32-byte load gives two float32 vectors, the even values widened by a shift and the odd ones by a mask (vpmovzxwd
+// is a shuffle, one a vector, on the CPU's one shuffle port), and the two are written back merged, each rounded in
+// its own half of the 32-bit lanes (no pack and permute). A pass that reads so holds its values in that order
+// within each 16 channels, and so must every pass after it that shares them (the way's scratch rows, the residual)
+// up to the merged store: resample_kernel uses it for both its passes or for neither. Against widening each vector
+// and narrowing pairs with a pack and a permute: the way down 0.93-0.95 of its time, the way up 0.76-0.89 (Intel
+// Xeon, layers 2-4; results/cpu_kernel_ab_bf16_even_odd_avx512_amx_x86-64-v3).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool kSplitBfloat16 = true;
+#else
+constexpr bool kSplitBfloat16 = false;
+#endif
+
+inline void load_split(const c10::BFloat16* p, fvec& even, fvec& odd) {
+  u32vec bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const u32vec e = bits << 16, o = bits & 0xFFFF0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+inline void load_split(const float* p, fvec& even, fvec& odd) {
+  even = load_vec(p);
+  odd = load_vec(p + kLanes);
+}
+
+inline void store_merged(c10::BFloat16* p, fvec even, fvec odd) {
+  u32vec e, o;
+  std::memcpy(&e, &even, sizeof(e));
+  std::memcpy(&o, &odd, sizeof(o));
+  u32vec low = (e + 0x7FFFu + ((e >> 16) & 1u)) >> 16;
+  u32vec high = (o + 0x7FFFu + ((o >> 16) & 1u)) & 0xFFFF0000u;
+  low = even != even ? u32vec{} + 0x7FC0u : low;
+  high = odd != odd ? u32vec{} + 0x7FC00000u : high;
+  const u32vec merged = low | high;
+  std::memcpy(p, &merged, sizeof(merged));
+}
+
+inline void store_merged(float* p, fvec even, fvec odd) { store_vec2(p, even, odd); }
+
 // Stores past the cache (non-temporal), to a vector-aligned address; store_vec where the ISA has no such store.
 // The output of a pass is written whole and read by the next op: storing it through the cache first reads every
 // line it writes (a read for ownership), which was most of the way down's time where those lines were slow to
@@ -280,12 +321,14 @@ std::pair<int64_t, int64_t> band_union(const int64_t* lo, const int64_t* hi, int
 // dst[r][j] = epilogue(sum_k w[r * w_stride + k] * src[k][j]) for r < R and j in [offset, offset + kLanes V): R
 // outputs of kLanes V values accumulated in float32 registers, each input vector loaded once for all R. The epilogue adds
 // res[r][j] (if res) and applies a ReLU (if relu) before storing in D; with res_ahead, the residual's values that many
-// further on are prefetched (residual_ahead_values).
-template <typename T, typename D, int R, int V>
+// further on are prefetched (residual_ahead_values). With Split, bfloat16 src, res and dst are read and written as
+// even and odd values (load_split, store_merged), V vectors holding V / 2 pairs.
+template <typename T, typename D, int R, int V, bool Split = false>
 __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t w_stride, const T* const* src,
                                                          int64_t count, int64_t offset, D* const* dst,
                                                          const D* const* res, bool relu, bool stream,
                                                          int64_t res_ahead) {
+  static_assert(!Split || V % 2 == 0, "split values come in pairs of vectors");
   // One prefetch per 128 bytes (the L2 fetches lines in pairs): one per 64 made layer4's way up 2-3% slower.
   if (res && res_ahead) {
     constexpr int kLineValues = 128 / sizeof(D);
@@ -297,7 +340,11 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
     for (int v = 0; v < V; ++v) acc[r][v] = fvec{};
   for (int64_t k = 0; k < count; ++k) {
     fvec in[V];
-    for (int v = 0; v < V; ++v) in[v] = load_vec(src[k] + offset + kLanes * v);
+    if constexpr (Split) {
+      for (int v = 0; v < V; v += 2) load_split(src[k] + offset + kLanes * v, in[v], in[v + 1]);
+    } else {
+      for (int v = 0; v < V; ++v) in[v] = load_vec(src[k] + offset + kLanes * v);
+    }
     if constexpr (R > 1)
       for (int v = 0; v < V; ++v) keep_in_register(in[v]);
     for (int r = 0; r < R; ++r) {
@@ -306,6 +353,21 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
     }
   }
   for (int r = 0; r < R; ++r) {
+    if constexpr (Split) {
+      for (int v = 0; v < V; v += 2) {
+        if (res) {
+          fvec even, odd;
+          load_split(res[r] + offset + kLanes * v, even, odd);
+          acc[r][v] += even, acc[r][v + 1] += odd;
+        }
+        if (relu) {
+          acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
+          acc[r][v + 1] = acc[r][v + 1] < 0.0f ? fvec{} : acc[r][v + 1];
+        }
+        store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      }
+      continue;
+    }
     for (int v = 0; v < V; ++v) {
       if (res) acc[r][v] += load_vec(res[r] + offset + kLanes * v);
       if (relu) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
@@ -323,13 +385,14 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
 }
 
 // weighted_rows over [offset, offset + n), any n: blocks of V vectors and of one vector, then a scalar tail. With
-// stream, dst's rows are aligned and n a multiple of 64 bytes (for bfloat16 with V odd, not streamed).
+// stream, dst's rows are aligned and n a multiple of 64 bytes (for bfloat16 with V odd, not streamed). With Split
+// (bfloat16 read or written as even and odd values: load_split), n and offset are multiples of kLanes V.
 // Compiled as a function of its own, with weighted_rows inlined into it: left to GCC (12), where it was inlined
 // depended on its callers, and one more caller (a block of another row count) took a loop's loaded vectors out of
 // the registers or its accumulators to the stack on each call (the way down 10-30% slower). As its own function
 // it costs a call per block of pixels: the fp32 forward at layer2, whose blocks are shortest, 1-8% slower than
 // inlined (results/cpu_kernel_ab_exact_blocks_*, with the change below).
-template <typename T, typename D, int R, int V = kVectorsFor<R>>
+template <typename T, typename D, int R, int V = kVectorsFor<R>, bool Split = false>
 __attribute__((noinline)) void weighted_rows_range(const float* w, int64_t w_stride, const T* const* src,
                                                    int64_t count, int64_t offset, int64_t n, D* const* dst,
                                                    const D* const* res, bool relu, bool stream = false,
@@ -337,7 +400,8 @@ __attribute__((noinline)) void weighted_rows_range(const float* w, int64_t w_str
   const int64_t end = offset + n;
   int64_t j = offset;
   for (; j + kLanes * V <= end; j += kLanes * V)
-    weighted_rows<T, D, R, V>(w, w_stride, src, count, j, dst, res, relu, stream, res_ahead);
+    weighted_rows<T, D, R, V, Split>(w, w_stride, src, count, j, dst, res, relu, stream, res_ahead);
+  if constexpr (Split) return;
   for (; j + kLanes <= end; j += kLanes)
     weighted_rows<T, D, R, 1>(w, w_stride, src, count, j, dst, res, relu, stream, res_ahead);
   for (; j < end; ++j) {
@@ -553,6 +617,10 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
   // just written; written into the residual, its lines are in cache already).
   const bool stream = !saliency && out != residual && streams_to(out, channels);
   const int64_t residual_ahead = residual_ahead_values<T>(channels);
+  // bfloat16 as even and odd values in both passes (kSplitBfloat16), where every block of values is whole: the pass
+  // along y's 2 vectors and the pass along x's 4 divide the channels.
+  constexpr bool split = kSplitBfloat16 && std::is_same_v<T, c10::BFloat16>;
+  const bool split_here = split && channels % (4 * kLanes) == 0;
   at::parallel_for(0, batch * blocks_h, 1, [&](int64_t begin, int64_t end) {
     float* const t = thread_scratch<0>(kRowsY * row_len);  // output rows read along y: kRowsY x (W, C)
     std::vector<const float*> t_rows(width);
@@ -566,6 +634,14 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
       float* t_dst[kRowsY];
       for (int r = 0; r < kRowsY; ++r) t_dst[r] = t + r * row_len;
       with_rows<kRowsY>(p1 - p0, [&](auto rows_r) {
+        if constexpr (split) {
+          if (split_here) {
+            weighted_rows_range<T, float, decltype(rows_r)::value, 2, true>(
+                matrix_y + (b * out_h + p0) * height + rows.first, height, x_rows.data(), rows.second - rows.first,
+                cols.first * channels, (cols.second - cols.first) * channels, t_dst, nullptr, false);
+            return;
+          }
+        }
         weighted_rows_range<T, float, decltype(rows_r)::value>(
             matrix_y + (b * out_h + p0) * height + rows.first, height, x_rows.data(), rows.second - rows.first,
             cols.first * channels, (cols.second - cols.first) * channels, t_dst, nullptr, false);
@@ -584,6 +660,15 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
             res_src[q - q0] = residual ? residual + offset : nullptr;
           }
           with_rows<kRowsX>(q1 - q0, [&](auto rows_r) {
+            if constexpr (split) {
+              if (split_here) {
+                weighted_rows_range<float, T, decltype(rows_r)::value, 4, true>(
+                    matrix_x + (b * out_w + q0) * width + band.first, width, t_rows.data() + band.first,
+                    band.second - band.first, 0, channels, out_dst, residual ? res_src : nullptr, relu, false,
+                    residual_ahead);
+                return;
+              }
+            }
             weighted_rows_range<float, T, decltype(rows_r)::value>(
                 matrix_x + (b * out_w + q0) * width + band.first, width, t_rows.data() + band.first,
                 band.second - band.first, 0, channels, out_dst, residual ? res_src : nullptr, relu, stream,
