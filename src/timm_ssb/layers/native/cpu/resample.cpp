@@ -195,14 +195,7 @@ inline void load_split(const float* p, fvec& even, fvec& odd) {
 }
 
 inline void store_merged(c10::BFloat16* p, fvec even, fvec odd) {
-  u32vec e, o;
-  std::memcpy(&e, &even, sizeof(e));
-  std::memcpy(&o, &odd, sizeof(o));
-  u32vec low = (e + 0x7FFFu + ((e >> 16) & 1u)) >> 16;
-  u32vec high = (o + 0x7FFFu + ((o >> 16) & 1u)) & 0xFFFF0000u;
-  low = even != even ? u32vec{} + 0x7FC0u : low;
-  high = odd != odd ? u32vec{} + 0x7FC00000u : high;
-  const u32vec merged = low | high;
+  const u32vec merged = bfloat16_lanes(even) | bfloat16_lanes(odd) << 16;
   std::memcpy(p, &merged, sizeof(merged));
 }
 
@@ -353,24 +346,22 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
     }
   }
   for (int r = 0; r < R; ++r) {
-    if constexpr (Split) {
-      for (int v = 0; v < V; v += 2) {
-        if (res) {
+    if (res) {
+      if constexpr (Split) {
+        for (int v = 0; v < V; v += 2) {
           fvec even, odd;
           load_split(res[r] + offset + kLanes * v, even, odd);
           acc[r][v] += even, acc[r][v + 1] += odd;
         }
-        if (relu) {
-          acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
-          acc[r][v + 1] = acc[r][v + 1] < 0.0f ? fvec{} : acc[r][v + 1];
-        }
-        store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      } else {
+        for (int v = 0; v < V; ++v) acc[r][v] += load_vec(res[r] + offset + kLanes * v);
       }
-      continue;
     }
-    for (int v = 0; v < V; ++v) {
-      if (res) acc[r][v] += load_vec(res[r] + offset + kLanes * v);
-      if (relu) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
+    if (relu)
+      for (int v = 0; v < V; ++v) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
+    if constexpr (Split) {
+      for (int v = 0; v < V; v += 2) store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      continue;
     }
     if constexpr (std::is_same_v<D, float> || V % 2 == 0) {
       if (stream) {
