@@ -239,7 +239,7 @@ def test_eager_paths_have_no_double_backward_like_the_custom_ops():
         grad.sum().backward()
 
 
-@pytest.mark.parametrize('channels', [16, 64])  # 64: the AVX2 build's bfloat16 as even and odd values
+@pytest.mark.parametrize('channels', [16, 64])  # 64: the x86 builds' bfloat16 as even and odd values
 def test_nan_and_inf_pass_through_like_the_reference(channels):
     x = channels_last(torch.randn(1, channels, 4, 4))
     x[0, 3, 1, 2] = float('nan')
@@ -720,8 +720,9 @@ def test_saliency_op_is_the_resampling_and_a_1x1_conv_of_it(shape, dtype):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('with_saliency', [True, False])
-def test_into_residual_op_writes_the_saliency_ops_values_into_the_residual(dtype, with_saliency):
-    batch_size, channels, height, width, rows, cols = 2, 70, 8, 8, 28, 28
+@pytest.mark.parametrize('channels', [70, 128])  # 128: the x86 builds' bfloat16 as even and odd values
+def test_into_residual_op_writes_the_saliency_ops_values_into_the_residual(dtype, with_saliency, channels):
+    batch_size, height, width, rows, cols = 2, 8, 8, 28, 28
     x = channels_last(torch.randn(batch_size, channels, height, width)).to(dtype)
     residual = channels_last(torch.randn(batch_size, channels, rows, cols)).to(dtype)
     matrix_y, matrix_x = banded(batch_size, rows, height), banded(batch_size, cols, width)
@@ -735,9 +736,12 @@ def test_into_residual_op_writes_the_saliency_ops_values_into_the_residual(dtype
     torch.library.opcheck(
         native.separable_resample_into_residual, (x, matrix_y, matrix_x, residual.clone(), True, weight, bias)
     )
-    data_ptr = residual.data_ptr()
+    data_ptr, residual_before = residual.data_ptr(), residual.clone()
     logits = native.separable_resample_into_residual(x, matrix_y, matrix_x, residual, True, weight, bias)
     assert residual.data_ptr() == data_ptr and torch.equal(residual, expected)
+    rtol, atol = TOLERANCES[dtype]
+    ref = reference(x, matrix_y, matrix_x, residual_before, True)
+    torch.testing.assert_close(residual.float(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
     if with_saliency:
         assert torch.equal(logits, expected_logits)
     else:

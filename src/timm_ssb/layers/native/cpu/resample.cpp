@@ -167,15 +167,18 @@ inline void store_vec2(c10::BFloat16* p, fvec a, fvec b) {
 #endif
 }
 
-// bfloat16 in the AVX2 build, which has no bfloat16 instructions, read and written as even and odd values: one
-// 32-byte load gives two float32 vectors, the even values widened by a shift and the odd ones by a mask (vpmovzxwd
-// is a shuffle, one a vector, on the CPU's one shuffle port), and the two are written back merged, each rounded in
-// its own half of the 32-bit lanes (no pack and permute). A pass that reads so holds its values in that order
-// within each 16 channels, and so must every pass after it that shares them (the way's scratch rows, the residual)
-// up to the merged store: resample_kernel uses it for both its passes or for neither. Against widening each vector
-// and narrowing pairs with a pack and a permute: the way down 0.93-0.95 of its time, the way up 0.76-0.89 (Intel
-// Xeon, layers 2-4; results/cpu_kernel_ab_bf16_even_odd_avx512_amx_x86-64-v3).
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// bfloat16 in the x86 builds read and written as even and odd values: one load of two vectors' width gives two
+// float32 vectors, the even values widened by a shift and the odd ones by a mask (vpmovzxwd is a shuffle, one a
+// vector, on the CPU's one shuffle port, which AVX-512's multiply-adds share), and the two are written back merged
+// (merged_bfloat16: no pack and permute where the build has no bfloat16 instructions). A pass that reads so holds
+// its values in that order within each 2 x kLanes channels, and so must every pass after it that shares them (the
+// way's scratch rows, the residual) up to the merged store: resample_kernel uses it for both its passes or for
+// neither. Against widening each vector and narrowing it (pairs with a pack and a permute in the AVX2 build), on
+// an Intel Xeon, layers 2-4: the way down 0.93-0.95 of its time and the way up 0.76-0.89 in the AVX2 build
+// (results/cpu_kernel_ab_bf16_even_odd_avx512_amx_x86-64-v3), the way down 0.96-0.98 and up 0.93-0.96 in the
+// AVX512-BF16 build (-march=native there), 0.92-0.94 and 0.86-0.90 in x86-64-v4's AVX-512 without bfloat16
+// instructions (results/cpu_kernel_ab_bf16_even_odd_avx512_builds_*).
+#if defined(__AVX2__)
 constexpr bool kSplitBfloat16 = true;
 #else
 constexpr bool kSplitBfloat16 = false;
@@ -194,8 +197,28 @@ inline void load_split(const float* p, fvec& even, fvec& odd) {
   odd = load_vec(p + kLanes);
 }
 
+// The even and odd values' bfloat16 bits, interleaved back into their order. With AVX512-BF16 one conversion
+// rounds both vectors (even ones in the low 256 bits, odd ones in the high) and one word permute interleaves them:
+// the integer rounding of each vector instead took the way down and up 1.03-1.13x as long there.
+inline u32vec merged_bfloat16(fvec even, fvec odd) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  __m512 e, o;
+  std::memcpy(&e, &even, sizeof(e));
+  std::memcpy(&o, &odd, sizeof(o));
+  const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(o, e));
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i words = _mm512_permutexvar_epi16(order, halves);
+  u32vec merged;
+  std::memcpy(&merged, &words, sizeof(merged));
+  return merged;
+#else
+  return bfloat16_lanes(even) | bfloat16_lanes(odd) << 16;
+#endif
+}
+
 inline void store_merged(c10::BFloat16* p, fvec even, fvec odd) {
-  const u32vec merged = bfloat16_lanes(even) | bfloat16_lanes(odd) << 16;
+  const u32vec merged = merged_bfloat16(even, odd);
   std::memcpy(p, &merged, sizeof(merged));
 }
 
@@ -238,6 +261,23 @@ inline void stream_vec2(c10::BFloat16* p, fvec a, fvec b) {
   std::memcpy(p, &low, sizeof(low));
   std::memcpy(p + kLanes, &high, sizeof(high));
 #endif
+}
+
+// store_merged's values streamed: with AVX-512 one store of a whole cache line.
+inline void stream_merged(c10::BFloat16* p, fvec even, fvec odd) {
+#if defined(__AVX512F__)
+  const u32vec merged = merged_bfloat16(even, odd);
+  __m512i line;
+  std::memcpy(&line, &merged, sizeof(line));
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
+#else
+  store_merged(p, even, odd);
+#endif
+}
+
+inline void stream_merged(float* p, fvec even, fvec odd) {
+  stream_vec(p, even);
+  stream_vec(p + kLanes, odd);
 }
 
 // V vectors' results at p, p + kLanes, ...: streamed (p aligned to the store; bfloat16 two vectors a store).
@@ -360,7 +400,11 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
     if (relu)
       for (int v = 0; v < V; ++v) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
     if constexpr (Split) {
-      for (int v = 0; v < V; v += 2) store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      if (stream) {
+        for (int v = 0; v < V; v += 2) stream_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      } else {
+        for (int v = 0; v < V; v += 2) store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      }
       continue;
     }
     if constexpr (std::is_same_v<D, float> || V % 2 == 0) {
@@ -655,7 +699,7 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
               if (split_here) {
                 weighted_rows_range<float, T, decltype(rows_r)::value, 4, true>(
                     matrix_x + (b * out_w + q0) * width + band.first, width, t_rows.data() + band.first,
-                    band.second - band.first, 0, channels, out_dst, residual ? res_src : nullptr, relu, false,
+                    band.second - band.first, 0, channels, out_dst, residual ? res_src : nullptr, relu, stream,
                     residual_ahead);
                 return;
               }
