@@ -205,7 +205,9 @@ inline u32vec merged_bfloat16(fvec even, fvec odd) {
   __m512 e, o;
   std::memcpy(&e, &even, sizeof(e));
   std::memcpy(&o, &odd, sizeof(o));
-  const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(o, e));
+  const __m512bh converted = _mm512_cvtne2ps_pbh(o, e);
+  __m512i halves;
+  std::memcpy(&halves, &converted, sizeof(halves));
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i words = _mm512_permutexvar_epi16(order, halves);
