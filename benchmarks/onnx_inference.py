@@ -5,7 +5,10 @@ adaptive sampler (random saliency convs, so the samples move), run in an onnxrun
 as given, all graph optimisations), and timed in interleaved rounds against its baseline; the ratio is the median
 over rounds of SSB throughput / baseline throughput. Also counts the exported graph's nodes and, with ``--profile``,
 adds up onnxruntime's kernel time per operator type over a few more runs of each model (where an SSB model's time
-goes: its convolutions, the resampling's ``MatMul``s, the matrices' many small ops).
+goes: its convolutions, the resampling's ``MatMul``s, the matrices' many small ops). With ``--sampling-floor`` each
+SSB model is also timed (in the same rounds) with its resampling at the memory-traffic floor that standard ops allow
+(:class:`MemoryFloorSampler`): the ratio it would reach if the resampling cost only that, with the saliency and the
+matrices free.
 
 Usage:
 
@@ -19,7 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -28,7 +31,7 @@ import timm
 import torch
 from torch import nn
 
-import timm_ssb  # noqa: F401  (registers the models)
+from timm_ssb import SSBBottleneck  # importing timm_ssb registers the models
 from timm_ssb.benchmark import machine_info, report, require_positive
 from timm_ssb.models import baseline_of
 
@@ -44,10 +47,43 @@ def with_live_saliency(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path) -> Path:
+class MemoryFloorSampler(nn.Module):
+    """An SSB block's sampler at the least memory traffic of its resampling in standard ops, for timing only: down,
+    one read of the map (its mean, broadcast to the ``size x size`` map the residual branch runs on: ``ReduceMean``,
+    ``Expand``); up, the small map's mean added to the residual by broadcasting, then the ReLU, as the model's own
+    graph adds and rectifies: the residual read and the output written once, what a way up fused with the add must
+    do. No saliency conv, no matrices. The branch computes on constant maps: the values mean nothing, the convs'
+    cost is the model's. (A nearest ``Resize`` up in place of the broadcast took onnxruntime longer than the
+    model's own products.)"""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        return x.mean((2, 3), keepdim=True).expand(-1, -1, self.size, self.size), []
+
+    def inverse_residual(
+        self, y: torch.Tensor, state: List[torch.Tensor], residual: torch.Tensor, relu: bool
+    ) -> torch.Tensor:
+        out = residual + y.mean((2, 3), keepdim=True)
+        return torch.relu(out) if relu else out
+
+
+def with_sampling_floor(model: nn.Module) -> nn.Module:
+    """``model`` with every SSB block's sampler a :class:`MemoryFloorSampler` of its size."""
+    for module in model.modules():
+        if isinstance(module, SSBBottleneck):
+            module.sampler = MemoryFloorSampler(module.sampler.size)
+    return model
+
+
+def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path, floor: bool = False) -> Path:
     model = with_live_saliency(timm.create_model(name).eval())
+    if floor:
+        model = with_sampling_floor(model)
     x = torch.randn(batch_size, 3, img_size, img_size)
-    path = folder / f'{name}.onnx'
+    path = folder / f'{name}{"_floor" if floor else ""}.onnx'
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=['x'], output_names=['logits'])
@@ -83,7 +119,11 @@ def operator_times(path: Path, threads: int, x: np.ndarray, runs: int) -> Dict[s
 
 def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, object]:
     baseline = baseline_of(name)
-    paths = {m: export(m, args.batch_size, args.img_size, args.exporter == 'dynamo', folder) for m in (name, baseline)}
+    dynamo = args.exporter == 'dynamo'
+    paths = {m: export(m, args.batch_size, args.img_size, dynamo, folder) for m in (name, baseline)}
+    floor = f'{name} (sampling floor)'
+    if args.sampling_floor:
+        paths[floor] = export(name, args.batch_size, args.img_size, dynamo, folder, floor=True)
     sessions = {m: session(p, args.threads) for m, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((args.batch_size, 3, args.img_size, args.img_size), np.float32)
     for s in sessions.values():
@@ -97,6 +137,9 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
                 s.run(None, {'x': x})
             throughput[m].append(args.batch_size * args.iters / (time.perf_counter() - start))
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
+    floor_ratios = (
+        [a / b for a, b in zip(throughput[floor], throughput[baseline], strict=True)] if args.sampling_floor else []
+    )
     profiles = {m: operator_times(p, args.threads, x, args.iters) for m, p in paths.items()} if args.profile else {}
     return {
         'model': name,
@@ -105,10 +148,12 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
         'baseline_throughput': statistics.median(throughput[baseline]),
         'ratio': statistics.median(ratios),
         'ratios': ratios,
+        'sampling_floor_ratio': statistics.median(floor_ratios) if floor_ratios else None,
         'nodes': len(onnx.load(str(paths[name])).graph.node),
         'baseline_nodes': len(onnx.load(str(paths[baseline])).graph.node),
         'operator_ms': profiles.get(name),
         'baseline_operator_ms': profiles.get(baseline),
+        'sampling_floor_operator_ms': profiles.get(floor),
     }
 
 
@@ -123,6 +168,11 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--exporter', choices=['torchscript', 'dynamo'], default='torchscript')
     parser.add_argument('--profile', action='store_true', help="also time onnxruntime's operators by type")
+    parser.add_argument(
+        '--sampling-floor',
+        action='store_true',
+        help='also time each SSB model with its resampling at its memory floor in standard ops (MemoryFloorSampler)',
+    )
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
     require_positive(parser, args, 'batch_size', 'img_size', 'threads', 'rounds', 'iters', 'warmup')
@@ -144,7 +194,15 @@ def main() -> None:
         for r in rows
     ]
     for r in rows:
-        for model, key in ((r['model'], 'operator_ms'), (r['baseline'], 'baseline_operator_ms')):
+        if r['sampling_floor_ratio'] is not None:
+            lines.append(f'{r["model"]} with its resampling at the memory floor: {r["sampling_floor_ratio"]:.2f}x')
+    for r in rows:
+        floor = f'{r["model"]} (sampling floor)'
+        for model, key in (
+            (r['model'], 'operator_ms'),
+            (r['baseline'], 'baseline_operator_ms'),
+            (floor, 'sampling_floor_operator_ms'),
+        ):
             if r[key]:
                 top = ', '.join(f'{op} {ms:.1f}' for op, ms in list(r[key].items())[:6])
                 lines.append(f'{model}: ms per run by operator: {top} (all: {sum(r[key].values()):.1f})')

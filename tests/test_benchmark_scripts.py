@@ -249,7 +249,7 @@ def test_gpu_profile_writes_table_and_json(tmp_path):
 def test_onnx_inference_writes_table_and_json(tmp_path):
     path = tmp_path / 'onnx.json'
     args = ['--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '160', '--rounds', '2', '--iters', '1']
-    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--profile', '--json', str(path))
+    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--profile', '--sampling-floor', '--json', str(path))
     assert 'onnxruntime' in out and 'ssb_resnetd26' in out and 'resnet26d' in out
     payload = json.loads(path.read_text())
     (row,) = payload['results']
@@ -259,6 +259,10 @@ def test_onnx_inference_writes_table_and_json(tmp_path):
     assert payload['machine']['cpu_isa'] and payload['settings']['onnxruntime']
     assert {'Conv', 'MatMul'} <= set(row['operator_ms']) and 'MatMul' not in row['baseline_operator_ms']
     assert 'ms per run by operator' in out
+    # The floor's graph: the resampling as one read (ReduceMean) and a broadcast add, no products, no saliency.
+    assert row['sampling_floor_ratio'] > 0 and 'with its resampling at the memory floor' in out
+    assert {'ReduceMean', 'Expand', 'Conv'} <= set(row['sampling_floor_operator_ms'])
+    assert 'MatMul' not in row['sampling_floor_operator_ms']
 
 
 def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_path):
