@@ -277,11 +277,6 @@ inline void stream_merged(c10::BFloat16* p, fvec even, fvec odd) {
 #endif
 }
 
-inline void stream_merged(float* p, fvec even, fvec odd) {
-  stream_vec(p, even);
-  stream_vec(p + kLanes, odd);
-}
-
 // V vectors' results at p, p + kLanes, ...: streamed (p aligned to the store; bfloat16 two vectors a store).
 template <int V>
 inline void stream_vecs(float* p, const fvec* v) {
@@ -402,11 +397,13 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
     if (relu)
       for (int v = 0; v < V; ++v) acc[r][v] = acc[r][v] < 0.0f ? fvec{} : acc[r][v];
     if constexpr (Split) {
-      if (stream) {
-        for (int v = 0; v < V; v += 2) stream_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
-      } else {
-        for (int v = 0; v < V; v += 2) store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+      if constexpr (std::is_same_v<D, c10::BFloat16>) {
+        if (stream) {
+          for (int v = 0; v < V; v += 2) stream_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
+          continue;
+        }
       }
+      for (int v = 0; v < V; v += 2) store_merged(dst[r] + offset + kLanes * v, acc[r][v], acc[r][v + 1]);
       continue;
     }
     if constexpr (std::is_same_v<D, float> || V % 2 == 0) {
