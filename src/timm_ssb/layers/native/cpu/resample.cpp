@@ -69,6 +69,11 @@ constexpr int kRowsY = 4, kRowsX = 2;
 // (fp32 and bf16, layer2/3 maps, batch 16, 2 threads); its way up stayed within the noise (+-4%).
 template <int R>
 constexpr int kVectorsFor = std::min(4, (kVectorRegisters - 1) / (R + 1));
+// kVectorsFor<R> in pairs, for a pass reading bfloat16 as even and odd values (load_split). The pass along y had 2
+// vectors a row in every build: with AVX-512's 4, bfloat16's way down took 0.93-0.97 of its time (layers 2-4, the
+// AVX512-BF16 and x86-64-v4 builds; the AVX2 build's full blocks keep 2; results/cpu_kernel_ab_bf16_split_vectors_*).
+template <int R>
+constexpr int kSplitVectorsFor = std::max(2, kVectorsFor<R> / 2 * 2);
 // Rows of dot_tile's I x 4 tile: its I x 4 sums, I + 4 loaded vectors fit the register file.
 constexpr int kDotRows = kVectorRegisters >= 32 ? 4 : 2;
 
@@ -651,8 +656,8 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
   // just written; written into the residual, its lines are in cache already).
   const bool stream = !saliency && out != residual && streams_to(out, channels);
   const int64_t residual_ahead = residual_ahead_values<T>(channels);
-  // bfloat16 as even and odd values in both passes (kSplitBfloat16), where every block of values is whole: the pass
-  // along y's 2 vectors and the pass along x's 4 divide the channels.
+  // bfloat16 as even and odd values in both passes (kSplitBfloat16), where every block of values is whole: the
+  // passes' 2 or 4 vectors divide the channels.
   constexpr bool split = kSplitBfloat16 && std::is_same_v<T, c10::BFloat16>;
   const bool split_here = split && channels % (4 * kLanes) == 0;
   at::parallel_for(0, batch * blocks_h, 1, [&](int64_t begin, int64_t end) {
@@ -670,7 +675,7 @@ void resample_kernel(const T* x, const float* matrix_y, const float* matrix_x, c
       with_rows<kRowsY>(p1 - p0, [&](auto rows_r) {
         if constexpr (split) {
           if (split_here) {
-            weighted_rows_range<T, float, decltype(rows_r)::value, 2, true>(
+            weighted_rows_range<T, float, decltype(rows_r)::value, kSplitVectorsFor<decltype(rows_r)::value>, true>(
                 matrix_y + (b * out_h + p0) * height + rows.first, height, x_rows.data(), rows.second - rows.first,
                 cols.first * channels, (cols.second - cols.first) * channels, t_dst, nullptr, false);
             return;
