@@ -204,7 +204,8 @@ inline void load_split(const float* p, fvec& even, fvec& odd) {
 
 // The even and odd values' bfloat16 bits, interleaved back into their order. With AVX512-BF16 one conversion
 // rounds both vectors (even ones in the low 256 bits, odd ones in the high) and one word permute interleaves them:
-// the integer rounding of each vector instead took the way down and up 1.03-1.13x as long there.
+// the integer rounding of each vector instead took the way down and up 1.02-1.14x as long there
+// (results/cpu_kernel_ab_bf16_merged_integer_rounding_tried_*).
 inline u32vec merged_bfloat16(fvec even, fvec odd) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
   __m512 e, o;
