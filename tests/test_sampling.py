@@ -1,6 +1,7 @@
 """Properties that pin the sampling maths, for each of its CPU implementations."""
 
 import math
+from typing import List
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from timm_ssb.layers import (
     create_sampler,
     gaussian_matrices,
     resample,
-    resample_kronecker,
+    resample_nhwc,
     resample_reference,
     resample_residual,
     saliency_positions,
@@ -25,7 +26,13 @@ from timm_ssb.layers import (
 )
 from timm_ssb.layers.native import get_sampling_backend, set_sampling_backend
 from timm_ssb.layers.samplers import saliency_conv1x1
-from timm_ssb.layers.sampling_matrices import KERNEL_WEIGHT_LOG, KRONECKER_MAX_COST, pixel_centres, tailless_softmax
+from timm_ssb.layers.sampling_matrices import (
+    EXPORT_NHWC_MAX_POSITIONS,
+    KERNEL_WEIGHT_LOG,
+    add_residual,
+    pixel_centres,
+    tailless_softmax,
+)
 
 
 @pytest.fixture(autouse=True, params=['auto', 'reference'])
@@ -504,44 +511,68 @@ def test_map_not_larger_than_size_skips_the_identity_products():
     assert torch.equal(z, x) and z.grad_fn is not None  # tied to the saliency for its (zero) gradient
 
 
-@pytest.mark.parametrize('shape,rows,cols', [((2, 5, 14, 14), 8, 8), ((2, 3, 7, 9), 4, 5), ((2, 4, 4, 3), 14, 6)])
-def test_kronecker_form_is_the_separable_products(shape, rows, cols):
+@pytest.mark.parametrize(
+    'shape,rows,cols', [((2, 5, 14, 14), 8, 8), ((2, 3, 7, 9), 4, 5), ((2, 4, 4, 3), 14, 6), ((2, 3, 7, 9), 4, 12)]
+)
+def test_nhwc_form_is_the_separable_products(shape, rows, cols):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, generator=generator)
     matrix_y = torch.rand(shape[0], rows, shape[2], dtype=torch.float64, generator=generator)
     matrix_x = torch.rand(shape[0], cols, shape[3], dtype=torch.float64, generator=generator)
     torch.testing.assert_close(
-        resample_kronecker(x, matrix_y, matrix_x), resample_reference(x, matrix_y, matrix_x), rtol=1e-12, atol=1e-12
+        resample_nhwc(x.permute(0, 2, 3, 1), matrix_y, matrix_x),
+        resample_reference(x, matrix_y, matrix_x).permute(0, 2, 3, 1),
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 
-@pytest.mark.parametrize(
-    'height,size,kronecker',
-    [(28, 16, False), (14, 8, True), (7, 4, True), (24, 12, False), (24, 6, True)],
-)
+def _traced_kinds(traced: torch.jit.ScriptFunction) -> List[str]:
+    return [n.kind() for n in traced.graph.nodes()]
+
+
+@pytest.mark.parametrize('height,size', [(28, 16), (14, 8), (7, 4), (20, 8), (24, 12)])
 @pytest.mark.parametrize('way', ['down', 'up'])
-def test_export_records_the_kronecker_form_where_it_costs_little(height, size, kronecker, way):
-    """Tracing (what the TorchScript ONNX exporter does) records one product per way where the Kronecker form costs at
-    most KRONECKER_MAX_COST times the separable products' multiply-accumulates, two otherwise; values unchanged."""
+def test_export_records_small_maps_in_nhwc_order(height, size, way):
+    """Tracing (what the TorchScript ONNX exporter does) records the resampling of a map of at most
+    EXPORT_NHWC_MAX_POSITIONS positions in NHWC order (permutes around the products), of a larger map in NCHW order
+    (no permute); values unchanged. The full-resolution map decides, on the way down and on the way up alike."""
     small, large = (height, size) if way == 'down' else (size, height)
     x = torch.randn(2, 6, small, small)
     matrix_y, matrix_x = torch.rand(2, large, small), torch.rand(2, large, small)
-    macs = large * large * small * small
-    separable = small * small * large + large * small * large
-    assert (macs <= KRONECKER_MAX_COST * separable) == kronecker
+    nhwc = height * height <= EXPORT_NHWC_MAX_POSITIONS
     traced = torch.jit.trace(resample, (x, matrix_y, matrix_x))
-    products = [n for n in traced.graph.nodes() if n.kind() == 'aten::matmul']
-    assert len(products) == (1 if kronecker else 2)
+    kinds = _traced_kinds(traced)
+    assert kinds.count('aten::matmul') == 2
+    assert kinds.count('aten::permute') == (2 if nhwc else 0)
     torch.testing.assert_close(traced(x, matrix_y, matrix_x), resample_reference(x, matrix_y, matrix_x))
 
 
-def test_export_records_the_saliency_conv_as_a_product_over_channels():
-    """Tracing (what the TorchScript ONNX exporter does) records a product over the NCHW map's channels, which keeps
-    ONNX Runtime from changing each block's input to its blocked layout for a one-channel conv; values unchanged."""
-    x, weight, bias = torch.randn(2, 6, 5, 7), torch.randn(1, 6, 1, 1), torch.randn(1)
+@pytest.mark.parametrize('height,size', [(14, 8), (28, 16)])
+@pytest.mark.parametrize('relu', [True, False])
+def test_export_records_the_residual_add_in_the_order_of_the_products(height, size, relu):
+    """On a small map the residual is permuted to NHWC and added there, so that the block's output leaves in that
+    order (one permute back) and the next block's permute into it cancels; values unchanged."""
+    y = torch.randn(2, 6, size, size)
+    matrix_y, matrix_x = torch.rand(2, height, size), torch.rand(2, height, size)
+    residual = torch.randn(2, 6, height, height)
+    traced = torch.jit.trace(lambda *a: resample_residual(*a, relu), (y, matrix_y, matrix_x, residual))
+    assert _traced_kinds(traced).count('aten::permute') == (3 if height * height <= EXPORT_NHWC_MAX_POSITIONS else 0)
+    torch.testing.assert_close(
+        traced(y, matrix_y, matrix_x, residual), add_residual(resample_reference(y, matrix_y, matrix_x), residual, relu)
+    )
+
+
+@pytest.mark.parametrize('height,width', [(5, 7), (28, 28), (14, 14)])
+def test_export_records_the_saliency_conv_as_a_product_over_channels(height, width):
+    """Tracing (what the TorchScript ONNX exporter does) records a product over the map's channels, which keeps
+    ONNX Runtime from changing each block's input to its blocked layout for a one-channel conv; on the maps whose
+    resampling it records in NHWC order it reads that order (a permute); values unchanged."""
+    x, weight, bias = torch.randn(2, 6, height, width), torch.randn(1, 6, 1, 1), torch.randn(1)
     traced = torch.jit.trace(saliency_conv1x1, (x, weight, bias))
-    kinds = {n.kind() for n in traced.graph.nodes()}
+    kinds = _traced_kinds(traced)
     assert 'aten::matmul' in kinds and not any('convolution' in kind for kind in kinds)
+    assert ('aten::permute' in kinds) == (height * width <= EXPORT_NHWC_MAX_POSITIONS)
     torch.testing.assert_close(traced(x, weight, bias), F.conv2d(x, weight, bias))
 
 
@@ -554,6 +585,6 @@ def test_export_records_the_saliency_conv_as_a_product_over_channels():
         (torch.rand(2, 4, 7), torch.rand(4, 5), 'matrix_x must be'),
     ],
 )
-def test_kronecker_form_names_the_matrix_that_does_not_fit(matrix_y, matrix_x, match):
+def test_nhwc_form_names_the_matrix_that_does_not_fit(matrix_y, matrix_x, match):
     with pytest.raises(ValueError, match=match):
-        resample_kronecker(torch.randn(2, 3, 7, 5), matrix_y, matrix_x)
+        resample_nhwc(torch.randn(2, 7, 5, 3), matrix_y, matrix_x)

@@ -18,7 +18,7 @@ from .sampling_matrices import (
     bilinear_matrices,
     gaussian_matrices,
     resample,
-    resample_kronecker,
+    resample_nhwc,
     resample_reference,
     resample_residual,
     saliency_positions,

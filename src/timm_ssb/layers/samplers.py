@@ -25,6 +25,7 @@ from timm.layers import register_notrace_function
 from .sampling_matrices import (
     SamplingMatrices,
     _exporting,
+    _exports_nhwc,
     _is_channels_last,
     adaptive_matrices,
     add_residual,
@@ -129,8 +130,11 @@ def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     threads, batch 8-16, the maps of stages 2-4), about as long as the backward of the block's resampling. The
     result has the conv's dtype (also under autocast). Export and tracing record a product too, over the NCHW map's
     channels: ONNX Runtime ran the conv in its blocked layout, which cost each block's input a full-resolution
-    layout change and the conv 16 output channels for one. Other layouts and devices (not measured there; on a GPU
-    the product's backward is two more kernel launches) and TorchScript take the conv.
+    layout change and the conv 16 output channels for one. On the maps whose resampling export records in NHWC order
+    (:data:`~.sampling_matrices.EXPORT_NHWC_MAX_POSITIONS`) the product reads that order too, as the weight row times
+    the transposed ``(H*W, C)`` map: ONNX Runtime fuses the transpose into the product, where the map times a
+    one-column matrix took 14x as long (16 x 14 x 14 x 1024, one measurement). Other layouts and devices (not
+    measured there; on a GPU the product's backward is two more kernel launches) and TorchScript take the conv.
     """
     if not torch.jit.is_scripting():
         if _saliency_product_serves(x):
@@ -138,8 +142,11 @@ def saliency_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             return logits if bias is None else logits + bias.to(logits.dtype)
         if _exporting():
             batch, channels, height, width = x.shape
-            logits = torch.matmul(weight.reshape(1, channels), x.reshape(batch, channels, height * width))
-            logits = logits.reshape(batch, 1, height, width)
+            if _exports_nhwc(height, width):
+                rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels).transpose(1, 2)
+            else:
+                rows = x.reshape(batch, channels, height * width)
+            logits = torch.matmul(weight.reshape(1, channels), rows).reshape(batch, 1, height, width)
             return logits if bias is None else logits + bias.to(logits.dtype)
     return F.conv2d(x, weight, bias)
 

@@ -53,8 +53,8 @@ __all__ = [
     'bilinear_matrices',
     'resample',
     'resample_reference',
-    'resample_kronecker',
-    'KRONECKER_MAX_COST',
+    'resample_nhwc',
+    'EXPORT_NHWC_MAX_POSITIONS',
     'resample_residual',
     'add_residual',
 ]
@@ -420,12 +420,15 @@ def resample_reference(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.
     )
 
 
-def resample_kronecker(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
-    """:func:`resample_reference` as one matrix product per sample: ``(C, H*W)`` times the transposed Kronecker
-    product of the two matrices, ``(P*Q, H*W)`` (entry ``(p*Q + q, h*W + w)`` is ``matrix_y[p, h] * matrix_x[q, w]``).
-    ``P*Q*H*W`` multiply-accumulates per channel instead of the separable products' ``H*W*Q + P*H*Q`` (down) or
-    ``P*h*w + P*w*Q`` (up), in one large product instead of ``B * C`` small ones."""
-    batch, channels, height, width = x.shape
+def resample_nhwc(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
+    """:func:`resample_reference` on a map in NHWC order: ``(B, H, W, C) -> (B, P, Q, C)``.
+
+    Each product takes the channels as its columns: on the way down the y-axis product over the whole map is one
+    matrix product per sample, ``(P, H) x (H, W*C)``, and the x-axis product one per sample and row of the smaller
+    intermediate map, ``(Q, W) x (W, C)``; on the way up the x-axis product on the small map first, then the y-axis
+    product, one per sample, writes the whole map. The separable products' multiply-accumulates, and no ``B * C``
+    small products (the NCHW form's second product) anywhere."""
+    batch, height, width, channels = x.shape
     if matrix_y.dim() != 3 or tuple(matrix_y.shape[::2]) != (batch, height):
         raise ValueError(f'matrix_y must be (B, P, H) = ({batch}, P, {height}); got {tuple(matrix_y.shape)}')
     if matrix_x.dim() != 3 or tuple(matrix_x.shape[::2]) != (batch, width):
@@ -433,41 +436,35 @@ def resample_kronecker(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.
     matrix_y = matrix_y.to(x.dtype)
     matrix_x = matrix_x.to(x.dtype)
     rows, cols = matrix_y.shape[1], matrix_x.shape[1]
-    kron = (matrix_y.unsqueeze(2).unsqueeze(4) * matrix_x.unsqueeze(1).unsqueeze(3)).reshape(
-        batch, rows * cols, height * width
-    )
-    return torch.matmul(x.reshape(batch, channels, height * width), kron.transpose(1, 2)).reshape(
-        batch, channels, rows, cols
-    )
+    if rows <= height:
+        t = torch.matmul(matrix_y, x.reshape(batch, height, width * channels)).reshape(batch, rows, width, channels)
+        return torch.matmul(matrix_x.unsqueeze(1), t)
+    t = torch.matmul(matrix_x.unsqueeze(1), x)
+    return torch.matmul(matrix_y, t.reshape(batch, height, cols * channels)).reshape(batch, rows, cols, channels)
 
 
-KRONECKER_MAX_COST = 6.0
-"""Exports resample with :func:`resample_kronecker` where it costs at most this many times the multiply-accumulates
-of :func:`resample_reference`'s separable products. The ``B * C`` small products of the separable form's second
-product cost more per multiply-accumulate than one large product, by a margin that shrinks with the map: in ONNX
-Runtime (fp32, 2 threads, batch 16, one resampling alone, ad hoc, 2026-12-04) the Kronecker form took 0.1-0.35x the
-separable form's time at layer4's 7 x 7 -> 4 x 4 (2.5x the multiply-accumulates), 0.76-0.98x at layer3's
-14 x 14 -> 8 x 8 (5.1x) and 1.8-2.2x at layer2's 28 x 28 -> 16 x 16 (10.2x); in PyTorch alike (0.14-0.8x, 0.6-0.8x,
-2.1-2.9x)."""
+EXPORT_NHWC_MAX_POSITIONS = 400
+"""Export and tracing record the resampling (and the saliency conv) of a map of at most this many positions in NHWC
+order (:func:`resample_nhwc`): the permutes into and out of it cancel between the SSB blocks of a stage in a graph
+runtime (ONNX Runtime removes them, or folds them into the layout changes its convolutions need anyway), and the
+NCHW form's second product, ``B * C`` small products, costs far more per multiply-accumulate than large ones where
+the map is small (stage 3 at 224 x 224: 8 x 14 times 14 x 8 per sample and channel). In ONNX Runtime (fp32, 2 threads,
+batch 16, D-152 and D-50, 2026-12-06) that form at stages 3 and 4 (14 x 14, 7 x 7) made the models faster than the
+Kronecker-product form it replaced there; at stage 2 (28 x 28) it was no faster than the NCHW form."""
 
 
-def _kronecker_serves(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> bool:
-    """Whether :func:`resample_kronecker` costs at most :data:`KRONECKER_MAX_COST` times the separable products."""
-    height, width = x.shape[2], x.shape[3]
-    rows, cols = matrix_y.shape[1], matrix_x.shape[1]
-    separable = (
-        height * width * cols + rows * height * cols if rows <= height else rows * height * width + rows * width * cols
-    )
-    return rows * cols * height * width <= KRONECKER_MAX_COST * separable
+def _exports_nhwc(height: int, width: int) -> bool:
+    """Whether export and tracing record the resampling and saliency of an ``height x width`` map in NHWC order."""
+    return height * width <= EXPORT_NHWC_MAX_POSITIONS
 
 
 @torch.jit.unused
 def _resample_exported(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) -> torch.Tensor:
-    """What export and tracing record: standard ops, in the form that runs faster as a graph
-    (:data:`KRONECKER_MAX_COST`). Counting (``complexity``) and the reference backend keep the separable products,
-    the paper's cost."""
-    if _kronecker_serves(x, matrix_y, matrix_x):
-        return resample_kronecker(x, matrix_y, matrix_x)
+    """What export and tracing record: standard ops, in NHWC order on small maps (:data:`EXPORT_NHWC_MAX_POSITIONS`),
+    else :func:`resample_reference`. Counting (``complexity``) and the reference backend keep the NCHW form."""
+    height, width = max(x.shape[2], matrix_y.shape[1]), max(x.shape[3], matrix_x.shape[1])
+    if _exports_nhwc(height, width):
+        return resample_nhwc(x.permute(0, 2, 3, 1), matrix_y, matrix_x).permute(0, 3, 1, 2)
     return resample_reference(x, matrix_y, matrix_x)
 
 
@@ -486,8 +483,8 @@ def resample(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tensor) ->
     sampling backend allows it, else a custom autograd function whose products, forward and backward, are
     batched matrix products over contiguous views (the x-axis product first when mapping up, ``P > H``).
     Other layouts and TorchScript use :func:`resample_reference` (the x-axis product first on the way down);
-    export and tracing record it too, or :func:`resample_kronecker` where that costs little
-    (:data:`KRONECKER_MAX_COST`).
+    export and tracing record it too, or :func:`resample_nhwc` on small maps
+    (:data:`EXPORT_NHWC_MAX_POSITIONS`).
     """
     if not torch.jit.is_scripting():
         if _fast_paths_serve(x, None):
@@ -510,7 +507,8 @@ def resample_residual(
     On channels-last maps (``x`` and ``residual``, same dtype, also under autocast) the last product writes
     the output, and the residual add and the ReLU run in place on it: one new full-resolution tensor
     instead of three; the result is channels-last. Other layouts, TorchScript, export and tracing compute it
-    from the products :func:`resample` would take there.
+    from the products :func:`resample` would take there (export and tracing add the residual in NHWC order where
+    they record the products so).
     """
     expected = [x.shape[0], x.shape[1], matrix_y.shape[1], matrix_x.shape[1]]
     if list(residual.shape) != expected:
@@ -521,6 +519,9 @@ def resample_residual(
             if out is not None:
                 return out
         if _exporting():
+            if _exports_nhwc(residual.shape[2], residual.shape[3]):
+                out = resample_nhwc(x.permute(0, 2, 3, 1), matrix_y, matrix_x)
+                return add_residual(out, residual.permute(0, 2, 3, 1), relu).permute(0, 3, 1, 2)
             return add_residual(_resample_exported(x, matrix_y, matrix_x), residual, relu)
     return add_residual(resample_reference(x, matrix_y, matrix_x), residual, relu)
 
