@@ -446,11 +446,13 @@ def resample_nhwc(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tenso
 EXPORT_NHWC_MAX_POSITIONS = 400
 """Export and tracing record the resampling (and the saliency conv) of a map of at most this many positions in NHWC
 order (:func:`resample_nhwc`): the permutes into and out of it cancel between the SSB blocks of a stage in a graph
-runtime (ONNX Runtime removes them, or folds them into the layout changes its convolutions need anyway), and the
-NCHW form's second product, ``B * C`` small products, costs far more per multiply-accumulate than large ones where
-the map is small (stage 3 at 224 x 224: 8 x 14 times 14 x 8 per sample and channel). In ONNX Runtime (fp32, 2 threads,
-batch 16, D-152 and D-50, 2026-12-06) that form at stages 3 and 4 (14 x 14, 7 x 7) made the models faster than the
-Kronecker-product form it replaced there; at stage 2 (28 x 28) it was no faster than the NCHW form."""
+runtime (ONNX Runtime keeps one full-map transpose a stage, at its end, and folds the others into the layout changes
+its convolutions make anyway), and the NCHW form's second product, ``B * C`` small products, costs far more per
+multiply-accumulate than large ones where the map is small (stage 3 at 224 x 224: 8 x 14 times 14 x 8 per sample and
+channel). In ONNX Runtime (fp32, 2 threads, batch 16, 2026-12-06) that form at stages 3 and 4 (14 x 14, 7 x 7) made
+D-152 faster than the Kronecker-product form it replaced there (``benchmarks/results/onnx_inference_*_nhwc_*``); at
+stage 2 (28 x 28) it was no faster than the NCHW form, and at 320 x 320 it was faster at stage 3's 20 x 20 (ad hoc,
+per-node kernel times)."""
 
 
 def _exports_nhwc(height: int, width: int) -> bool:
