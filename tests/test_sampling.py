@@ -588,3 +588,8 @@ def test_export_records_the_saliency_conv_as_a_product_over_channels(height, wid
 def test_nhwc_form_names_the_matrix_that_does_not_fit(matrix_y, matrix_x, match):
     with pytest.raises(ValueError, match=match):
         resample_nhwc(torch.randn(2, 7, 5, 3), matrix_y, matrix_x)
+
+
+def test_nhwc_form_names_a_map_that_is_not_nhwc():
+    with pytest.raises(ValueError, match=r'x must be a \(B, H, W, C\) map; got shape \(7, 5, 3\)'):
+        resample_nhwc(torch.randn(7, 5, 3), torch.rand(2, 4, 7), torch.rand(2, 4, 5))

@@ -428,6 +428,8 @@ def resample_nhwc(x: torch.Tensor, matrix_y: torch.Tensor, matrix_x: torch.Tenso
     intermediate map, ``(Q, W) x (W, C)``; on the way up the x-axis product on the small map first, then the y-axis
     product, one per sample, writes the whole map. The separable products' multiply-accumulates, and no ``B * C``
     small products (the NCHW form's second product) anywhere."""
+    if x.dim() != 4:
+        raise ValueError(f'x must be a (B, H, W, C) map; got shape {tuple(x.shape)}')
     batch, height, width, channels = x.shape
     if matrix_y.dim() != 3 or tuple(matrix_y.shape[::2]) != (batch, height):
         raise ValueError(f'matrix_y must be (B, P, H) = ({batch}, P, {height}); got {tuple(matrix_y.shape)}')
