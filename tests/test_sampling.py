@@ -13,6 +13,7 @@ from timm_ssb.layers import (
     DConvSampler,
     UniformSampler,
     adaptive_matrices,
+    adaptive_positions,
     bilinear_matrices,
     create_sampler,
     gaussian_matrices,
@@ -93,6 +94,20 @@ def test_both_axes_at_once_equal_each_axis_alone():
     for axis, (down, up) in enumerate(((both.down_y, both.up_y), (both.down_x, both.up_x))):
         alone = gaussian_matrices(positions[axis], 14, 0.05, 0.1)
         assert torch.equal(down, alone[0]) and torch.equal(up, alone[1])
+
+
+@pytest.mark.parametrize('height,width', [(14, 14), (14, 10)])
+def test_positions_are_those_of_the_normalised_saliency_map(height, width):
+    """The marginals are taken from the logits without the log-softmax that normalises the saliency map (a constant
+    shift, which the positions do not see): the positions are those of the normalised map's marginals, whatever
+    constant the logits carry."""
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(2, 1, height, width)
+    log_saliency = torch.log_softmax(logits.flatten(1), dim=-1).view(2, height, width)
+    expected = [saliency_positions(torch.logsumexp(log_saliency, dim), 8, 0.18) for dim in (2, 1)]
+    for shift in (0.0, 40.0, -40.0):
+        for got, want in zip(adaptive_positions(logits + shift, 8, 0.18), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear', 'dconv'])

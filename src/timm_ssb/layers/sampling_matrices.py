@@ -129,8 +129,9 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     Positions are clamped to ``[0, 1]``. Works in log space, so any logits give finite results.
 
     Args:
-        log_marginal: ``(..., L)`` log of the saliency marginal along the axis (sums to one in linear space); any
-            leading dimensions (``(B, L)``, or ``(B, 2, L)`` for both axes of a square map at once).
+        log_marginal: ``(..., L)`` log of the saliency marginal along the axis, up to an additive constant (the
+            positions do not depend on it); any leading dimensions (``(B, L)``, or ``(B, 2, L)`` for both axes of a
+            square map at once).
         size: number of samples ``s``.
         sigma_g: width of the attraction kernel in normalised coordinates.
 
@@ -143,11 +144,11 @@ def saliency_positions(log_marginal: torch.Tensor, size: int, sigma_g: float) ->
     extended = pixel_centres(length, device, start=-length, end=2 * length)  # (3L,)
     kernel = (targets.unsqueeze(-1) - extended).square() * (-0.5 / sigma_g**2)  # (s, 3L)
     log_m = log_marginal - log_marginal.amax(dim=-1, keepdim=True)
-    log_m = F.pad(log_m.reshape(-1, 1, length), (length, length), mode='replicate')
-    log_m = log_m.reshape(list(log_marginal.shape[:-1]) + [3 * length])  # (..., 3L)
+    replicate = torch.arange(-length, 2 * length, device=device).clamp(0, length - 1)
+    log_m = log_m.index_select(-1, replicate)  # (..., 3L): replicate padding
     weights = tailless_softmax(log_m.unsqueeze(-2) + kernel, dim=-1)  # (..., s, 3L)
     uniform_weights = tailless_softmax(kernel, dim=-1)
-    shift = ((weights - uniform_weights) * extended).sum(-1)
+    shift = torch.matmul(weights - uniform_weights, extended)
     return (targets + shift).clamp(0.0, 1.0)
 
 
@@ -169,7 +170,7 @@ def separable_matrices(
     given positions take one set of ops, over the axes stacked (:func:`_square_gaussian_matrices`).
     """
     if positions is not None and not bilinear and lengths[0] == lengths[1] and size < lengths[0]:
-        return _square_gaussian_matrices(positions, lengths[0], sigma_down, sigma_up)
+        return _square_gaussian_matrices(torch.stack(positions, dim=1), lengths[0], sigma_down, sigma_up)
     down: List[torch.Tensor] = []
     up: List[torch.Tensor] = []
     for axis, length in enumerate(lengths):
@@ -192,12 +193,12 @@ def separable_matrices(
 
 
 def _square_gaussian_matrices(
-    positions: List[torch.Tensor], length: int, sigma_down: float, sigma_up: float
+    positions: torch.Tensor, length: int, sigma_down: float, sigma_up: float
 ) -> SamplingMatrices:
     """:func:`gaussian_matrices` for both axes of a square map at once, on the positions stacked to ``(B, 2, s)``:
     the same values (each softmax is over one row either way) from half the ops: exported graphs with 60% fewer
     nodes (ONNX Runtime ran them no faster or slower, docs/performance.md)."""
-    down, up = gaussian_matrices(torch.stack(positions, dim=1), length, sigma_down, sigma_up)
+    down, up = gaussian_matrices(positions, length, sigma_down, sigma_up)
     return SamplingMatrices(down[:, 0], down[:, 1], up[:, 0], up[:, 1])
 
 
@@ -223,6 +224,27 @@ def log_saliency_map(saliency_logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).reshape(batch_size, height, width)
 
 
+def _resamples_square(saliency_logits: torch.Tensor, size: int) -> bool:
+    """Whether both axes of the ``(B, 1, H, W)`` logits' map are resampled and have the same length."""
+    height, width = saliency_logits.shape[-2], saliency_logits.shape[-1]
+    return height == width and size < height
+
+
+def _log_marginals(saliency_logits: torch.Tensor) -> List[torch.Tensor]:
+    """``[(B, 1, H), (B, 1, W)]``: the log saliency marginals along y and x, up to an additive constant.
+
+    ``logsumexp`` of the float32 ``(B, 1, H, W)`` logits over the other axis: the log-softmax that makes the saliency
+    map a distribution shifts every entry of both marginals by the same constant, which :func:`saliency_positions`
+    does not see, so it is left out (an exported graph has five fewer ops a block)."""
+    logits = saliency_logits.float()
+    return [torch.logsumexp(logits, dim=3), torch.logsumexp(logits, dim=2)]
+
+
+def _square_adaptive_positions(saliency_logits: torch.Tensor, size: int, sigma_g: float) -> torch.Tensor:
+    """``(B, 2, s)``: :func:`adaptive_positions` of a square map whose axes are both resampled, stacked."""
+    return saliency_positions(torch.cat(_log_marginals(saliency_logits), dim=1), size, sigma_g)
+
+
 @register_notrace_function
 def adaptive_positions(saliency_logits: torch.Tensor, size: int, sigma_g: float) -> List[torch.Tensor]:
     """``[positions_y (B, n), positions_x (B, m)]``: where the adaptive sampler centres its samples.
@@ -231,12 +253,11 @@ def adaptive_positions(saliency_logits: torch.Tensor, size: int, sigma_g: float)
     ``size`` is not resampled: its positions are its own pixel centres. Both axes of a square map take one
     set of ops, over the two marginals stacked (the same values from half the ops).
     """
-    log_saliency = log_saliency_map(saliency_logits)
-    marginals = [torch.logsumexp(log_saliency, dim=2), torch.logsumexp(log_saliency, dim=1)]
-    if marginals[0].shape[-1] == marginals[1].shape[-1] and size < marginals[0].shape[-1]:
-        return list(saliency_positions(torch.stack(marginals, dim=1), size, sigma_g).unbind(1))
+    if _resamples_square(saliency_logits, size):
+        return list(_square_adaptive_positions(saliency_logits, size, sigma_g).unbind(1))
     out: List[torch.Tensor] = []
-    for log_marginal in marginals:
+    for log_marginal in _log_marginals(saliency_logits):
+        log_marginal = log_marginal[:, 0]
         length = log_marginal.shape[-1]
         if size >= length:
             out.append(pixel_centres(length, log_marginal.device).expand(log_marginal.shape[0], length))
@@ -272,6 +293,9 @@ def adaptive_matrices(
         native = _native_adaptive_matrices(saliency_logits, size, sigma_g, sigma_down, sigma_up)
         if native is not None:
             return native
+    if _resamples_square(saliency_logits, size):
+        positions = _square_adaptive_positions(saliency_logits, size, sigma_g)
+        return _square_gaussian_matrices(positions, lengths[0], sigma_down, sigma_up)
     positions = adaptive_positions(saliency_logits, size, sigma_g)
     mats = separable_matrices(
         lengths, size, saliency_logits.shape[0], saliency_logits.device, positions, sigma_down, sigma_up
