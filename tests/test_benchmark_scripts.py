@@ -318,6 +318,28 @@ def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):
     assert doc_tables.measured_cpus() == ['avx512', 'avx2', 'sse']
 
 
+def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
+    """Each cell is compared with its model's target unrounded: a ratio that prints as its target but misses it
+    shows three decimals; the sampling ops count the float32 cells at most 0.5 and name the largest."""
+    sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
+    import doc_tables
+
+    rows = [('ssb_resnetd50', 1.2496), ('ssb_resnetd101', 1.52), ('ssb_resnetd152', 1.61), ('ssb_resnetrs152', 1.65)]
+    models = tmp_path / 'models.json'
+    models.write_text(json.dumps({'results': [{'model': m, 'ratio': r} for m, r in rows]}))
+    cell = doc_tables.model_targets_cell(models, doc_tables.TARGETS['inference_fp32'])
+    assert cell == '2 of 4: D-50 1.250 (1.25), D-152 1.61 (1.65)'
+    onnx = tmp_path / 'onnx.json'
+    onnx.write_text(json.dumps({'results': [{'model': 'ssb_resnetd50', 'ratio': 1.3}]}))
+    assert doc_tables.model_targets_cell(onnx, doc_tables.TARGETS['onnx']) == '1 of 1'
+    assert doc_tables.model_targets_cell(tmp_path / 'none.json', doc_tables.TARGETS['onnx']) == '–'
+    ops = tmp_path / 'ops.json'
+    keys = list(doc_tables.OPS.values())
+    layers = [{f'{k}_ratio': 0.4 for k in keys}, {**{f'{k}_ratio': 0.5 for k in keys}, 'down_ratio': 0.62}]
+    ops.write_text(json.dumps({'results': layers}))
+    assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62)'
+
+
 def test_the_pages_tables_are_the_result_files():
     """The README and the docs hold the tables the result files give (speed, experiments: no typed figure drifts)."""
     script = BENCHMARKS.parent / 'tools' / 'doc_tables.py'

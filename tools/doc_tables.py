@@ -11,6 +11,8 @@ Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table --
 * ``ops``: for each CPU class, each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 /
   layer4 (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
 * ``summary`` (the README's): a row per CPU class and build, a column per setting;
+* ``targets`` (docs/performance.md): a row per CPU class and build, a column per target of the speed issue (#22,
+  :data:`TARGETS`): how many of that row's cells meet theirs, and each miss with its target;
 * ``small_digit`` (docs/adaptive-sampling.md): each sampler's accuracy and its paired difference from uniform
   (``ablation_small_digit*.json``);
 * ``warm_start`` (docs/training.md): accuracy by epoch of the four arms of ``warm_start_digits.json``.
@@ -47,6 +49,15 @@ OPS = {
 }
 """Each sampling op's key in ``sampling_products.py``'s rows: ``<key>_ratio``, the median of the per-pair ratios of the
 op alternating with PyTorch's, or in files from before those, ``<key>_ms`` over ``reference_<key>_ms``."""
+TARGETS = {
+    'inference_fp32': {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
+    'train_fp32': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
+    'inference_bf16': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
+    'onnx': {'ssb_resnetd50': 1.2, 'ssb_resnetd152': 1.5},
+}
+"""The least SSB / baseline ratio each model should reach, per setting (the speed issue's targets)."""
+OPS_TARGET = 0.5
+"""The most time a float32 sampling op may take, as a fraction of PyTorch's path's."""
 _NATIVE_FP32 = 'cpu_inference_fp32_*_native.json'
 _BLOCK = re.compile(r'(<!-- table:(\w+) -->\n).*?(<!-- /table -->)', re.DOTALL)
 _BLOCK_NAMES = re.compile(r'<!-- table:(\w+) -->')
@@ -135,6 +146,60 @@ def summary_table() -> str:
     return '\n'.join(lines)
 
 
+def _figure(value: float, target: float) -> str:
+    """``value`` to two decimals, or three where two would print it as its target."""
+    return f'{value:.3f}' if f'{value:.2f}' == f'{target:.2f}' else f'{value:.2f}'
+
+
+def _target_cell(misses: List[str], total: int) -> str:
+    if not total:
+        return '–'
+    met = f'{total - len(misses)} of {total}'
+    return f'{met}: {", ".join(misses)}' if misses else met
+
+
+def model_targets_cell(path: Path, targets: Dict[str, float]) -> str:
+    """How many of the file's models meet their :data:`TARGETS`, and each miss as ``D-50 1.21 (1.25)``."""
+    if not path.exists():
+        return '–'
+    misses, total = [], 0
+    for row in _load(path)['results']:
+        target = targets.get(row['model'])
+        if target is None:
+            continue
+        total += 1
+        if row['ratio'] < target:
+            name = row['model'].removeprefix('ssb_resnet').replace('rs', 'RS-').replace('d', 'D-', 1)
+            misses.append(f'{name} {_figure(row["ratio"], target)} ({target:g})')
+    return _target_cell(misses, total)
+
+
+def ops_targets_cell(path: Path) -> str:
+    """How many of a float32 sampling-products file's cells are at most :data:`OPS_TARGET`, and the largest."""
+    if not path.exists():
+        return '–'
+    ratios = [op_ratio(row, key) for row in _load(path)['results'] for key in OPS.values()]
+    met = sum(ratio <= OPS_TARGET for ratio in ratios)
+    worst = f' (largest {max(ratios):.2f})' if met < len(ratios) else ''
+    return f'{met} of {len(ratios)}{worst}'
+
+
+def targets_table() -> str:
+    columns = [*SETTINGS.values(), 'float32 sampling ops', 'onnxruntime fp32']
+    lines = ['| cells at their target | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
+    for cpu in measured_cpus():
+        for build, label in BUILDS.items():
+            cells = [
+                model_targets_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json', TARGETS[setting])
+                for setting in SETTINGS
+            ]
+            cells.append(ops_targets_cell(RESULTS / f'cpu_sampling_products_float32_{cpu}_{build}.json'))
+            onnx = RESULTS / f'onnx_inference_{cpu}.json'
+            cells.append(model_targets_cell(onnx, TARGETS['onnx']) if build == 'native' else '')
+            lines.append(f'| {cpu_label(cpu)}, {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def _mean_std(mean: float, std: float) -> str:
     return f'{mean:.4f} ± {std:.4f}'
 
@@ -184,6 +249,7 @@ def tables() -> Dict[str, str]:
         'cpu': cpu_table(),
         'ops': ops_table(),
         'summary': summary_table(),
+        'targets': targets_table(),
         'small_digit': small_digit_table(),
         'warm_start': warm_start_table(),
     }
