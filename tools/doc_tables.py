@@ -49,6 +49,13 @@ OPS = {
 }
 """Each sampling op's key in ``sampling_products.py``'s rows: ``<key>_ratio``, the median of the per-pair ratios of the
 op alternating with PyTorch's, or in files from before those, ``<key>_ms`` over ``reference_<key>_ms``."""
+MODEL_NAMES = {
+    'ssb_resnetd50': 'D-50',
+    'ssb_resnetd101': 'D-101',
+    'ssb_resnetd152': 'D-152',
+    'ssb_resnetrs152': 'RS-152',
+}
+"""The short names the pages give the models the speed tables measure."""
 TARGETS = {
     'inference_fp32': {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
     'train_fp32': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
@@ -169,8 +176,7 @@ def model_targets_cell(path: Path, targets: Dict[str, float]) -> str:
             continue
         total += 1
         if row['ratio'] < target:
-            name = row['model'].removeprefix('ssb_resnet').replace('rs', 'RS-').replace('d', 'D-', 1)
-            misses.append(f'{name} {_figure(row["ratio"], target)} ({target:g})')
+            misses.append(f'{MODEL_NAMES[row["model"]]} {_figure(row["ratio"], target)} ({target:g})')
     return _target_cell(misses, total)
 
 
