@@ -8,7 +8,9 @@ adds up onnxruntime's kernel time per operator type over a few more runs of each
 goes: its convolutions, the resampling's ``MatMul``s, the matrices' many small ops). With ``--sampling-floor`` each
 SSB model is also timed (in the same rounds) with its resampling at the memory-traffic floor that standard ops allow
 (:class:`MemoryFloorSampler`): the ratio it would reach if the resampling cost only that, with the saliency and the
-matrices free.
+matrices free. With ``--matrices-free`` it is also timed with the uniform sampler in place of the adaptive one (the
+same resampling products; no saliency, and matrices that do not depend on the input, which onnxruntime folds into
+constants): the ratio the model would reach if the saliency and the matrices cost nothing, the rest as it is.
 
 Usage:
 
@@ -22,7 +24,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -78,12 +80,22 @@ def with_sampling_floor(model: nn.Module) -> nn.Module:
     return model
 
 
-def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path, floor: bool = False) -> Path:
-    model = with_live_saliency(timm.create_model(name).eval())
-    if floor:
+VARIANTS = {
+    'floor': 'sampling floor',
+    'uniform': 'matrices free',
+}
+"""The SSB model's variants timed beside it: ``export``'s ``variant`` and the label each has in the rows."""
+
+
+def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path, variant: str = '') -> Path:
+    """``name`` exported to ``folder``, live; ``variant`` (:data:`VARIANTS`): ``floor`` with every sampler a
+    :class:`MemoryFloorSampler`, ``uniform`` built with the uniform sampler."""
+    kwargs = {'ssb_sampler': 'uniform'} if variant == 'uniform' else {}
+    model = with_live_saliency(timm.create_model(name, **kwargs).eval())
+    if variant == 'floor':
         model = with_sampling_floor(model)
     x = torch.randn(batch_size, 3, img_size, img_size)
-    path = folder / f'{name}{"_floor" if floor else ""}.onnx'
+    path = folder / f'{name}{"_" + variant if variant else ""}.onnx'
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=['x'], output_names=['logits'])
@@ -121,9 +133,10 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
     baseline = baseline_of(name)
     dynamo = args.exporter == 'dynamo'
     paths = {m: export(m, args.batch_size, args.img_size, dynamo, folder) for m in (name, baseline)}
-    floor = f'{name} (sampling floor)'
-    if args.sampling_floor:
-        paths[floor] = export(name, args.batch_size, args.img_size, dynamo, folder, floor=True)
+    labels = {variant: f'{name} ({label})' for variant, label in VARIANTS.items()}
+    for variant, wanted in (('floor', args.sampling_floor), ('uniform', args.matrices_free)):
+        if wanted:
+            paths[labels[variant]] = export(name, args.batch_size, args.img_size, dynamo, folder, variant)
     sessions = {m: session(p, args.threads) for m, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((args.batch_size, 3, args.img_size, args.img_size), np.float32)
     for s in sessions.values():
@@ -136,10 +149,13 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
             for _ in range(args.iters):
                 s.run(None, {'x': x})
             throughput[m].append(args.batch_size * args.iters / (time.perf_counter() - start))
+
+    def median_ratio(model: str) -> Optional[float]:
+        if model not in throughput:
+            return None
+        return statistics.median(a / b for a, b in zip(throughput[model], throughput[baseline], strict=True))
+
     ratios = [a / b for a, b in zip(throughput[name], throughput[baseline], strict=True)]
-    floor_ratios = (
-        [a / b for a, b in zip(throughput[floor], throughput[baseline], strict=True)] if args.sampling_floor else []
-    )
     profiles = {m: operator_times(p, args.threads, x, args.iters) for m, p in paths.items()} if args.profile else {}
     return {
         'model': name,
@@ -148,12 +164,14 @@ def pair_row(name: str, args: argparse.Namespace, folder: Path) -> Dict[str, obj
         'baseline_throughput': statistics.median(throughput[baseline]),
         'ratio': statistics.median(ratios),
         'ratios': ratios,
-        'sampling_floor_ratio': statistics.median(floor_ratios) if floor_ratios else None,
+        'sampling_floor_ratio': median_ratio(labels['floor']),
+        'matrices_free_ratio': median_ratio(labels['uniform']),
         'nodes': len(onnx.load(str(paths[name])).graph.node),
         'baseline_nodes': len(onnx.load(str(paths[baseline])).graph.node),
         'operator_ms': profiles.get(name),
         'baseline_operator_ms': profiles.get(baseline),
-        'sampling_floor_operator_ms': profiles.get(floor),
+        'sampling_floor_operator_ms': profiles.get(labels['floor']),
+        'matrices_free_operator_ms': profiles.get(labels['uniform']),
     }
 
 
@@ -172,6 +190,11 @@ def main() -> None:
         '--sampling-floor',
         action='store_true',
         help='also time each SSB model with its resampling at its memory floor in standard ops (MemoryFloorSampler)',
+    )
+    parser.add_argument(
+        '--matrices-free',
+        action='store_true',
+        help='also time each SSB model with the uniform sampler: no saliency, matrices folded into constants',
     )
     parser.add_argument('--json', default=None, help='write the rows, settings and machine here')
     args = parser.parse_args()
@@ -194,14 +217,16 @@ def main() -> None:
         for r in rows
     ]
     for r in rows:
+        if r['matrices_free_ratio'] is not None:
+            lines.append(f'{r["model"]} with its saliency and matrices free: {r["matrices_free_ratio"]:.2f}x')
         if r['sampling_floor_ratio'] is not None:
             lines.append(f'{r["model"]} with its resampling at the memory floor: {r["sampling_floor_ratio"]:.2f}x')
     for r in rows:
-        floor = f'{r["model"]} (sampling floor)'
         for model, key in (
             (r['model'], 'operator_ms'),
             (r['baseline'], 'baseline_operator_ms'),
-            (floor, 'sampling_floor_operator_ms'),
+            (f'{r["model"]} ({VARIANTS["uniform"]})', 'matrices_free_operator_ms'),
+            (f'{r["model"]} ({VARIANTS["floor"]})', 'sampling_floor_operator_ms'),
         ):
             if r[key]:
                 top = ', '.join(f'{op} {ms:.1f}' for op, ms in list(r[key].items())[:6])

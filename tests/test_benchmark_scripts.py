@@ -249,7 +249,8 @@ def test_gpu_profile_writes_table_and_json(tmp_path):
 def test_onnx_inference_writes_table_and_json(tmp_path):
     path = tmp_path / 'onnx.json'
     args = ['--models', 'ssb_resnetd26', '--batch-size', '1', '--img-size', '160', '--rounds', '2', '--iters', '1']
-    out = run_script('onnx_inference.py', *args, '--warmup', '1', '--profile', '--sampling-floor', '--json', str(path))
+    extra = ['--warmup', '1', '--profile', '--sampling-floor', '--matrices-free', '--json', str(path)]
+    out = run_script('onnx_inference.py', *args, *extra)
     assert 'onnxruntime' in out and 'ssb_resnetd26' in out and 'resnet26d' in out
     payload = json.loads(path.read_text())
     (row,) = payload['results']
@@ -263,6 +264,10 @@ def test_onnx_inference_writes_table_and_json(tmp_path):
     assert row['sampling_floor_ratio'] > 0 and 'with its resampling at the memory floor' in out
     assert {'ReduceMean', 'Expand', 'Conv'} <= set(row['sampling_floor_operator_ms'])
     assert 'MatMul' not in row['sampling_floor_operator_ms']
+    # The uniform sampler's graph: the same products, its matrices constants that onnxruntime folds (no softmax left).
+    assert row['matrices_free_ratio'] > 0 and 'with its saliency and matrices free' in out
+    assert 'MatMul' in row['matrices_free_operator_ms'] and 'Softmax' in row['operator_ms']
+    assert 'Softmax' not in row['matrices_free_operator_ms']
 
 
 def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_path):
