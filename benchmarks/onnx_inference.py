@@ -90,6 +90,8 @@ VARIANTS = {
 def export(name: str, batch_size: int, img_size: int, dynamo: bool, folder: Path, variant: str = '') -> Path:
     """``name`` exported to ``folder``, live; ``variant`` (:data:`VARIANTS`): ``floor`` with every sampler a
     :class:`MemoryFloorSampler`, ``uniform`` built with the uniform sampler."""
+    if variant and variant not in VARIANTS:
+        raise ValueError(f'variant must be one of {", ".join(repr(v) for v in VARIANTS)} or empty; got {variant!r}')
     kwargs = {'ssb_sampler': 'uniform'} if variant == 'uniform' else {}
     model = with_live_saliency(timm.create_model(name, **kwargs).eval())
     if variant == 'floor':

@@ -110,6 +110,12 @@ def test_positions_are_those_of_the_normalised_saliency_map(height, width):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize('shape', [(2, 14, 14), (2, 3, 14, 14)])
+def test_positions_name_logits_that_are_not_one_channel_maps(shape):
+    with pytest.raises(ValueError, match=r'saliency_logits must be \(B, 1, H, W\); got shape'):
+        adaptive_positions(torch.randn(shape), 8, 0.18)
+
+
 @pytest.mark.parametrize('kind', ['adaptive', 'uniform', 'bilinear', 'dconv'])
 def test_constant_map_stays_constant(kind):
     sampler = create_sampler(kind, 4, 6).eval()

@@ -236,6 +236,8 @@ def _log_marginals(saliency_logits: torch.Tensor) -> List[torch.Tensor]:
     ``logsumexp`` of the float32 ``(B, 1, H, W)`` logits over the other axis: the log-softmax that makes the saliency
     map a distribution shifts every entry of both marginals by the same constant, which :func:`saliency_positions`
     does not see, so it is left out (an exported graph has five fewer ops a block)."""
+    if saliency_logits.dim() != 4 or saliency_logits.shape[1] != 1:
+        raise ValueError(f'saliency_logits must be (B, 1, H, W); got shape {list(saliency_logits.shape)}')
     logits = saliency_logits.float()
     return [torch.logsumexp(logits, dim=3), torch.logsumexp(logits, dim=2)]
 
