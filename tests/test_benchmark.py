@@ -28,6 +28,8 @@ def test_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     assert row['gmacs_ratio'] == pytest.approx(row['baseline_gmacs'] / row['gmacs'])
     assert row['page_faults'] >= 0 and row['baseline_page_faults'] >= 0
     assert 'minor page faults per step, SSB / baseline: ssb_resnetd50' in out
+    spread = f"each round's SSB / baseline, lowest-highest: ssb_resnetd50 {min(row['ratio_rounds']):.2f}-"
+    assert spread + f'{max(row["ratio_rounds"]):.2f}' in out
 
 
 def test_benchmark_stage_times(capsys):

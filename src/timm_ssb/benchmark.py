@@ -417,6 +417,11 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
             f'{mem:>10} {base_mem:>8}'
         )
     lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
+    if any(len(r.ratio_rounds) > 1 for r in results):
+        lines.append(
+            "each round's SSB / baseline, lowest-highest: "
+            + ', '.join(f'{r.model} {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f}' for r in results)
+        )
     if settings.device == 'cpu' and any(r.page_faults is not None for r in results):
         lines.append(
             'minor page faults per step, SSB / baseline: '
