@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from timm_ssb import SSBBottleneck  # importing timm_ssb registers the models
-from timm_ssb.benchmark import machine_info, report, require_positive
+from timm_ssb.benchmark import machine_info, report, require_positive, round_spread
 from timm_ssb.models import baseline_of
 
 
@@ -218,6 +218,7 @@ def main() -> None:
         f'{r["ratio"]:>7.2f}x {r["nodes"]:>6} {r["baseline_nodes"]:>6}'
         for r in rows
     ]
+    lines.append(round_spread({r['model']: r['ratios'] for r in rows}))
     for r in rows:
         if r['matrices_free_ratio'] is not None:
             lines.append(f'{r["model"]} with its saliency and matrices free: {r["matrices_free_ratio"]:.2f}x')

@@ -256,6 +256,8 @@ def test_onnx_inference_writes_table_and_json(tmp_path):
     (row,) = payload['results']
     assert row['baseline'] == 'resnet26d' and len(row['ratios']) == 2
     assert row['ratio'] == pytest.approx(sum(row['ratios']) / 2)  # the median of two
+    spread = f"each round's SSB / baseline, lowest-highest: ssb_resnetd26 {min(row['ratios']):.2f}-"
+    assert spread + f'{max(row["ratios"]):.2f}' in out
     assert row['nodes'] > row['baseline_nodes'] > 0
     assert payload['machine']['cpu_isa'] and payload['settings']['onnxruntime']
     assert {'Conv', 'MatMul'} <= set(row['operator_ms']) and 'MatMul' not in row['baseline_operator_ms']

@@ -48,6 +48,7 @@ __all__ = [
     'report',
     'write_json',
     'format_table',
+    'round_spread',
     'stage_times',
     'model_parts',
 ]
@@ -384,6 +385,14 @@ def _memory_kind(settings: BenchSettings, device: torch.device) -> str:
     return 'saved for backward (MB)' if settings.train else 'not measured on CPU'
 
 
+def round_spread(ratios: Dict[str, Sequence[float]]) -> str:
+    """A line under a table: each model's lowest and highest per-round ratio (SSB / baseline), whose median the table
+    gives."""
+    return "each round's SSB / baseline, lowest-highest: " + ', '.join(
+        f'{model} {min(rounds):.2f}-{max(rounds):.2f}' for model, rounds in ratios.items()
+    )
+
+
 def format_table(results: Sequence[BenchResult], settings: BenchSettings, machine: Dict[str, Any]) -> str:
     """The results as a plain-text table with the settings and machine above it."""
     mode = 'training step' if settings.train else 'inference'
@@ -418,10 +427,7 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
         )
     lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
     if any(len(r.ratio_rounds) > 1 for r in results):
-        lines.append(
-            "each round's SSB / baseline, lowest-highest: "
-            + ', '.join(f'{r.model} {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f}' for r in results)
-        )
+        lines.append(round_spread({r.model: r.ratio_rounds for r in results}))
     if settings.device == 'cpu' and any(r.page_faults is not None for r in results):
         lines.append(
             'minor page faults per step, SSB / baseline: '
