@@ -36,13 +36,10 @@ import torch
 import torch.nn as nn
 
 from timm_ssb import BASELINES, SSBBottleneck
-from timm_ssb.benchmark import machine_info, model_parts, report, require_positive
+from timm_ssb.benchmark import SPEED_TARGETS, machine_info, model_parts, report, require_positive
 from timm_ssb.complexity import count_gmacs
 
-CPU_INFERENCE_TARGETS = {
-    None: {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
-    torch.bfloat16: {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
-}
+CPU_INFERENCE_TARGETS = {None: SPEED_TARGETS['inference_fp32'], torch.bfloat16: SPEED_TARGETS['inference_bf16']}
 """Issue #22's CPU inference targets (SSB throughput / baseline throughput) per autocast dtype (None: fp32)."""
 
 

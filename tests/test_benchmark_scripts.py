@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from timm_ssb.benchmark import SPEED_TARGETS
 from timm_ssb.layers.native.calibration import NATIVE_MARGIN
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
@@ -334,12 +335,12 @@ def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
     rows = [('ssb_resnetd50', 1.2496), ('ssb_resnetd101', 1.52), ('ssb_resnetd152', 1.61), ('ssb_resnetrs152', 1.65)]
     models = tmp_path / 'models.json'
     models.write_text(json.dumps({'results': [{'model': m, 'ratio': r} for m, r in rows]}))
-    cell = doc_tables.model_targets_cell(models, doc_tables.TARGETS['inference_fp32'])
+    cell = doc_tables.model_targets_cell(models, SPEED_TARGETS['inference_fp32'])
     assert cell == '2 of 4: D-50 1.250 (1.25), D-152 1.61 (1.65)'
     onnx = tmp_path / 'onnx.json'
     onnx.write_text(json.dumps({'results': [{'model': 'ssb_resnetd50', 'ratio': 1.3}]}))
-    assert doc_tables.model_targets_cell(onnx, doc_tables.TARGETS['onnx']) == '1 of 1'
-    assert doc_tables.model_targets_cell(tmp_path / 'none.json', doc_tables.TARGETS['onnx']) == '–'
+    assert doc_tables.model_targets_cell(onnx, SPEED_TARGETS['onnx']) == '1 of 1'
+    assert doc_tables.model_targets_cell(tmp_path / 'none.json', SPEED_TARGETS['onnx']) == '–'
     ops = tmp_path / 'ops.json'
     keys = list(doc_tables.OPS.values())
     layers = [{f'{k}_ratio': 0.4 for k in keys}, {**{f'{k}_ratio': 0.5 for k in keys}, 'down_ratio': 0.62}]

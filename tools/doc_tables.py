@@ -12,7 +12,7 @@ Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table --
   layer4 (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
 * ``summary`` (the README's): a row per CPU class and build, a column per setting;
 * ``targets`` (docs/performance.md): a row per CPU class and build, a column per target of the speed issue (#22,
-  :data:`TARGETS`): how many of that row's cells meet theirs, and each miss with its target;
+  :data:`~timm_ssb.benchmark.SPEED_TARGETS`): how many of that row's cells meet theirs, and each miss with its target;
 * ``small_digit`` (docs/adaptive-sampling.md): each sampler's accuracy and its paired difference from uniform
   (``ablation_small_digit*.json``);
 * ``warm_start`` (docs/training.md): accuracy by epoch of the four arms of ``warm_start_digits.json``.
@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from timm_ssb.benchmark import SPEED_TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -56,13 +58,6 @@ MODEL_NAMES = {
     'ssb_resnetrs152': 'RS-152',
 }
 """The short names the pages give the models the speed tables measure."""
-TARGETS = {
-    'inference_fp32': {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
-    'train_fp32': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
-    'inference_bf16': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
-    'onnx': {'ssb_resnetd50': 1.2, 'ssb_resnetd152': 1.5},
-}
-"""The least SSB / baseline ratio each model should reach, per setting (the speed issue's targets)."""
 OPS_TARGET = 0.5
 """The most time a float32 sampling op may take, as a fraction of PyTorch's path's."""
 _NATIVE_FP32 = 'cpu_inference_fp32_*_native.json'
@@ -166,7 +161,8 @@ def _target_cell(misses: List[str], total: int) -> str:
 
 
 def model_targets_cell(path: Path, targets: Dict[str, float]) -> str:
-    """How many of the file's models meet their :data:`TARGETS`, and each miss as ``D-50 1.21 (1.25)``."""
+    """How many of the file's models meet their ``targets`` (a setting's :data:`~timm_ssb.benchmark.SPEED_TARGETS`),
+    and each miss as ``D-50 1.21 (1.25)``."""
     if not path.exists():
         return '–'
     misses, total = [], 0
@@ -196,12 +192,12 @@ def targets_table() -> str:
     for cpu in measured_cpus():
         for build, label in BUILDS.items():
             cells = [
-                model_targets_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json', TARGETS[setting])
+                model_targets_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json', SPEED_TARGETS[setting])
                 for setting in SETTINGS
             ]
             cells.append(ops_targets_cell(RESULTS / f'cpu_sampling_products_float32_{cpu}_{build}.json'))
             onnx = RESULTS / f'onnx_inference_{cpu}.json'
-            cells.append(model_targets_cell(onnx, TARGETS['onnx']) if build == 'native' else '')
+            cells.append(model_targets_cell(onnx, SPEED_TARGETS['onnx']) if build == 'native' else '')
             lines.append(f'| {cpu_label(cpu)}, {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

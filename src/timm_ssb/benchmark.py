@@ -48,6 +48,7 @@ __all__ = [
     'report',
     'write_json',
     'format_table',
+    'SPEED_TARGETS',
     'round_spread',
     'stage_times',
     'model_parts',
@@ -233,6 +234,15 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
     _synchronize(device)
     return time.perf_counter() - start
 
+
+SPEED_TARGETS = {
+    'inference_fp32': {'ssb_resnetd50': 1.25, 'ssb_resnetd101': 1.5, 'ssb_resnetd152': 1.65, 'ssb_resnetrs152': 1.65},
+    'train_fp32': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
+    'inference_bf16': {'ssb_resnetd50': 1.2, 'ssb_resnetd101': 1.4, 'ssb_resnetd152': 1.5, 'ssb_resnetrs152': 1.5},
+    'onnx': {'ssb_resnetd50': 1.2, 'ssb_resnetd152': 1.5},
+}
+"""The CPU speed targets (issue #22): the least SSB / baseline throughput ratio each model should reach, per setting
+(CPU fp32 inference and training step, bf16 autocast inference, ONNX Runtime fp32 inference)."""
 
 MODEL_PARTS = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
 """The parts of a timm ResNet that ``--stages`` times, in forward order."""
@@ -426,7 +436,7 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings, machin
             f'{mem:>10} {base_mem:>8}'
         )
     lines.append(f'memory: {results[0].memory_kind}' if results else 'no models')
-    if any(len(r.ratio_rounds) > 1 for r in results):
+    if results:
         lines.append(round_spread({r.model: r.ratio_rounds for r in results}))
     if settings.device == 'cpu' and any(r.page_faults is not None for r in results):
         lines.append(
