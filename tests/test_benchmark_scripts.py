@@ -326,6 +326,25 @@ def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):
     assert doc_tables.measured_cpus() == ['avx512', 'avx2', 'sse']
 
 
+def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch):
+    """A setting gets a CPU class's row where one of its builds has a result file (the compiled rows, which the
+    default table run leaves out, among them); the targets table has no column for the compiled settings."""
+    sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
+    import doc_tables
+
+    machine = {'processor': 'AMD EPYC 9R14', 'cpu_isa': 'AVX-512', 'git_commit': 'abcdef0123'}
+    for setting, ratio in (('inference_fp32', 1.3), ('compiled_inference_fp32', 1.4)):
+        payload = {'machine': machine, 'results': [{'model': 'ssb_resnetd50', 'ratio': ratio}]}
+        (tmp_path / f'cpu_{setting}_avx512_native.json').write_text(json.dumps(payload))
+    monkeypatch.setattr(doc_tables, 'RESULTS', tmp_path)
+    table = doc_tables.cpu_table()
+    assert '| AMD EPYC 9R14, AVX-512: fp32 inference | 1.30× (abcdef0) | – |' in table
+    assert '| AMD EPYC 9R14, AVX-512: fp32 inference, torch.compile | 1.40× (abcdef0) | – |' in table
+    assert 'training' not in table and 'bf16' not in table
+    header = doc_tables.targets_table().splitlines()[0]
+    assert 'fp32 inference |' in header and 'torch.compile' not in header
+
+
 def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
     """Each cell is compared with its model's target unrounded: a ratio that prints as its target but misses it
     shows three decimals; the sampling ops count the float32 cells at most 0.5 and name the largest."""

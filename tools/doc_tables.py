@@ -5,14 +5,15 @@ Each table stands in a page between ``<!-- table:NAME -->`` and ``<!-- /table --
 ``benchmarks/results/`` alone, so the pages' figures are the data's, never typed:
 
 * ``cpu``: for each CPU class measured (``<cpu>``: its ISA class, ``avx512_amx``, ``avx512``, ``avx2``, ``neon``), one
-  row per setting (``cpu_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>.json``, written by
+  row per setting measured there (``cpu_<setting>_<cpu>_<build>.json``, :data:`SETTINGS`, written by
   ``benchmarks/run_cpu_isa.sh``) and ONNX Runtime (``onnx_inference_<cpu>.json``), a column per build of the
   kernels; each cell the SSB / baseline ratios of the models in the order measured and the commit measured at;
 * ``ops``: for each CPU class, each sampling op, the native kernel's time over PyTorch's path's at layer2 / layer3 /
   layer4 (``cpu_sampling_products_<dtype>_<cpu>_<build>.json``);
 * ``summary`` (the README's): a row per CPU class and build, a column per setting;
 * ``targets`` (docs/performance.md): a row per CPU class and build, a column per target of the speed issue (#22,
-  :data:`~timm_ssb.benchmark.SPEED_TARGETS`): how many of that row's cells meet theirs, and each miss with its target;
+  :data:`~timm_ssb.benchmark.SPEED_TARGETS`; the compiled settings have none): how many of that row's cells meet
+  theirs, and each miss with its target;
 * ``small_digit`` (docs/adaptive-sampling.md): each sampler's accuracy and its paired difference from uniform
   (``ablation_small_digit*.json``);
 * ``warm_start`` (docs/training.md): accuracy by epoch of the four arms of ``warm_start_digits.json``.
@@ -39,6 +40,8 @@ SETTINGS = {
     'inference_fp32': 'fp32 inference',
     'train_fp32': 'fp32 training step',
     'inference_bf16': 'bf16 autocast inference',
+    'compiled_inference_fp32': 'fp32 inference, torch.compile',
+    'compiled_inference_bf16': 'bf16 autocast inference, torch.compile',
 }
 BUILDS = {'native': 'kernels for this CPU (-march=native)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
 CPU_CLASSES = ('avx512_amx', 'avx512', 'avx2', 'neon')
@@ -103,8 +106,9 @@ def cpu_table() -> str:
     for cpu in measured_cpus():
         name = cpu_label(cpu)
         for setting, label in SETTINGS.items():
-            cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for build in BUILDS]
-            lines.append(f'| {name}: {label} | ' + ' | '.join(cells) + ' |')
+            paths = [RESULTS / f'cpu_{setting}_{cpu}_{build}.json' for build in BUILDS]
+            if any(path.exists() for path in paths):
+                lines.append(f'| {name}: {label} | ' + ' | '.join(ratio_cell(path) for path in paths) + ' |')
         onnx = RESULTS / f'onnx_inference_{cpu}.json'
         if onnx.exists():
             models = ' / '.join(row['model'].removeprefix('ssb_') for row in _load(onnx)['results'])
@@ -187,13 +191,14 @@ def ops_targets_cell(path: Path) -> str:
 
 
 def targets_table() -> str:
-    columns = [*SETTINGS.values(), 'float32 sampling ops', 'onnxruntime fp32']
+    settings = [setting for setting in SETTINGS if setting in SPEED_TARGETS]
+    columns = [*(SETTINGS[setting] for setting in settings), 'float32 sampling ops', 'onnxruntime fp32']
     lines = ['| cells at their target | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
     for cpu in measured_cpus():
         for build, label in BUILDS.items():
             cells = [
                 model_targets_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json', SPEED_TARGETS[setting])
-                for setting in SETTINGS
+                for setting in settings
             ]
             cells.append(ops_targets_cell(RESULTS / f'cpu_sampling_products_float32_{cpu}_{build}.json'))
             onnx = RESULTS / f'onnx_inference_{cpu}.json'
