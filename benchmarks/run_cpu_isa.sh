@@ -8,9 +8,9 @@
 # benchmarks/results/cpu_{inference_fp32,train_fp32,inference_bf16,sampling_products_{float32,bfloat16}}_<cpu>_<build>.{txt,json}: <cpu> the CPU's ISA class (avx512, avx512_amx, avx2,
 # neon), <build> native or x86-64-v3; the CPU, ISA, build, commit and command are in each JSON.
 # ARCHS="native" runs one build only; SETTINGS="inference_fp32 sampling" runs those parts only. Not run by default
-# (each takes ~10 min a build on 2 cores, most of it compiling): SETTINGS="compiled_inference_fp32
-# compiled_inference_bf16", the inference rows with both models under torch.compile
-# (cpu_compiled_inference_{fp32,bf16}_<cpu>_<build>).
+# (each takes ~10 min a build on 2 cores, the training step longer, most of it compiling):
+# SETTINGS="compiled_inference_fp32 compiled_train_fp32 compiled_inference_bf16", the same rows with both models
+# under torch.compile (cpu_compiled_{inference_fp32,train_fp32,inference_bf16}_<cpu>_<build>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -32,6 +32,7 @@ for arch in ${ARCHS:-native x86-64-v3}; do
     [[ $settings == *" train_fp32 "* ]] && bench train_fp32 --batch-size 8 --train
     [[ $settings == *" inference_bf16 "* ]] && bench inference_bf16 --batch-size 16 --amp bfloat16
     [[ $settings == *" compiled_inference_fp32 "* ]] && bench compiled_inference_fp32 --batch-size 16 --compile
+    [[ $settings == *" compiled_train_fp32 "* ]] && bench compiled_train_fp32 --batch-size 8 --train --compile
     [[ $settings == *" compiled_inference_bf16 "* ]] && bench compiled_inference_bf16 --batch-size 16 --amp bfloat16 --compile
     [[ $settings == *" sampling "* ]] || continue
     for dtype in float32 bfloat16; do

@@ -41,6 +41,7 @@ SETTINGS = {
     'train_fp32': 'fp32 training step',
     'inference_bf16': 'bf16 autocast inference',
     'compiled_inference_fp32': 'fp32 inference, torch.compile',
+    'compiled_train_fp32': 'fp32 training step, torch.compile',
     'compiled_inference_bf16': 'bf16 autocast inference, torch.compile',
 }
 BUILDS = {'native': 'kernels for this CPU (-march=native)', 'x86-64-v3': 'kernels built for AVX2 (x86-64-v3)'}
