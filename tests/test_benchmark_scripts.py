@@ -328,7 +328,8 @@ def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):
 
 def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch):
     """A setting gets a CPU class's row where one of its builds has a result file (the compiled rows, which the
-    default table run leaves out, among them); the targets table has no column for the compiled settings."""
+    default table run leaves out, among them), and a column of the README's summary where any class has one; the
+    targets table has no column for the compiled settings."""
     sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
     import doc_tables
 
@@ -343,6 +344,10 @@ def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch
     assert 'training' not in table and 'bf16' not in table
     header = doc_tables.targets_table().splitlines()[0]
     assert 'fp32 inference |' in header and 'torch.compile' not in header
+    summary = doc_tables.summary_table().splitlines()
+    assert summary[0] == '| | fp32 inference | fp32 inference, torch.compile |'
+    native = '| AMD EPYC 9R14, AVX-512, kernels for this CPU (-march=native) |'
+    assert summary[2] == f'{native} 1.30× (abcdef0) | 1.40× (abcdef0) |'
 
 
 def test_targets_table_counts_the_cells_at_their_targets(tmp_path):

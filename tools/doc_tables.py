@@ -145,10 +145,13 @@ def ops_table() -> str:
 
 
 def summary_table() -> str:
-    lines = ['| | ' + ' | '.join(SETTINGS.values()) + ' |', '|---|' + '---|' * len(SETTINGS)]
-    for cpu in measured_cpus():
+    """A row per CPU class and build, a column per setting that any of them measured."""
+    cpus = measured_cpus()
+    settings = [s for s in SETTINGS if any(next(RESULTS.glob(f'cpu_{s}_{cpu}_*.json'), None) for cpu in cpus)]
+    lines = ['| | ' + ' | '.join(SETTINGS[s] for s in settings) + ' |', '|---|' + '---|' * len(settings)]
+    for cpu in cpus:
         for build, label in BUILDS.items():
-            cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for setting in SETTINGS]
+            cells = [ratio_cell(RESULTS / f'cpu_{setting}_{cpu}_{build}.json') for setting in settings]
             lines.append(f'| {cpu_label(cpu)}, {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
