@@ -16,6 +16,14 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 models=(ssb_resnetd50 ssb_resnetd101 ssb_resnetd152 ssb_resnetrs152)
+known="inference_fp32 train_fp32 inference_bf16 sampling compiled_inference_fp32 compiled_train_fp32 compiled_inference_bf16"
+settings=" ${SETTINGS:-inference_fp32 train_fp32 inference_bf16 sampling} "
+for setting in $settings; do
+    if [[ " $known " != *" $setting "* ]]; then
+        echo "SETTINGS: unknown setting '$setting'; allowed: $known" >&2
+        exit 2
+    fi
+done
 isa=$(python -c 'from timm_ssb.layers.native.cpu.features import vector_isa; print(vector_isa())')
 cpu=$(echo "$isa" | tr 'A-Z' 'a-z' | tr -d ' -' | tr '+' '_')
 for arch in ${ARCHS:-native x86-64-v3}; do
@@ -27,7 +35,6 @@ for arch in ${ARCHS:-native x86-64-v3}; do
         python -m timm_ssb.cli bench --models "${models[@]}" --device cpu --threads 2 \
             --json "$out/cpu_${name}_$build.json" "$@" | tee "$out/cpu_${name}_$build.txt"
     }
-    settings=" ${SETTINGS:-inference_fp32 train_fp32 inference_bf16 sampling} "
     [[ $settings == *" inference_fp32 "* ]] && bench inference_fp32 --batch-size 16
     [[ $settings == *" train_fp32 "* ]] && bench train_fp32 --batch-size 8 --train
     [[ $settings == *" inference_bf16 "* ]] && bench inference_bf16 --batch-size 16 --amp bfloat16

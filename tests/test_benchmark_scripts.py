@@ -1,6 +1,7 @@
 """The scripts in benchmarks/ run and write what their docs say (tiny settings; their numbers are not checked)."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -324,6 +325,16 @@ def test_speed_tables_keep_a_cpu_class_they_do_not_know(tmp_path, monkeypatch):
     (tmp_path / 'cpu_inference_fp32_avx2_x86-64-v3.json').write_text('{}')
     monkeypatch.setattr(doc_tables, 'RESULTS', tmp_path)
     assert doc_tables.measured_cpus() == ['avx512', 'avx2', 'sse']
+
+
+def test_cpu_isa_script_names_an_unknown_setting():
+    """A mistyped SETTINGS word stops run_cpu_isa.sh before anything runs, naming it and the allowed ones, rather
+    than measuring nothing for it."""
+    env = {**os.environ, 'SETTINGS': 'inference_fp32 compiled_inference'}
+    result = subprocess.run(['bash', str(BENCHMARKS / 'run_cpu_isa.sh')], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "SETTINGS: unknown setting 'compiled_inference'" in result.stderr
+    assert 'compiled_inference_fp32' in result.stderr and not result.stdout
 
 
 def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch):
