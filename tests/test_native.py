@@ -255,8 +255,11 @@ def test_nan_and_inf_pass_through_like_the_reference(channels):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('height, rows', [(9, 4), (3, 7)])  # the way down's backward and the way up's
-def test_relu_gradient_is_the_gradient_exactly_where_the_output_is_above_zero(dtype, height, rows):
-    channels = 37  # whole vectors and a scalar tail in every build
+# 37: whole vectors and a scalar tail in every build; 64: whole cache lines a pixel. With need_all the way up masks
+# its rows block by block, within its pass over them; without, in a pass of its own.
+@pytest.mark.parametrize('channels', [37, 64])
+@pytest.mark.parametrize('need_all', [False, True])
+def test_relu_gradient_is_the_gradient_exactly_where_the_output_is_above_zero(dtype, height, rows, channels, need_all):
     x = channels_last(torch.randn(2, channels, height, height)).to(dtype)
     matrix_y, matrix_x = banded(2, rows, height), banded(2, rows, height)
     tiny = torch.finfo(dtype).tiny
@@ -268,7 +271,7 @@ def test_relu_gradient_is_the_gradient_exactly_where_the_output_is_above_zero(dt
     grad = torch.randn(2, channels, rows, rows)
     grad.view(-1)[1 : edges.numel() * 11 : 11] = torch.tensor([tiny / 8, -tiny / 2] * 4 + [0.5])
     out, grad = channels_last(out.to(dtype)), channels_last(grad.to(dtype))
-    masked = native.separable_resample_backward(grad, x, matrix_y, matrix_x, out, False, False)[3]
+    masked = native.separable_resample_backward(grad, x, matrix_y, matrix_x, out, need_all, need_all)[3]
     assert torch.equal(masked, torch.where(out > 0, grad, torch.zeros_like(grad)))
 
 
@@ -879,6 +882,31 @@ def test_compiled_inference_passes_the_saliency_logits_too():
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
     assert len(graphs) == 1 and targets.count('timm_ssb.separable_resample_saliency.default') == 7
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_model_compiled_for_any_input_size_keeps_the_fused_ops():
+    """``torch.compile(fullgraph=True, dynamic=True)``, as a model compiled for a third input size is (dynamo then
+    traces the shapes as symbols): the rule that picks the native op is a constant of the trace and must not be
+    handed a symbol (it was: the way's direction, a comparison of shapes). Every graph holds the fused ops, and the
+    outputs at two sizes and batch sizes are eager's."""
+    model = live_ssb_resnetd50()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch_size, size in ((2, 96), (3, 128)):
+            x = channels_last(torch.randn(batch_size, 3, size, size))
+            expected = model(x)
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert graphs
+    for gm in graphs:
+        targets = [str(n.target) for n in gm.graph.nodes]
+        assert targets.count('timm_ssb.separable_resample_saliency.default') == 7
+        assert not any('bmm' in target for target in targets)  # no fallback to PyTorch's products
 
 
 def test_saliency_pass_is_refused_where_autograd_needs_a_backward():

@@ -390,7 +390,10 @@ def _resample_channels_last(
         t is not None and t.requires_grad for t in (x, matrix_y, matrix_x, residual)
     )
     with torch.autocast(device_type, enabled=False):
-        up = matrix_y.shape[1] > x.shape[2] or matrix_x.shape[1] > x.shape[3]  # mapping a result back up
+        # Mapping a result back up. Branched on rather than passed on: where torch.compile traces the shapes as
+        # symbols (a model compiled for a third input size, or dynamic=True) the comparison is a symbol, which the
+        # rule it goes to (a constant of the trace) cannot take; a branch on it is a guard, and up a Python bool.
+        up = True if matrix_y.shape[1] > x.shape[2] or matrix_x.shape[1] > x.shape[3] else False
         op = native_op(x, training, up)
         if op is not None:
             return op(x, matrix_y.float().contiguous(), matrix_x.float().contiguous(), residual, relu)
