@@ -13,6 +13,14 @@ if not torch.cuda.is_available():
 import timm_ssb  # noqa: E402, F401  (registers the models)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest-xdist): a worker process per CPU this process may run on, at most 4. Beyond that the
+    suite's longest tests (about a minute each) bound its time, and every worker holds its own torch and models."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(cpus, 4)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
