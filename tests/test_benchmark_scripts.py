@@ -337,6 +337,17 @@ def test_cpu_isa_script_names_an_unknown_setting():
     assert 'compiled_inference_fp32' in result.stderr and not result.stdout
 
 
+def test_cpu_isa_script_runs_the_settings_the_tables_list():
+    """run_cpu_isa.sh's settings are the tables' (tools/doc_tables.py: the models' settings, and the sampling ops):
+    a setting added to one but not the other would be measured and never shown, or shown and never measured."""
+    sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
+    import doc_tables
+
+    script = (BENCHMARKS / 'run_cpu_isa.sh').read_text()
+    known = next(line for line in script.splitlines() if line.startswith('known='))
+    assert set(known.split('=', 1)[1].strip('"').split()) == {*doc_tables.SETTINGS, 'sampling'}
+
+
 def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch):
     """A setting gets a CPU class's row where one of its builds has a result file (the compiled rows, which the
     default table run leaves out, among them), and a column of the README's summary where any class has one; the
