@@ -2,9 +2,11 @@
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,17 +15,23 @@ import timm_ssb.layers.native.calibration as calibration
 from timm_ssb.cli import main
 from timm_ssb.layers.native.cpu import build
 
+INFO = (sys.executable, '-m', 'timm_ssb.info')
 
-def run_info(tmp_path: Path, *args: str, path: str = None, **env: str) -> subprocess.CompletedProcess:
-    """``python -m timm_ssb.info`` in a fresh process, with the kernel cache in ``tmp_path / 'cache'`` and ``env``
-    set (an empty value removes the variable)."""
+
+def info_env(tmp_path: Path, path: str = None, **env: str) -> dict:
+    """This process's environment with the kernel cache in ``tmp_path / 'cache'``, ``PATH`` set to ``path`` if given
+    and ``env`` set (an empty value removes the variable)."""
     environ = {**os.environ, 'TIMM_SSB_CACHE': str(tmp_path / 'cache'), **env}
     environ.pop('TRITON_INTERPRET', None)
     if path is not None:
         environ['PATH'] = path
-    environ = {k: v for k, v in environ.items() if v}
+    return {k: v for k, v in environ.items() if v}
+
+
+def run_info(tmp_path: Path, *args: str, path: str = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m timm_ssb.info`` in a fresh process, in :func:`info_env`."""
     return subprocess.run(
-        [sys.executable, '-m', 'timm_ssb.info', *args], env=environ, capture_output=True, text=True, timeout=600
+        [*INFO, *args], env=info_env(tmp_path, path, **env), capture_output=True, text=True, timeout=600
     )
 
 
@@ -158,3 +166,27 @@ def test_a_cached_library_that_does_not_load_is_rebuilt_once(tmp_path):
     assert second.returncode == 0 and 'built and loaded: yes' in second.stdout, second.stdout + second.stderr
     assert 'differs from what its build recorded; rebuilding it' in second.stderr
     assert library.stat().st_size > 1000
+
+
+def test_a_process_arriving_while_another_builds_waits_for_its_library(tmp_path):
+    """torchrun's ranks on a fresh machine: one has linked the library and not yet recorded it when another starts.
+    The second waits for the first, then loads its library; it must not take it for a damaged one and rebuild."""
+    seed_cache(tmp_path)
+    (directory,) = (p for p in (tmp_path / 'cache').iterdir() if p.is_dir())
+    (library,) = directory.glob('*.so')
+    digest = directory / 'library.sha256'
+    record, built = digest.read_text(), library.stat().st_mtime_ns
+    digest.unlink()
+    said = queue.Queue()
+    with build.build_lock(directory):  # the builder, between its link and its record
+        second = subprocess.Popen(
+            INFO, env=info_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        threading.Thread(target=lambda: [said.put(line) for line in second.stderr], daemon=True).start()
+        first_word = next(line for line in iter(lambda: said.get(timeout=120), None) if line.startswith('timm_ssb:'))
+        assert first_word.startswith('timm_ssb: waiting for another process'), first_word
+        digest.write_text(record)
+    out = second.stdout.read()  # its stderr is the thread's
+    second.wait(timeout=600)
+    assert second.returncode == 0 and 'built and loaded: yes' in out, out
+    assert library.stat().st_mtime_ns == built and digest.read_text() == record

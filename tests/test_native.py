@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from typing import Callable
 
 import pytest
 import timm
 import torch
+from filelock import FileLock
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_ssb.layers.native as native
@@ -390,6 +392,28 @@ def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp
     native.calibrate(torch.bfloat16, True)
     assert measured == [(torch.float32, False), (torch.float32, False), (torch.bfloat16, True)]
     assert len(json.loads((tmp_path / calibration_module.CALIBRATION_FILE).read_text())) == 2
+
+
+def test_processes_asking_together_use_one_calibration(monkeypatch, tmp_path):
+    """torchrun's ranks ask for the calibration at once: while one measures, the others wait for it and then use
+    its result instead of measuring on a machine the first one keeps busy."""
+    import timm_ssb.layers.native.calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, 'cache_dir', lambda: tmp_path)
+    monkeypatch.setattr(calibration_module, '_memory', {})
+    measured = []
+    monkeypatch.setattr(calibration_module, '_measure', lambda *args: measured.append(args) or dict(theirs, own=1))
+    theirs = {name: float(i + 1) for i, name in enumerate(calibration_module.TIMES)}
+    answers = []
+    asker = threading.Thread(target=lambda: answers.append(native.calibrate(torch.float32, False)))
+    with FileLock(tmp_path / calibration_module.CALIBRATION_LOCK):  # another process is measuring
+        asker.start()
+        asker.join(timeout=1.0)
+        assert asker.is_alive() and not measured, 'the calibration was measured while another process measured it'
+        key = f'float32/inference/{torch.get_num_threads()}'
+        (tmp_path / calibration_module.CALIBRATION_FILE).write_text(json.dumps({key: theirs}))
+    asker.join(timeout=60)
+    assert answers == [theirs] and not measured
 
 
 def test_calibration_chooses_the_kernel_only_where_it_was_clearly_faster(monkeypatch):

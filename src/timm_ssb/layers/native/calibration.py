@@ -11,9 +11,12 @@ measured so: docs/kernels.md.
 
 import json
 import time
-from typing import Callable, Dict, List
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
+from filelock import FileLock
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .batched_products import BatchedProductsResample
@@ -22,6 +25,7 @@ from .resample import separable_resample_eager
 
 __all__ = [
     'CALIBRATION_FILE',
+    'CALIBRATION_LOCK',
     'CALIBRATION_SHAPE',
     'NATIVE_MARGIN',
     'calibrate',
@@ -32,6 +36,7 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = 'calibration.json'
+CALIBRATION_LOCK = 'calibration.json.lock'
 CALIBRATION_SHAPE = (4, 512, 28, 16)
 """(batch, channels, map side, sampled side) of the timed map: a ResNet-D layer2 block's at 224 x 224."""
 
@@ -69,15 +74,16 @@ def calibrate(dtype: torch.dtype, training: bool) -> dict:
     if key in _memory:
         return _memory[key]
     path = cache_dir() / CALIBRATION_FILE
-    kept = _read(path)
-    entry = kept.get(key)
-    if not (isinstance(entry, dict) and all(_is_time(entry.get(name)) for name in TIMES)):
-        # Asked from inside the caller's dispatch modes, perhaps (a FlopCounterMode counting a model, a fake-tensor
-        # trace): the timing runs outside them, on real tensors, and is not counted as the caller's work.
-        with _disable_current_modes():
-            entry = _measure(dtype, training)
-        kept[key] = entry
-        _write(path, kept)
+    with _alone(path):
+        kept = _read(path)
+        entry = kept.get(key)
+        if not (isinstance(entry, dict) and all(_is_time(entry.get(name)) for name in TIMES)):
+            # Asked from inside the caller's dispatch modes, perhaps (a FlopCounterMode counting a model, a fake-tensor
+            # trace): the timing runs outside them, on real tensors, and is not counted as the caller's work.
+            with _disable_current_modes():
+                entry = _measure(dtype, training)
+            kept[key] = entry
+            _write(path, kept)
     _memory[key] = entry
     return entry
 
@@ -90,6 +96,24 @@ def forget_calibration() -> None:
         (cache_dir() / CALIBRATION_FILE).unlink()
     except FileNotFoundError:
         pass
+
+
+@contextmanager
+def _alone(path: Path) -> Iterator[None]:
+    """One process at a time reads, measures and writes the calibration in ``path`` (the lock:
+    :data:`CALIBRATION_LOCK` beside it): processes that start together (torchrun's ranks) then use one measurement,
+    not one each made while the others' ran, and none loses another's entry. Where no lock can be made (a read-only
+    cache) each measures for itself."""
+    lock: Optional[FileLock] = FileLock(str(path.with_name(CALIBRATION_LOCK)))
+    try:
+        lock.acquire()
+    except OSError:
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _is_time(value: object) -> bool:

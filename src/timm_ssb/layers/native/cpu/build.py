@@ -7,7 +7,8 @@ matrices) are compiled into one library with the system's C++ compiler through
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
 ``-march=native`` -- on Apple silicon the compiler's default target --, or ``$TIMM_SSB_CPU_ARCH``; with OpenMP
 through torch's own runtime, :func:`openmp_flags`). Later processes load the cached library; one that does not load is
-rebuilt once, and so is one that differs from what its build recorded (its SHA-256). Nothing is compiled at
+rebuilt once, and so is one that differs from what its build recorded (its SHA-256); processes that start together
+(torchrun's ranks) take turns (:func:`build_lock`): one builds, the others load its library. Nothing is compiled at
 ``pip install``. The build needs a C++ compiler (not installable by pip) and
 ninja (the ``ninja`` package, a dependency, when there is none on ``PATH``); it says on stderr that it is building.
 
@@ -23,10 +24,12 @@ import platform
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from filelock import FileLock, Timeout
 
 from ...tail_cuts import KERNEL_WEIGHT_LOG, SMALLEST_WEIGHT_LOG
 from ..loading import KernelLoader
@@ -41,6 +44,7 @@ __all__ = [
     'openmp_flags',
     'cflags',
     'cache_dir',
+    'build_lock',
     'cpu_library',
 ]
 
@@ -155,6 +159,35 @@ def _build_and_load() -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RuntimeError(f'cannot create the cache {directory} ({e}); set TIMM_SSB_CACHE to a writable folder') from e
+    with _held(build_lock(directory), directory):
+        _load_or_build(directory, tools['ninja'])
+
+
+def build_lock(directory: Path) -> FileLock:
+    """The lock that one process at a time holds while it checks, builds, loads and records the library in
+    ``directory``: another one arriving after the linker wrote it but before its record (torchrun's ranks starting
+    on a fresh machine) would take it for a damaged one and delete it under the builder. It lies beside the
+    folder, which a rebuild empties."""
+    return FileLock(str(directory.with_name(f'{directory.name}.lock')))
+
+
+@contextmanager
+def _held(lock: FileLock, directory: Path) -> Iterator[None]:
+    try:
+        try:
+            lock.acquire(timeout=1)  # another process loading the library: a moment, not worth a word
+        except Timeout:
+            _say(f'waiting for another process building or loading the kernels in {directory}')
+            lock.acquire()
+    except OSError as e:
+        raise RuntimeError(f'cannot lock the cache {directory} ({e}); set TIMM_SSB_CACHE to a writable folder') from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _load_or_build(directory: Path, ninja: str) -> None:
     library, digest = directory / f'{directory.name}.so', directory / 'library.sha256'
     if library.exists() and not _intact(library, digest):
         # Cut short or overwritten (a full disk, a killed build): loading it could crash the process (SIGBUS).
@@ -166,13 +199,13 @@ def _build_and_load() -> None:
         target = ' '.join(arch_flags()) or "the compiler's default target"
         _say(f'building the native CPU sampling kernels for {target} into {directory} (once, about 20 s)')
     try:
-        _compile_and_load(directory, tools['ninja'])
+        _compile_and_load(directory, ninja)
     except Exception as e:
         if not cached:
             raise
         _say(f'the cached kernel library in {directory} could not be loaded ({type(e).__name__}); rebuilding it')
         _empty(directory)
-        _compile_and_load(directory, tools['ninja'])
+        _compile_and_load(directory, ninja)
     # Recorded after every load: torch's build may have rebuilt the library (sources at another path, say).
     loaded = _sha256(library)
     if not _intact(library, digest, loaded):
