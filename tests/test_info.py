@@ -169,8 +169,9 @@ def test_a_cached_library_that_does_not_load_is_rebuilt_once(tmp_path):
 
 
 def test_a_process_arriving_while_another_builds_waits_for_its_library(tmp_path):
-    """torchrun's ranks on a fresh machine: one has linked the library and not yet recorded it when another starts.
-    The second waits for the first, then loads its library; it must not take it for a damaged one and rebuild."""
+    """Processes starting together on a fresh machine (DDP ranks, the suite's workers): one has linked the library and
+    not yet recorded it when another starts. The second waits for the first, then loads its library; it must not take it
+    for a damaged one and rebuild."""
     seed_cache(tmp_path)
     (directory,) = (p for p in (tmp_path / 'cache').iterdir() if p.is_dir())
     (library,) = directory.glob('*.so')

@@ -395,7 +395,7 @@ def test_calibration_is_measured_once_and_kept_beside_the_build(monkeypatch, tmp
 
 
 def test_processes_asking_together_use_one_calibration(monkeypatch, tmp_path):
-    """torchrun's ranks ask for the calibration at once: while one measures, the others wait for it and then use
+    """DDP ranks ask for the calibration at once: while one measures, the others wait for it and then use
     its result instead of measuring on a machine the first one keeps busy."""
     import timm_ssb.layers.native.calibration as calibration_module
 

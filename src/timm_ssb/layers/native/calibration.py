@@ -100,10 +100,10 @@ def forget_calibration() -> None:
 
 @contextmanager
 def _alone(path: Path) -> Iterator[None]:
-    """One process at a time reads, measures and writes the calibration in ``path`` (the lock:
-    :data:`CALIBRATION_LOCK` beside it): processes that start together (torchrun's ranks) then use one measurement,
-    not one each made while the others' ran, and none loses another's entry. Where no lock can be made (a read-only
-    cache) each measures for itself."""
+    """One process at a time reads, measures and writes the calibration in ``path`` (the lock: :data:`CALIBRATION_LOCK`
+    beside it): processes that start together (DDP ranks on the CPU) then use one measurement, not one each made while
+    the others' ran, and none loses another's entry. Where no lock can be made (a read-only cache) each measures for
+    itself."""
     lock: Optional[FileLock] = FileLock(str(path.with_name(CALIBRATION_LOCK)))
     try:
         lock.acquire()

@@ -7,10 +7,10 @@ matrices) are compiled into one library with the system's C++ compiler through
 torch version, the compiler flags and this CPU's instruction sets (the code is built for the CPU it runs on,
 ``-march=native`` -- on Apple silicon the compiler's default target --, or ``$TIMM_SSB_CPU_ARCH``; with OpenMP
 through torch's own runtime, :func:`openmp_flags`). Later processes load the cached library; one that does not load is
-rebuilt once, and so is one that differs from what its build recorded (its SHA-256); processes that start together
-(torchrun's ranks) take turns (:func:`build_lock`): one builds, the others load its library. Nothing is compiled at
-``pip install``. The build needs a C++ compiler (not installable by pip) and
-ninja (the ``ninja`` package, a dependency, when there is none on ``PATH``); it says on stderr that it is building.
+rebuilt once, and so is one that differs from what its build recorded (its SHA-256); processes that start together (DDP
+ranks on the CPU, the test suite's workers) take turns (:func:`build_lock`): one builds, the others load its library.
+Nothing is compiled at ``pip install``. The build needs a C++ compiler (not installable by pip) and ninja (the ``ninja``
+package, a dependency, when there is none on ``PATH``); it says on stderr that it is building.
 
 The library registers ``torch.ops.timm_ssb_cpu.separable_resample`` and ``.adaptive_matrices``, each with its
 backward (no pybind module, so nothing breaks a ``torch.compile`` graph). When it cannot be built (no compiler,
@@ -165,9 +165,9 @@ def _build_and_load() -> None:
 
 def build_lock(directory: Path) -> FileLock:
     """The lock that one process at a time holds while it checks, builds, loads and records the library in
-    ``directory``: another one arriving after the linker wrote it but before its record (torchrun's ranks starting
-    on a fresh machine) would take it for a damaged one and delete it under the builder. It lies beside the
-    folder, which a rebuild empties."""
+    ``directory``: another one arriving after the linker wrote it but before its record (DDP ranks, or the suite's
+    workers, starting on a fresh machine) would take it for a damaged one and delete it under the builder. It lies
+    beside the folder, which a rebuild empties."""
     return FileLock(str(directory.with_name(f'{directory.name}.lock')))
 
 
