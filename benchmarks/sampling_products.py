@@ -12,6 +12,13 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
   and a write) -- the least the way up can do;
 * the down and up passes' forward + backward with learned matrices (a training step's share: the map's, the
   residual's and the matrices' gradients), and the same with PyTorch's ops (``ref``) in this process;
+* each resampling op's floor, the least time it can take here (``<op>_floor_ms``, and over PyTorch's time
+  ``<op>_floor_ratio``): its memory traffic at the rates timed on the map (a read, a copy, and for forward +
+  backward the add that accumulates the map's gradient, which either path pays) or its multiply-adds at
+  ``torch.mm``'s rate, whichever takes longer, forward and backward each. The multiply-adds are those on the
+  matrices' nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's gradient is the
+  same two products transposed; each matrix's gradient one product, with the forward's intermediate kept). An op
+  whose floor is above half of PyTorch's time cannot reach 0.5 of it on this machine;
 
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
 ``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place). The
@@ -139,12 +146,46 @@ def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats:
 
 
 def floors_ms(x: torch.Tensor, repeats: int) -> Dict[str, float]:
-    """The map's memory-traffic floors: one read (a sum over it) and a copy (a read and a write, what mapping up
-    must do)."""
+    """The map's memory-traffic floors: one read (a sum over it), a copy (a read and a write, what mapping up
+    must do) and an add into a map (two reads and a write: autograd accumulating the map's gradient)."""
+    total, addend = torch.zeros_like(x), torch.randn_like(x)
     return {
         'read_ms': median_ms(lambda: x.sum(dim=(2, 3)), repeats),
         'copy_ms': median_ms(lambda: x.clone(memory_format=torch.channels_last), repeats),
+        'add_ms': median_ms(lambda: total.add_(addend), repeats),
     }
+
+
+def band_macs(matrix_y: torch.Tensor, matrix_x: torch.Tensor, channels: int) -> int:
+    """The multiply-adds of ``matrix_y @ X @ matrix_x^T`` over the batch and ``channels`` on the ``(B, P, H)`` and
+    ``(B, Q, W)`` matrices' nonzero entries only, in the cheaper order of the two products: the least a kernel that
+    skips the zeros must do."""
+    rows, height = matrix_y.shape[1:]
+    cols, width = matrix_x.shape[1:]
+    nonzero_y, nonzero_x = int(torch.count_nonzero(matrix_y)), int(torch.count_nonzero(matrix_x))
+    return channels * min(nonzero_y * width + nonzero_x * rows, nonzero_x * height + nonzero_y * cols)
+
+
+def with_floors(row: Dict[str, Any], mm_gmacs_per_s: float) -> Dict[str, Any]:
+    """``row`` with each resampling op's floor (``<op>_floor_ms``) and its share of PyTorch's time
+    (``<op>_floor_ratio``): per pass, the longer of its memory traffic (at the read, copy and add rates timed on the
+    map) and its multiply-adds (:func:`band_macs`, at ``torch.mm``'s rate)."""
+    macs_per_ms = mm_gmacs_per_s * 1e6
+    down, up = row['down_band_macs'] / macs_per_ms, row['up_band_macs'] / macs_per_ms
+    read, copy, add = row['read_ms'], row['copy_ms'], row['add_ms']
+    floors = {
+        'down': max(read, down),  # the map read once
+        'up_residual_relu': max(copy, up),  # the residual read, the output written
+    }
+    # Backward: the way down reads the map and writes its gradient; the way up reads the output's gradient and
+    # writes the residual's (the ReLU's mask taken as free). Then autograd adds the map's gradient into x.grad.
+    floors['down_fwd_bwd'] = floors['down'] + max(copy, 2 * down) + add
+    floors['up_fwd_bwd'] = floors['up_residual_relu'] + max(copy, 2 * up) + add
+    out = dict(row)
+    for op, floor in floors.items():
+        out[f'{op}_floor_ms'] = floor
+        out[f'{op}_floor_ratio'] = floor / row[f'reference_{op}_ms']
+    return out
 
 
 def stage_row(
@@ -165,6 +206,8 @@ def stage_row(
         **up,
         **floors_ms(x, repeats),
         **resample_training_ms(x, [down_y, down_x, up_y, up_x], repeats),
+        'down_band_macs': band_macs(down_y, down_x, channels),
+        'up_band_macs': band_macs(up_y, up_x, channels),
         'stage': stage,
         'channels': channels,
         'side': side,
@@ -211,6 +254,12 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
     for r in rows:
         ratios = (r[f'{name}_ratio'] for name in RATIO_OPS)
         lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{ratio:5.2f}' for ratio in ratios))
+    lines.append(
+        "floor / PyTorch's time (the least each op can take here: memory traffic or multiply-adds at torch.mm's "
+        'rate): down, up+res+relu, down f+b, up f+b'
+    )
+    for r in rows:
+        lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{r[f"{name}_floor_ratio"]:5.2f}' for name in RATIO_OPS))
     if 'down_ratios' in rows[0]:
         lines.append('the same in each process (lowest-highest)')
         for r in rows:
@@ -276,6 +325,7 @@ def main() -> None:
                 for stage, channels, side, size in SAMPLED_MAPS
             ]
             refs = references(args.repeats)
+    rows = [with_floors(row, refs['mm_gmacs_per_s']) for row in rows]
     machine = machine_info('cpu')
     env = machine['allocator_env']
     header = (

@@ -1,5 +1,6 @@
 """The scripts in benchmarks/ run and write what their docs say (tiny settings; their numbers are not checked)."""
 
+import importlib.util
 import json
 import os
 import statistics
@@ -43,6 +44,40 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert 'median of the per-pair ratios' in out
     assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
     assert 'allocator_env' in payload['machine']
+    assert "floor / PyTorch's time" in out
+    macs_per_ms = payload['references']['mm_gmacs_per_s'] * 1e6
+    for r in payload['results']:
+        assert 0 < r['down_band_macs'] <= r['gmacs_each_way'] * 1e9 and 0 < r['up_band_macs']
+        for op, macs, traffic in (
+            ('down', r['down_band_macs'], r['read_ms']),
+            ('up_residual_relu', r['up_band_macs'], r['copy_ms']),
+        ):
+            assert r[f'{op}_floor_ms'] == pytest.approx(max(traffic, macs / macs_per_ms))
+            backward = max(r['copy_ms'], 2 * macs / macs_per_ms)
+            fwd_bwd = r[f'{op.split("_")[0]}_fwd_bwd_floor_ms']
+            assert fwd_bwd == pytest.approx(r[f'{op}_floor_ms'] + backward + r['add_ms'])
+        for op in ('down', 'up_residual_relu', 'down_fwd_bwd', 'up_fwd_bwd'):
+            assert r[f'{op}_floor_ratio'] == pytest.approx(r[f'{op}_floor_ms'] / r[f'reference_{op}_ms'])
+            assert f'{r[f"{op}_floor_ratio"]:5.2f}' in out
+
+
+def test_band_macs_count_the_products_on_the_nonzero_entries_in_the_cheaper_order():
+    spec = importlib.util.spec_from_file_location('sampling_products', BENCHMARKS / 'sampling_products.py')
+    products = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(products)
+    batch, channels, rows, height, cols, width = 2, 3, 4, 10, 5, 6
+    dense_y, dense_x = torch.rand(batch, rows, height) + 0.1, torch.rand(batch, cols, width) + 0.1
+    y_first = batch * channels * (rows * height * width + cols * width * rows)
+    x_first = batch * channels * (cols * width * height + rows * height * cols)
+    assert products.band_macs(dense_y, dense_x, channels) == min(y_first, x_first) == y_first
+    band_x = dense_x.clone()
+    band_x[:, :, 1:] = 0  # one input column an output column: along x first is then the cheaper order
+    y_first = batch * channels * (rows * height * width + cols * 1 * rows)
+    x_first = batch * channels * (cols * 1 * height + rows * height * cols)
+    assert products.band_macs(dense_y, band_x, channels) == min(y_first, x_first) == x_first
+    band_y = dense_y.clone()
+    band_y[:, :, 3:] = 0  # 3 of 10 weights a row
+    assert products.band_macs(band_y, band_x, channels) == batch * channels * (rows * 3 * width + cols * 1 * rows)
 
 
 def test_sampling_products_reports_the_medians_over_fresh_processes(tmp_path):
