@@ -15,10 +15,10 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 * each resampling op's floor, the least time it can take here (``<op>_floor_ms``, and over PyTorch's time
   ``<op>_floor_ratio``): its memory traffic at the rates timed on the map (a read, a copy, and for forward +
   backward the add that accumulates the map's gradient, which either path pays) or its multiply-adds at
-  ``torch.mm``'s rate, whichever takes longer, forward and backward each. The multiply-adds are those on the
-  matrices' nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's gradient is the
-  same two products transposed; each matrix's gradient one product, with the forward's intermediate kept). An op
-  whose floor is above half of PyTorch's time cannot reach 0.5 of it on this machine;
+  ``torch.mm``'s rate in the map's dtype, whichever takes longer, forward and backward each. The multiply-adds are
+  those on the matrices' nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's
+  gradient is the same two products transposed; each matrix's gradient one product, with the forward's intermediate
+  kept). An op whose floor is above half of PyTorch's time cannot reach 0.5 of it on this machine;
 
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
 ``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place). The
@@ -166,11 +166,11 @@ def band_macs(matrix_y: torch.Tensor, matrix_x: torch.Tensor, channels: int) -> 
     return channels * min(nonzero_y * width + nonzero_x * rows, nonzero_x * height + nonzero_y * cols)
 
 
-def with_floors(row: Dict[str, Any], mm_gmacs_per_s: float) -> Dict[str, Any]:
+def with_floors(row: Dict[str, Any], gmacs_per_s: float) -> Dict[str, Any]:
     """``row`` with each resampling op's floor (``<op>_floor_ms``) and its share of PyTorch's time
     (``<op>_floor_ratio``): per pass, the longer of its memory traffic (at the read, copy and add rates timed on the
-    map) and its multiply-adds (:func:`band_macs`, at ``torch.mm``'s rate)."""
-    macs_per_ms = mm_gmacs_per_s * 1e6
+    map) and its multiply-adds (:func:`band_macs`, at ``gmacs_per_s``: ``torch.mm``'s in the map's dtype)."""
+    macs_per_ms = gmacs_per_s * 1e6
     down, up = row['down_band_macs'] / macs_per_ms, row['up_band_macs'] / macs_per_ms
     read, copy, add = row['read_ms'], row['copy_ms'], row['add_ms']
     floors = {
@@ -219,16 +219,21 @@ def stage_row(
     }
 
 
-def references(repeats: int) -> Dict[str, float]:
-    """GMAC/s of a 2048^3 product as ``torch.mm`` (MKL) and as a 1x1 convolution (oneDNN)."""
+def references(repeats: int, dtype: torch.dtype) -> Dict[str, float]:
+    """GMAC/s of a 2048^3 product as ``torch.mm`` (MKL) and as a 1x1 convolution (oneDNN), in float32; and
+    ``floor_gmacs_per_s``, the rate of the floors' multiply-adds: ``torch.mm``'s in the map's ``dtype``."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     x = torch.randn(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)
     w = torch.randn(n, n, 1, 1)
     gmacs = n**3 / 1e9
+    mm = gmacs / median_ms(lambda: torch.mm(a, b), repeats) * 1e3
+    if dtype != torch.float32:
+        a, b = a.to(dtype), b.to(dtype)
     return {
-        'mm_gmacs_per_s': gmacs / median_ms(lambda: torch.mm(a, b), repeats) * 1e3,
+        'mm_gmacs_per_s': mm,
         'conv1x1_gmacs_per_s': gmacs / median_ms(lambda: F.conv2d(x, w), repeats) * 1e3,
+        'floor_gmacs_per_s': mm if dtype == torch.float32 else gmacs / median_ms(lambda: torch.mm(a, b), repeats) * 1e3,
     }
 
 
@@ -267,7 +272,8 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
             lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{min(s):.2f}-{max(s):.2f}' for s in spans))
     lines.append(
         f'machine: torch.mm 2048^3 (MKL) {refs["mm_gmacs_per_s"]:.0f} GMAC/s; '
-        f'the same as a 1x1 conv (oneDNN) {refs["conv1x1_gmacs_per_s"]:.0f} GMAC/s'
+        f'the same as a 1x1 conv (oneDNN) {refs["conv1x1_gmacs_per_s"]:.0f} GMAC/s; '
+        f"in the map's dtype (the floors' rate) {refs['floor_gmacs_per_s']:.0f} GMAC/s"
     )
     return '\n'.join(lines)
 
@@ -324,8 +330,8 @@ def main() -> None:
                 stage_row(stage, channels, side, size, args.batch_size, args.repeats, getattr(torch, args.dtype))
                 for stage, channels, side, size in SAMPLED_MAPS
             ]
-            refs = references(args.repeats)
-    rows = [with_floors(row, refs['mm_gmacs_per_s']) for row in rows]
+            refs = references(args.repeats, getattr(torch, args.dtype))
+    rows = [with_floors(row, refs['floor_gmacs_per_s']) for row in rows]
     machine = machine_info('cpu')
     env = machine['allocator_env']
     header = (

@@ -45,7 +45,8 @@ def test_sampling_products_writes_table_and_json(tmp_path):
     assert payload['references']['mm_gmacs_per_s'] > 0 and payload['references']['conv1x1_gmacs_per_s'] > 0
     assert 'allocator_env' in payload['machine']
     assert "floor / PyTorch's time" in out
-    macs_per_ms = payload['references']['mm_gmacs_per_s'] * 1e6
+    assert payload['references']['floor_gmacs_per_s'] == payload['references']['mm_gmacs_per_s']  # float32
+    macs_per_ms = payload['references']['floor_gmacs_per_s'] * 1e6
     for r in payload['results']:
         assert 0 < r['down_band_macs'] <= r['gmacs_each_way'] * 1e9 and 0 < r['up_band_macs']
         for op, macs, traffic in (
@@ -316,8 +317,9 @@ def test_sampling_products_in_bf16_times_the_floors_and_pytorchs_forward(tmp_pat
     assert 'bfloat16' in out and 'read ms' in out and 'copy ms' in out
     payload = json.loads(path.read_text())
     assert payload['settings']['dtype'] == 'bfloat16'
-    keys = ('reference_down_ms', 'reference_up_residual_relu_ms', 'read_ms', 'copy_ms')
+    keys = ('reference_down_ms', 'reference_up_residual_relu_ms', 'read_ms', 'copy_ms', 'down_fwd_bwd_floor_ms')
     assert all(r[k] > 0 for r in payload['results'] for k in keys)
+    assert payload['references']['floor_gmacs_per_s'] > 0
 
 
 def test_speed_tables_are_made_from_the_result_files():
