@@ -131,6 +131,16 @@ def test_an_unwritable_cache_is_reported_with_its_fix(tmp_path):
     assert 'built and loaded: no' in result.stdout and 'set TIMM_SSB_CACHE to a writable folder' in result.stdout
 
 
+def test_a_cache_that_cannot_be_locked_is_reported_with_its_fix(tmp_path):
+    """The build's lock file cannot be made (here a folder holds its name; on a read-only cache, the same)."""
+    directory = build.cache_dir().name  # this process's build key: the same sources, torch, flags and CPU
+    (tmp_path / 'cache' / f'{directory}.lock').mkdir(parents=True)
+    result = run_info(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'built and loaded: no' in result.stdout and 'cannot lock the cache' in result.stdout
+    assert 'set TIMM_SSB_CACHE to a writable folder' in result.stdout
+
+
 def compiler_only_path(tmp_path: Path) -> str:
     """A PATH with the C++ toolchain and nothing else: no system ninja (as on most machines)."""
     tools = tmp_path / 'bin'
