@@ -411,7 +411,8 @@ def test_cpu_table_lists_the_settings_measured_on_each_cpu(tmp_path, monkeypatch
 
 def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
     """Each cell is compared with its model's target unrounded: a ratio that prints as its target but misses it
-    shows three decimals; the sampling ops count the float32 cells at most 0.5 and name the largest."""
+    shows three decimals; the sampling ops count the float32 cells at most 0.5 and name the largest (and the largest
+    floor)."""
     sys.path.insert(0, str(BENCHMARKS.parent / 'tools'))
     import doc_tables
 
@@ -429,6 +430,10 @@ def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
     layers = [{f'{k}_ratio': 0.4 for k in keys}, {**{f'{k}_ratio': 0.5 for k in keys}, 'down_ratio': 0.62}]
     ops.write_text(json.dumps({'results': layers}))
     assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62)'
+    for layer, floor in zip(layers, (0.2, 0.31), strict=True):  # a file that measured the ops' floors names the largest
+        layer.update({f'{k}_floor_ratio': floor for k in keys})
+    ops.write_text(json.dumps({'results': layers}))
+    assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62; floors at most 0.31)'
 
 
 def test_the_pages_tables_are_the_result_files():
