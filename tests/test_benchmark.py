@@ -10,6 +10,7 @@ from timm_ssb.cli import main
 
 def test_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '123456789')
+    monkeypatch.setenv('THP_MEM_ALLOC_ENABLE', '1')  # read by PyTorch at its first allocation: recorded, not used here
     path = tmp_path / 'results' / 'bench.json'
     settings = BenchSettings(batch_size=2, img_size=64, rounds=2, iters=1, warmup=1, train=True, threads=2)
     results = run_benchmark(['ssb_resnetd50'], settings, json_path=str(path))
@@ -18,7 +19,8 @@ def test_benchmark_writes_table_and_json(tmp_path, capsys, monkeypatch):
     payload = json.loads(path.read_text())
     assert payload['settings']['batch_size'] == 2 and payload['settings']['train'] is True
     assert payload['machine']['torch'] == torch.__version__ and 'processor' in payload['machine']
-    assert payload['machine']['allocator_env']['MALLOC_TRIM_THRESHOLD_'] == '123456789'
+    recorded = payload['machine']['allocator_env']
+    assert recorded['MALLOC_TRIM_THRESHOLD_'] == '123456789' and recorded['THP_MEM_ALLOC_ENABLE'] == '1'
     assert 'allocator: ' in out and 'MALLOC_TRIM_THRESHOLD_=123456789' in out
     (row,) = payload['results']
     assert row['model'] == 'ssb_resnetd50' and row['baseline'] == 'resnet50d'

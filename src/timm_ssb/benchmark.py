@@ -152,16 +152,20 @@ def machine_info(device: str) -> Dict[str, Any]:
     return info
 
 
+ALLOCATOR_VARIABLES = ('LD_PRELOAD', 'GLIBC_TUNABLES', 'THP_MEM_ALLOC_ENABLE')
+"""Besides glibc's ``MALLOC_*`` tunables, the environment :func:`allocator_env` records: a preloaded allocator,
+glibc's tunables, and PyTorch's own switch to transparent huge pages for its CPU tensors."""
+
+
 def allocator_env() -> Dict[str, str]:
-    """Environment that changes host memory allocation (glibc ``MALLOC_*`` tunables, a preloaded allocator).
+    """Environment that changes host memory allocation (glibc ``MALLOC_*`` tunables, a preloaded allocator,
+    PyTorch's ``THP_MEM_ALLOC_ENABLE``).
 
     On CPU it matters: with glibc's defaults, large freed tensors go back to the OS and the next ones
     page-fault on first touch, which costs both models of a pair time in proportion to the memory they
     allocate, not to their arithmetic.
     """
-    return {
-        k: v for k, v in sorted(os.environ.items()) if k.startswith('MALLOC_') or k in ('LD_PRELOAD', 'GLIBC_TUNABLES')
-    }
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith('MALLOC_') or k in ALLOCATOR_VARIABLES}
 
 
 def _synchronize(device: torch.device) -> None:
