@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import timm_ssb.info as info
 import timm_ssb.layers.native.calibration as calibration
 from timm_ssb.cli import main
 from timm_ssb.layers.native.cpu import build
@@ -44,6 +45,37 @@ def test_info_reports_this_machine_and_the_built_kernels(capsys):
     assert f'built for: {" ".join(build.arch_flags())}' in out  # -march=native here; nothing on Apple silicon
     compile_flags, link_flags = (' '.join(flags) for flags in build.openmp_flags())
     assert f"OpenMP, torch's runtime: {compile_flags} (link: {link_flags})" in out
+
+
+@pytest.mark.parametrize(
+    'setting,kernel,variable,said,tip',
+    [
+        ('always [madvise] never', 'madvise', None, 'no (THP_MEM_ALLOC_ENABLE unset; ', True),
+        ('always [madvise] never', 'madvise', '1', 'yes (THP_MEM_ALLOC_ENABLE=1; ', False),
+        ('[always] madvise never', 'always', '0', 'no (THP_MEM_ALLOC_ENABLE=0; ', True),
+        ('always madvise [never]', 'never', '1', 'no (', False),
+        (None, None, None, 'no (', False),
+    ],
+)
+def test_info_says_whether_torchs_cpu_tensors_get_huge_pages(
+    monkeypatch, tmp_path, setting, kernel, variable, said, tip
+):
+    """PyTorch's allocator puts its CPU tensors on transparent huge pages with THP_MEM_ALLOC_ENABLE=1 where the
+    kernel allows it (madvise or always; a machine without the setting, as off Linux, has none)."""
+    path = tmp_path / 'enabled'
+    if setting is not None:
+        path.write_text(setting + '\n')
+    if variable is None:
+        monkeypatch.delenv('THP_MEM_ALLOC_ENABLE', raising=False)
+    else:
+        monkeypatch.setenv('THP_MEM_ALLOC_ENABLE', variable)
+    monkeypatch.setattr(info, 'THP_SETTING', path)
+    report = info.collect()
+    assert report['huge_pages'] == {'thp_mem_alloc_enable': variable, 'kernel': kernel}
+    prefix = "huge pages for torch's CPU tensors: "
+    (line,) = [line for line in info.format_report(report).splitlines() if line.startswith(prefix)]
+    assert line.startswith(prefix + said) and f"the kernel's transparent huge pages: {kernel or 'none'})" in line
+    assert ('-- tip: THP_MEM_ALLOC_ENABLE=1 in the environment' in line) == tip
 
 
 @pytest.fixture
