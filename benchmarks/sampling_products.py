@@ -13,12 +13,17 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
 * the down and up passes' forward + backward with learned matrices (a training step's share: the map's, the
   residual's and the matrices' gradients), and the same with PyTorch's ops (``ref``) in this process;
 * each resampling op's floor, the least time it can take here (``<op>_floor_ms``, and over PyTorch's time
-  ``<op>_floor_ratio``): its memory traffic at the rates timed on the map (a read, a copy, and for forward +
-  backward the add that accumulates the map's gradient, which either path pays) or its multiply-adds at
-  ``torch.mm``'s rate in the map's dtype, whichever takes longer, forward and backward each. The multiply-adds are
-  those on the matrices' nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's
-  gradient is the same two products transposed; each matrix's gradient one product, with the forward's intermediate
-  kept). An op whose floor is above half of PyTorch's time cannot reach 0.5 of it on this machine;
+  ``<op>_floor_ratio``): its memory traffic or its multiply-adds at ``torch.mm``'s rate in the map's dtype,
+  whichever takes longer, forward and backward each. The forward ops' traffic is timed on the map (a read, a copy);
+  for forward + backward it is a stand-in that does only that traffic, called through autograd as the op is and
+  taking its turn in the same rounds (``<op>_least_traffic_ms``): the way down reads the map forward, reads it again
+  and writes its gradient backward; the way up reads the residual and writes the output forward, reads the output's
+  gradient and writes the residual's backward (the ReLU's mask taken as free); autograd then accumulates the map's
+  gradient into ``x.grad``, as for either path (the same passes timed one by one, ``add_ms`` the accumulation's
+  add, took less: their sum is no floor of what autograd does). The multiply-adds are those on the matrices'
+  nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's gradient is the same two
+  products transposed; each matrix's gradient one product, with the forward's intermediate kept). An op whose floor
+  is above half of PyTorch's time cannot reach 0.5 of it on this machine;
 
 each in the sampling backend chosen (``TIMM_SSB_SAMPLING_BACKEND``: by default the native fused kernel; with
 ``reference`` two batched matrix products, ``torch.bmm``, and for the way back an add and a ReLU in place). The
@@ -47,7 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,12 +98,15 @@ def _matrices_times(batch_size: int, side: int, size: int, repeats: int) -> Tupl
     return forward, forward_backward
 
 
-def paired_ms(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
+def paired_ms(
+    fn: Callable[[], object], repeats: int, least_traffic: Optional[Callable[[], object]] = None
+) -> Dict[str, float]:
     """``fn`` in the backend chosen and in PyTorch's (``reference``), alternating call by call, which of the two goes
     first alternating too (the calibration's :func:`interleaved_times`): ``ms`` and ``reference_ms``, the median of
     each, and ``ratio``, the median of the ``repeats`` per-pair ratios (chosen / reference). Timed in blocks one
     after the other, the two met different machine states: PyTorch's own time of one op moved up to 2x between
-    processes, and a ratio with it."""
+    processes, and a ratio with it. ``least_traffic``, where given, takes its turn in the same rounds
+    (``least_traffic_ms``)."""
     chosen = get_sampling_backend()
 
     def run(backend: str) -> Callable[[], None]:
@@ -108,8 +116,11 @@ def paired_ms(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
 
         return call
 
+    candidates = {'chosen': run(chosen), 'reference': run('reference')}
+    if least_traffic is not None:
+        candidates['least_traffic'] = least_traffic
     try:
-        times = interleaved_times({'chosen': run(chosen), 'reference': run('reference')}, repeats, warmup=3)
+        times = interleaved_times(candidates, repeats, warmup=3)
     finally:
         set_sampling_backend(chosen)
     ratios = [a / b for a, b in zip(times['chosen'], times['reference'], strict=True)]
@@ -117,19 +128,53 @@ def paired_ms(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
         'ms': statistics.median(times['chosen']),
         'reference_ms': statistics.median(times['reference']),
         'ratio': statistics.median(ratios),
+        **({'least_traffic_ms': statistics.median(times['least_traffic'])} if least_traffic is not None else {}),
     }
 
 
 def _keyed(name: str, timing: Dict[str, float]) -> Dict[str, float]:
-    """:func:`paired_ms`'s result under the op's keys: ``<name>_ms``, ``reference_<name>_ms``, ``<name>_ratio``."""
-    ms, reference_ms, ratio = timing['ms'], timing['reference_ms'], timing['ratio']
-    return {f'{name}_ms': ms, f'reference_{name}_ms': reference_ms, f'{name}_ratio': ratio}
+    """:func:`paired_ms`'s result under the op's keys: ``<name>_ms``, ``reference_<name>_ms``, ``<name>_ratio`` and
+    ``<name>_least_traffic_ms``."""
+    return {
+        (f'reference_{name}_ms' if key == 'reference_ms' else f'{name}_{key}'): value for key, value in timing.items()
+    }
+
+
+class _LeastTrafficDown(torch.autograd.Function):
+    """The least memory traffic of the way down's forward + backward, and nothing else: the forward reads the map
+    once (a sum), the backward reads it again (the matrices' gradients need it) and writes the map's gradient, a new
+    tensor as any backward returns; then autograd accumulates that into ``x.grad``, as for the op."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.sum(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.mul(x, 0.5)
+
+
+class _LeastTrafficUp(torch.autograd.Function):
+    """The least memory traffic of the way up's forward + backward: the forward reads the residual and writes the
+    output, the backward reads the output's gradient and writes the residual's (the ReLU's mask taken as free);
+    then autograd accumulates that into the residual's ``x.grad``, as for the op."""
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor) -> torch.Tensor:
+        return residual.clone(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone(memory_format=torch.channels_last)
 
 
 def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats: int) -> Dict[str, float]:
     """Forward + backward of the way down (``x`` and its two matrices need gradients) and of the way back up with
     the residual and ReLU (the small map, the residual ``x`` and the two matrices), paired with PyTorch's path
-    (:func:`paired_ms`)."""
+    (:func:`paired_ms`), each with its least memory traffic through autograd taking its turn in the same rounds
+    (:class:`_LeastTrafficDown`, :class:`_LeastTrafficUp`)."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.clone().requires_grad_()
         down_y, down_x, up_y, up_x = (m.clone().requires_grad_() for m in matrices)
@@ -142,12 +187,24 @@ def resample_training_ms(x: torch.Tensor, matrices: List[torch.Tensor], repeats:
         def up() -> None:
             torch.autograd.backward(resample_residual(z, up_y, up_x, x, relu=True), grad_out)
 
-        return {**_keyed('down_fwd_bwd', paired_ms(down, repeats)), **_keyed('up_fwd_bwd', paired_ms(up, repeats))}
+        grad_sums = torch.randn(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype)
+
+        def down_least_traffic() -> None:
+            torch.autograd.backward(_LeastTrafficDown.apply(x), grad_sums)
+
+        def up_least_traffic() -> None:
+            torch.autograd.backward(_LeastTrafficUp.apply(x), grad_out)
+
+        return {
+            **_keyed('down_fwd_bwd', paired_ms(down, repeats, down_least_traffic)),
+            **_keyed('up_fwd_bwd', paired_ms(up, repeats, up_least_traffic)),
+        }
 
 
 def floors_ms(x: torch.Tensor, repeats: int) -> Dict[str, float]:
-    """The map's memory-traffic floors: one read (a sum over it), a copy (a read and a write, what mapping up
-    must do) and an add into a map (two reads and a write: autograd accumulating the map's gradient)."""
+    """The map's memory-traffic floors: one read (a sum over it), a copy (a read and a write, what mapping up must
+    do) and, to compare with the least-traffic stand-ins' time through autograd, an add into a map (two reads and a
+    write: autograd accumulating the map's gradient) timed alone."""
     total, addend = torch.zeros_like(x), torch.randn_like(x)
     return {
         'read_ms': median_ms(lambda: x.sum(dim=(2, 3)), repeats),
@@ -168,19 +225,22 @@ def band_macs(matrix_y: torch.Tensor, matrix_x: torch.Tensor, channels: int) -> 
 
 def with_floors(row: Dict[str, Any], gmacs_per_s: float) -> Dict[str, Any]:
     """``row`` with each resampling op's floor (``<op>_floor_ms``) and its share of PyTorch's time
-    (``<op>_floor_ratio``): per pass, the longer of its memory traffic (at the read, copy and add rates timed on the
-    map) and its multiply-adds (:func:`band_macs`, at ``gmacs_per_s``: ``torch.mm``'s in the map's dtype)."""
+    (``<op>_floor_ratio``): per pass, the longer of its memory traffic and its multiply-adds (:func:`band_macs`, at
+    ``gmacs_per_s``: ``torch.mm``'s in the map's dtype). The forward ops' traffic is timed on the map (a read, a
+    copy); that of forward + backward is the least-traffic stand-in's time through autograd
+    (``<op>_least_traffic_ms``), to which a pass whose multiply-adds take longer than its traffic adds the
+    difference."""
     macs_per_ms = gmacs_per_s * 1e6
     down, up = row['down_band_macs'] / macs_per_ms, row['up_band_macs'] / macs_per_ms
-    read, copy, add = row['read_ms'], row['copy_ms'], row['add_ms']
+    read, copy = row['read_ms'], row['copy_ms']
+    # Forward, the way down reads the map; the way up reads the residual and writes its output. Backward, the way
+    # down reads the map and writes its gradient; the way up reads the output's gradient and writes the residual's.
     floors = {
-        'down': max(read, down),  # the map read once
-        'up_residual_relu': max(copy, up),  # the residual read, the output written
+        'down': max(read, down),
+        'up_residual_relu': max(copy, up),
+        'down_fwd_bwd': row['down_fwd_bwd_least_traffic_ms'] + max(0.0, down - read) + max(0.0, 2 * down - copy),
+        'up_fwd_bwd': row['up_fwd_bwd_least_traffic_ms'] + max(0.0, up - copy) + max(0.0, 2 * up - copy),
     }
-    # Backward: the way down reads the map and writes its gradient; the way up reads the output's gradient and
-    # writes the residual's (the ReLU's mask taken as free). Then autograd adds the map's gradient into x.grad.
-    floors['down_fwd_bwd'] = floors['down'] + max(copy, 2 * down) + add
-    floors['up_fwd_bwd'] = floors['up_residual_relu'] + max(copy, 2 * up) + add
     out = dict(row)
     for op, floor in floors.items():
         out[f'{op}_floor_ms'] = floor
@@ -260,8 +320,8 @@ def format_rows(rows: List[Dict[str, object]], refs: Dict[str, float]) -> str:
         ratios = (r[f'{name}_ratio'] for name in RATIO_OPS)
         lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{ratio:5.2f}' for ratio in ratios))
     lines.append(
-        "floor / PyTorch's time (the least each op can take here: memory traffic or multiply-adds at torch.mm's "
-        'rate): down, up+res+relu, down f+b, up f+b'
+        "floor / PyTorch's time (the least each op can take here: memory traffic, for f+b through autograd, or "
+        "multiply-adds at torch.mm's rate): down, up+res+relu, down f+b, up f+b"
     )
     for r in rows:
         lines.append(f'{r["stage"]:<7} ' + ' '.join(f'{r[f"{name}_floor_ratio"]:5.2f}' for name in RATIO_OPS))
