@@ -454,10 +454,20 @@ def test_targets_table_counts_the_cells_at_their_targets(tmp_path):
     layers = [{f'{k}_ratio': 0.4 for k in keys}, {**{f'{k}_ratio': 0.5 for k in keys}, 'down_ratio': 0.62}]
     ops.write_text(json.dumps({'results': layers}))
     assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62)'
-    for layer, floor in zip(layers, (0.2, 0.31), strict=True):  # a file that measured the ops' floors names the largest
+    for layer, floor in zip(layers, (0.2, 0.31), strict=True):  # a file that measured the ops' floors says them
         layer.update({f'{k}_floor_ratio': floor for k in keys})
     ops.write_text(json.dumps({'results': layers}))
-    assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62; floors at most 0.31)'
+    assert doc_tables.ops_targets_cell(ops) == '7 of 8 (largest 0.62; floors of the misses: all at most 0.31)'
+    layers[1]['up_fwd_bwd_ratio'] = 0.7  # a second miss, whose floor is above the target: out of reach
+    layers[1]['up_fwd_bwd_floor_ratio'] = 0.55
+    ops.write_text(json.dumps({'results': layers}))
+    assert (
+        doc_tables.ops_targets_cell(ops)
+        == '6 of 8 (largest 0.70; floors of the misses: 1 above 0.5, the others at most 0.31)'
+    )
+    layers[1]['down_floor_ratio'] = 0.52
+    ops.write_text(json.dumps({'results': layers}))
+    assert doc_tables.ops_targets_cell(ops) == '6 of 8 (largest 0.70; floors of the misses: 2 above 0.5)'
 
 
 def test_the_pages_tables_are_the_result_files():
