@@ -20,7 +20,7 @@ For the map of each SSB stage of an SSB-ResNet-D at 224 x 224 (layer2: 512 chann
   and writes its gradient backward; the way up reads the residual and writes the output forward, reads the output's
   gradient and writes the residual's backward (the ReLU's mask taken as free); autograd then accumulates the map's
   gradient into ``x.grad``, as for either path (the same passes timed one by one, ``add_ms`` the accumulation's
-  add, took less: their sum is no floor of what autograd does). The multiply-adds are those on the matrices'
+  add, took less: their sum leaves out what autograd adds to them). The multiply-adds are those on the matrices'
   nonzero entries (:func:`band_macs`), the backward's twice the forward's (the input's gradient is the same two
   products transposed; each matrix's gradient one product, with the forward's intermediate kept). An op whose floor
   is above half of PyTorch's time cannot reach 0.5 of it on this machine;
